@@ -1,0 +1,596 @@
+"""The sealed envelope, format v1 (docs/format.md): seal / unseal, in memory and streaming.
+
+Theory of operation
+-------------------
+Sans-I/O: this module reads and writes only the file objects it is given; it never opens
+sockets, reads clocks or environment variables, or picks paths of its own (the one exception is
+:func:`unseal_stream` given a *path*, where it creates a temporary file beside that path so the
+result appears only once authentic).
+
+Sealing draws one random content key (CK) and a 32-byte salt, derives with HKDF-SHA256 the
+payload key, the key commitment, the sender-block key and the trailer key, wraps CK once per
+recipient with HPKE base mode (the ``info`` binds version, suite, chunk size, salt, commitment,
+encrypted sender and the recipient's fingerprint), then encrypts the payload once as STREAM
+chunks of AES-256-GCM (nonce = 88-bit counter ‖ last-chunk flag). Each chunk's ciphertext is
+hashed; the sender signs ``label ‖ SHA-256(framed header) ‖ payload digest ‖ sender fingerprint``
+and the signatures travel encrypted in a fixed-length trailer.
+
+Opening finds the recipient's stanza by fingerprint, unwraps CK, checks the commitment *before*
+any payload is decrypted (so every recipient reads the same document), decrypts and hashes the
+chunks as they stream, and verifies the signatures at the end. Output written to a caller's
+stream before the call returns is therefore not yet authentic; output to a path appears only
+after everything verified.
+
+Every failure while parsing untrusted bytes becomes an :class:`EnvelopeError`; authentication
+failures share one opaque message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import _cbor
+from . import _format as F
+from ._errors import EnvelopeError, MedsecureError, NotARecipient, SenderMismatch, StorageError
+from ._fs import atomic_output
+from ._identity import Identity, PublicIdentity, _fingerprint_text, hpke_suite
+
+__all__ = ["Unsealed", "seal", "seal_stream", "unseal", "unseal_stream"]
+
+_AUTH_FAILED = "envelope authentication failed"
+_ZERO_NONCE = bytes(F.NONCE_BYTES)
+_FRAME = struct.Struct(">I")
+
+# Hashing chunks is the dominant cost (AES-GCM with AES-NI/VAES is several times faster than
+# SHA-256); both release the GIL, so a small shared pool hashes chunk i while the caller's
+# thread reads, encrypts and writes chunk i+1. Envelopes of a single chunk hash inline.
+_HASH_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _HASH_POOL
+    if _HASH_POOL is None:
+        _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medsecure-hash")
+    return _HASH_POOL
+
+
+def _sha256(data: Any) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def _hkdf(ck: bytes, salt: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=label).derive(ck)
+
+
+def _nonce(counter: int, last: bool) -> bytes:
+    # docs/format.md §4.4: 11-byte big-endian counter, then 0x01 on the last chunk, else 0x00.
+    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def _trailer_plain_length(sender_suite: str) -> int:
+    lengths = (
+        (F.ED25519_SIGNATURE_BYTES, F.MLDSA65_SIGNATURE_BYTES)
+        if sender_suite == F.SUITE_HYBRID
+        else (F.ED25519_SIGNATURE_BYTES,)
+    )
+    return len(_cbor.encode([bytes(n) for n in lengths]))
+
+
+def _header_budget(max_recipients: int) -> int:
+    return F.HEADER_FIXED_BUDGET + max_recipients * F.HEADER_PER_RECIPIENT_BUDGET
+
+
+def _hpke_info(
+    suite: str, chunk_size: int, salt: bytes, commitment: bytes, sender_block: bytes, fp: bytes
+) -> bytes:
+    return F.LABEL_HPKE_INFO + _cbor.encode(
+        [F.FORMAT_VERSION, suite, chunk_size, salt, commitment, sender_block, fp]
+    )
+
+
+class _Keys:
+    __slots__ = ("commitment", "payload", "sender", "trailer")
+
+    def __init__(self, ck: bytes, salt: bytes) -> None:
+        self.payload = AESGCM(_hkdf(ck, salt, F.LABEL_PAYLOAD_KEY))
+        self.commitment = _hkdf(ck, salt, F.LABEL_COMMITMENT)
+        self.sender = AESGCM(_hkdf(ck, salt, F.LABEL_SENDER_KEY))
+        self.trailer = AESGCM(_hkdf(ck, salt, F.LABEL_TRAILER_KEY))
+
+
+class _PayloadHash:
+    """payload digest = SHA-256(label ‖ SHA-256(chunk_0) ‖ SHA-256(chunk_1) ‖ …)."""
+
+    def __init__(self) -> None:
+        self._outer = hashes.Hash(hashes.SHA256())
+        self._outer.update(F.LABEL_PAYLOAD_HASH)
+        self._pending: list[Future[bytes]] = []
+
+    def add_inline(self, chunk: Any) -> None:
+        self.drain()
+        self._outer.update(_sha256(chunk))
+
+    def add_async(self, chunk: Any) -> Future[bytes]:
+        future = _pool().submit(_sha256, chunk)
+        self._pending.append(future)
+        return future
+
+    def drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            self._outer.update(self._pending.pop(0).result())
+
+    def finalize(self) -> bytes:
+        self.drain()
+        return self._outer.finalize()
+
+
+def _transcript(header_hash: bytes, payload_digest: bytes, sender: PublicIdentity) -> bytes:
+    return F.LABEL_SIGNATURE + header_hash + payload_digest + sender.fingerprint_bytes
+
+
+@dataclass(frozen=True)
+class Unsealed:
+    """The result of opening an envelope.
+
+    ``data`` holds the plaintext for :func:`unseal`; it is ``None`` for :func:`unseal_stream`,
+    which wrote the plaintext to its destination. ``sender`` is the verified signer.
+    ``recipients`` lists the fingerprints of exactly the recipients the sender listed (the sender
+    is not added implicitly).
+    """
+
+    data: bytes | None
+    sender: PublicIdentity
+    recipients: tuple[str, ...]
+    suite: str
+    size: int
+
+
+# ----------------------------------------------------------------------------------------------
+# sealing
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_seal_args(
+    sender: object,
+    recipients: object,
+    allow_classic: bool,
+    chunk_size: int,
+    max_recipients: int,
+) -> tuple[list[PublicIdentity], str]:
+    if not isinstance(sender, Identity):
+        raise TypeError("sender must be an Identity")
+    if isinstance(recipients, PublicIdentity) or not isinstance(recipients, Iterable):
+        raise TypeError("recipients must be a sequence of PublicIdentity")
+    unique: dict[bytes, PublicIdentity] = {}
+    for r in recipients:
+        if not isinstance(r, PublicIdentity):
+            raise TypeError("every recipient must be a PublicIdentity")
+        unique.setdefault(r.fingerprint_bytes, r)
+    listed = list(unique.values())
+    if not listed:
+        raise ValueError("at least one recipient is required")
+    if len(listed) > max_recipients:
+        raise ValueError(f"too many recipients: {len(listed)} > max_recipients={max_recipients}")
+    if (
+        not isinstance(chunk_size, int)
+        or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE
+        or chunk_size & (chunk_size - 1)
+    ):
+        raise ValueError(
+            f"chunk_size must be a power of two in [{F.MIN_CHUNK_SIZE}, {F.MAX_CHUNK_SIZE}]"
+        )
+    parties = [sender.public, *listed]
+    if all(p.suite == F.SUITE_HYBRID for p in parties):
+        suite = F.SUITE_HYBRID
+    else:
+        if not allow_classic and any(p.suite == F.SUITE_HYBRID for p in parties):
+            raise ValueError(
+                "a classic (non post-quantum) party would downgrade this envelope: "
+                "pass allow_classic=True to accept a classic envelope"
+            )
+        suite = F.SUITE_CLASSIC
+    return listed, suite
+
+
+def seal_stream(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    sender: Identity,
+    recipients: Sequence[PublicIdentity],
+    allow_classic: bool = False,
+    chunk_size: int = F.DEFAULT_CHUNK_SIZE,
+    max_recipients: int = F.DEFAULT_MAX_RECIPIENTS,
+    _random: Callable[[int], bytes] = os.urandom,
+) -> None:
+    """Seal everything read from ``src`` into ``dst`` for ``recipients``, signed by ``sender``.
+
+    Memory stays bounded (a few chunks) whatever the size. If any party is ``"classic"`` while
+    another is ``"hybrid"``, the envelope would be only classically secure: that is refused
+    unless ``allow_classic=True``. ``_random`` is a test-only hook (deterministic vectors).
+    """
+    listed, suite = _check_seal_args(sender, recipients, allow_classic, chunk_size, max_recipients)
+    ck = _random(F.CONTENT_KEY_BYTES)
+    salt = _random(F.SALT_BYTES)
+    keys = _Keys(ck, salt)
+    sender_block = keys.sender.encrypt(_ZERO_NONCE, sender.public.to_bytes(), None)
+    stanzas = []
+    for r in listed:
+        fp = r.fingerprint_bytes
+        info = _hpke_info(suite, chunk_size, salt, keys.commitment, sender_block, fp)
+        wrapped = hpke_suite(r.suite).encrypt(ck, r._hpke_key(), info=info)
+        stanzas.append([fp, F.KEM_FOR_SUITE[r.suite], wrapped])
+    header = _cbor.encode(
+        {
+            1: F.FORMAT_VERSION,
+            2: suite,
+            3: chunk_size,
+            4: salt,
+            5: stanzas,
+            6: keys.commitment,
+            7: sender_block,
+        }
+    )
+    framed = F.ENVELOPE_MAGIC + _FRAME.pack(len(header)) + header
+    try:
+        dst.write(framed)
+        payload_digest = _seal_chunks(src, dst, keys.payload, chunk_size)
+        transcript = _transcript(_sha256(framed), payload_digest, sender.public)
+        trailer = _cbor.encode(sender._sign(transcript))
+        dst.write(keys.trailer.encrypt(_ZERO_NONCE, trailer, None))
+    except OSError as exc:
+        raise StorageError(f"I/O error while sealing: {exc.strerror or exc}") from exc
+
+
+def _readfull(src: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``src`` (looping over short reads); return bytes read (< len at EOF)."""
+    got = 0
+    size = len(view)
+    readinto = getattr(src, "readinto", None)
+    while got < size:
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            block = src.read(size - got)
+            n = len(block)
+            view[got : got + n] = block
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _seal_chunks(src: BinaryIO, dst: BinaryIO, aead: AESGCM, chunk_size: int) -> bytes:
+    digest = _PayloadHash()
+    inbufs = [bytearray(chunk_size), bytearray(chunk_size)]
+    # Output buffers rotate; a buffer is reused only once its hash has been collected.
+    outbufs = [bytearray(chunk_size + F.TAG_BYTES) for _ in range(3)]
+    current = memoryview(inbufs[0])
+    n = _readfull(src, current)
+    counter = 0
+    while True:
+        last = n < chunk_size
+        nxt_n = 0
+        if not last:
+            nxt = memoryview(inbufs[(counter + 1) % 2])
+            nxt_n = _readfull(src, nxt)
+            last = nxt_n == 0
+        out = memoryview(outbufs[counter % 3])
+        written = aead.encrypt_into(_nonce(counter, last), current[:n], None, out[: n + F.TAG_BYTES])
+        chunk = out[:written]
+        if last and counter == 0:
+            digest.add_inline(chunk)
+        else:
+            digest.add_async(chunk)
+        dst.write(chunk)
+        digest.drain(keep=1)
+        if last:
+            break
+        counter += 1
+        current, n = nxt, nxt_n
+    return digest.finalize()
+
+
+def seal(
+    data: bytes,
+    *,
+    sender: Identity,
+    recipients: Sequence[PublicIdentity],
+    allow_classic: bool = False,
+    chunk_size: int = F.DEFAULT_CHUNK_SIZE,
+    max_recipients: int = F.DEFAULT_MAX_RECIPIENTS,
+    _random: Callable[[int], bytes] = os.urandom,
+) -> bytes:
+    """Seal ``data`` for ``recipients``, signed by ``sender``; return the envelope bytes."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("data must be bytes")
+    out = io.BytesIO()
+    seal_stream(
+        io.BytesIO(bytes(data)),
+        out,
+        sender=sender,
+        recipients=recipients,
+        allow_classic=allow_classic,
+        chunk_size=chunk_size,
+        max_recipients=max_recipients,
+        _random=_random,
+    )
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# opening
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Opened:
+    keys: _Keys
+    framed_hash: bytes
+    chunk_size: int
+    suite: str
+    sender: PublicIdentity
+    recipients: tuple[str, ...]
+
+
+def _read_exact(src: BinaryIO, n: int) -> bytes:
+    buf = bytearray(n)
+    got = _readfull(src, memoryview(buf))
+    if got != n:
+        raise EnvelopeError("envelope is truncated")
+    return bytes(buf)
+
+
+def _open_header(
+    src: BinaryIO,
+    identity: Identity,
+    expected_sender: PublicIdentity | None,
+    max_recipients: int,
+) -> _Opened:
+    prefix = _read_exact(src, len(F.ENVELOPE_MAGIC) + _FRAME.size)
+    if prefix[: len(F.ENVELOPE_MAGIC)] != F.ENVELOPE_MAGIC:
+        if prefix[:6] == F.ENVELOPE_MAGIC[:6]:
+            raise EnvelopeError("unsupported medsecure envelope version")
+        raise EnvelopeError("not a medsecure envelope")
+    (hlen,) = _FRAME.unpack(prefix[len(F.ENVELOPE_MAGIC) :])
+    if hlen > _header_budget(max_recipients):
+        raise EnvelopeError("envelope header too large")
+    header_bytes = _read_exact(src, hlen)
+    header = _cbor.decode(header_bytes, error=EnvelopeError, what="envelope header")
+    if not isinstance(header, dict) or set(header) != {1, 2, 3, 4, 5, 6, 7}:
+        raise EnvelopeError("malformed envelope header: unexpected fields")
+    version, suite, chunk_size, salt, stanzas, commitment, sender_block = (
+        header[k] for k in range(1, 8)
+    )
+    if version != F.FORMAT_VERSION:
+        raise EnvelopeError("unsupported medsecure envelope version")
+    if suite not in F.SUITES:
+        raise EnvelopeError("malformed envelope header: unknown suite")
+    if (
+        not isinstance(chunk_size, int)
+        or isinstance(chunk_size, bool)
+        or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE
+        or chunk_size & (chunk_size - 1)
+    ):
+        raise EnvelopeError("malformed envelope header: bad chunk size")
+    if not (isinstance(salt, bytes) and len(salt) == F.SALT_BYTES):
+        raise EnvelopeError("malformed envelope header: bad salt")
+    if not (isinstance(commitment, bytes) and len(commitment) == F.COMMITMENT_BYTES):
+        raise EnvelopeError("malformed envelope header: bad commitment")
+    if not isinstance(sender_block, bytes) or len(sender_block) > 8192:
+        raise EnvelopeError("malformed envelope header: bad sender block")
+    if not isinstance(stanzas, list) or not 1 <= len(stanzas) <= max_recipients:
+        raise EnvelopeError("malformed envelope header: bad recipient count")
+    fingerprints: list[bytes] = []
+    mine: list[Any] | None = None
+    for stanza in stanzas:
+        if not (isinstance(stanza, list) and len(stanza) == 3):
+            raise EnvelopeError("malformed envelope header: bad recipient entry")
+        fp, kem, wrapped = stanza
+        if not (isinstance(fp, bytes) and len(fp) == F.FINGERPRINT_BYTES):
+            raise EnvelopeError("malformed envelope header: bad recipient fingerprint")
+        if kem not in F.HPKE_WRAPPED_BYTES or isinstance(kem, bool):
+            raise EnvelopeError("malformed envelope header: unknown KEM")
+        if not (isinstance(wrapped, bytes) and len(wrapped) == F.HPKE_WRAPPED_BYTES[kem]):
+            raise EnvelopeError("malformed envelope header: bad wrapped key length")
+        if suite == F.SUITE_HYBRID and kem != F.KEM_MLKEM768_X25519:
+            raise EnvelopeError("malformed envelope header: classic recipient in hybrid envelope")
+        fingerprints.append(fp)
+        if hmac.compare_digest(fp, identity.public.fingerprint_bytes):
+            mine = stanza
+    if len(set(fingerprints)) != len(fingerprints):
+        raise EnvelopeError("malformed envelope header: duplicate recipient")
+    if mine is None:
+        raise NotARecipient("this envelope is not addressed to this identity")
+    if mine[1] != F.KEM_FOR_SUITE[identity.suite]:
+        raise EnvelopeError(_AUTH_FAILED)
+    info = _hpke_info(suite, chunk_size, salt, commitment, sender_block, mine[0])
+    try:
+        ck = hpke_suite(identity.suite).decrypt(mine[2], identity._hpke_key(), info=info)
+    except (InvalidTag, ValueError) as exc:
+        raise EnvelopeError(_AUTH_FAILED) from exc
+    keys = _Keys(ck, salt)
+    # Key commitment (docs/format.md §4.3), checked before any payload byte is decrypted.
+    if not hmac.compare_digest(keys.commitment, commitment):
+        raise EnvelopeError(_AUTH_FAILED)
+    try:
+        sender_bytes = keys.sender.decrypt(_ZERO_NONCE, sender_block, None)
+    except InvalidTag as exc:
+        raise EnvelopeError(_AUTH_FAILED) from exc
+    try:
+        sender = PublicIdentity.from_bytes(sender_bytes)
+    except MedsecureError as exc:
+        raise EnvelopeError(_AUTH_FAILED) from exc
+    if suite == F.SUITE_HYBRID and sender.suite != F.SUITE_HYBRID:
+        raise EnvelopeError(_AUTH_FAILED)
+    if suite == F.SUITE_CLASSIC and sender.suite == F.SUITE_HYBRID and all(
+        s[1] == F.KEM_MLKEM768_X25519 for s in stanzas
+    ):
+        raise EnvelopeError("malformed envelope header: hybrid envelope labelled classic")
+    if expected_sender is not None and sender != expected_sender:
+        raise SenderMismatch("the envelope was not sealed by the expected sender")
+    framed = prefix + header_bytes
+    return _Opened(
+        keys=keys,
+        framed_hash=_sha256(framed),
+        chunk_size=chunk_size,
+        suite=suite,
+        sender=sender,
+        recipients=tuple(_fingerprint_text(fp) for fp in fingerprints),
+    )
+
+
+
+def _open_chunks(src: BinaryIO, dst: BinaryIO, opened: _Opened) -> int:
+    """Decrypt and write the STREAM chunks; verify the trailer. Return the plaintext size."""
+    aead = opened.keys.payload
+    chunk_len = opened.chunk_size + F.TAG_BYTES
+    tlen = _trailer_plain_length(opened.sender.suite) + F.TAG_BYTES
+    window = chunk_len + tlen + 1  # a full chunk followed by more than a trailer is not last
+    digest = _PayloadHash()
+    outbufs = [bytearray(opened.chunk_size) for _ in range(3)]
+    buf = bytearray()
+    eof = False
+    counter = 0
+    size = 0
+    while True:
+        while not eof and len(buf) < window:
+            block = src.read(window - len(buf))
+            if not block:
+                eof = True
+            else:
+                buf += block
+        if len(buf) >= window:
+            ct = bytes(buf[:chunk_len])
+            del buf[:chunk_len]
+            last = False
+        else:
+            if len(buf) < tlen + F.TAG_BYTES:
+                raise EnvelopeError(_AUTH_FAILED)
+            ct = bytes(buf[:-tlen])
+            del buf[:-tlen]
+            last = True
+            if len(ct) == F.TAG_BYTES and counter > 0:
+                # Only an empty payload may end with an empty chunk (docs/format.md §4.4).
+                raise EnvelopeError(_AUTH_FAILED)
+        if last and counter == 0:
+            digest.add_inline(ct)
+        else:
+            digest.add_async(ct)
+        out = memoryview(outbufs[counter % 3])
+        try:
+            n = aead.decrypt_into(_nonce(counter, last), ct, None, out[: len(ct) - F.TAG_BYTES])
+        except InvalidTag as exc:
+            raise EnvelopeError(_AUTH_FAILED) from exc
+        dst.write(out[:n])
+        size += n
+        digest.drain(keep=1)
+        if last:
+            break
+        counter += 1
+        if counter >= 1 << 88:  # pragma: no cover - 2^88 chunks cannot be reached
+            raise EnvelopeError("envelope too long")
+    try:
+        trailer_plain = opened.keys.trailer.decrypt(_ZERO_NONCE, bytes(buf), None)
+    except InvalidTag as exc:
+        raise EnvelopeError(_AUTH_FAILED) from exc
+    signatures = _cbor.decode(trailer_plain, error=EnvelopeError, what="envelope trailer")
+    if not isinstance(signatures, list) or not all(isinstance(s, bytes) for s in signatures):
+        raise EnvelopeError(_AUTH_FAILED)
+    transcript = _transcript(opened.framed_hash, digest.finalize(), opened.sender)
+    if not opened.sender._verify(transcript, signatures):
+        raise EnvelopeError(_AUTH_FAILED)
+    return size
+
+
+def _check_open_args(identity: object, expected_sender: object) -> None:
+    if not isinstance(identity, Identity):
+        raise TypeError("identity must be an Identity")
+    if expected_sender is not None and not isinstance(expected_sender, PublicIdentity):
+        raise TypeError("expected_sender must be a PublicIdentity or None")
+
+
+def _unseal_into(
+    src: BinaryIO,
+    dst: BinaryIO,
+    identity: Identity,
+    expected_sender: PublicIdentity | None,
+    max_recipients: int,
+) -> Unsealed:
+    try:
+        opened = _open_header(src, identity, expected_sender, max_recipients)
+        size = _open_chunks(src, dst, opened)
+    except MedsecureError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"I/O error while opening an envelope: {exc.strerror or exc}") from exc
+    except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise EnvelopeError("malformed envelope") from exc
+    return Unsealed(
+        data=None, sender=opened.sender, recipients=opened.recipients, suite=opened.suite, size=size
+    )
+
+
+def unseal_stream(
+    src: BinaryIO,
+    dst: str | os.PathLike[str] | BinaryIO,
+    *,
+    identity: Identity,
+    expected_sender: PublicIdentity | None = None,
+    max_recipients: int = F.DEFAULT_MAX_RECIPIENTS,
+) -> Unsealed:
+    """Open an envelope read from ``src``, writing the plaintext to ``dst``.
+
+    Given a path, the file appears there only after the whole envelope verified (temporary file
+    in the same folder, fsync, rename); on failure nothing new is left at the path and an
+    existing file stays untouched.
+
+    Given a binary stream, plaintext is written as it is decrypted: **what was written is not
+    authentic until this call returns**; on an exception, discard it.
+    """
+    _check_open_args(identity, expected_sender)
+    if isinstance(dst, (str, os.PathLike)):
+        try:
+            with atomic_output(Path(dst), mode=0o600) as fh:
+                result = _unseal_into(src, fh, identity, expected_sender, max_recipients)
+        except OSError as exc:
+            raise StorageError(f"cannot write {os.fspath(dst)!r}: {exc.strerror or exc}") from exc
+        return result
+    return _unseal_into(src, dst, identity, expected_sender, max_recipients)
+
+
+def unseal(
+    envelope: bytes,
+    *,
+    identity: Identity,
+    expected_sender: PublicIdentity | None = None,
+    max_recipients: int = F.DEFAULT_MAX_RECIPIENTS,
+) -> Unsealed:
+    """Open an envelope held in memory; return the verified plaintext and sender."""
+    if not isinstance(envelope, (bytes, bytearray, memoryview)):
+        raise TypeError("envelope must be bytes")
+    _check_open_args(identity, expected_sender)
+    out = io.BytesIO()
+    result = _unseal_into(io.BytesIO(bytes(envelope)), out, identity, expected_sender, max_recipients)
+    return Unsealed(
+        data=out.getvalue(),
+        sender=result.sender,
+        recipients=result.recipients,
+        suite=result.suite,
+        size=result.size,
+    )

@@ -1,0 +1,109 @@
+"""The exception tree of medsecure.
+
+Every error medsecure raises on purpose is a :class:`MedsecureError`::
+
+    MedsecureError
+    ├── EnvelopeError ── NotARecipient, SenderMismatch
+    ├── IdentityError
+    ├── DirectoryError ── PractitionerNotFound, AmbiguousPractitioner, DirectoryUnavailable
+    ├── TrustError ── KeyChanged, UntrustedKey, RevokedKey
+    ├── TransportError ── DeliveryRejected (permanent), TransportUnavailable (transient)
+    └── StorageError
+
+Authentication failures are opaque: an envelope that was tampered with, truncated, extended or
+wrongly signed raises one :class:`EnvelopeError` whose message never says which check failed
+(as ``cryptography.exceptions.InvalidTag`` does). Structural parse errors may be specific.
+
+Foreign exceptions (``cbor2``, ``httpx``, ``sqlite3``, ``OSError`` …) are translated at the
+boundary with ``raise … from exc``. Programmer mistakes raise ``TypeError`` / ``ValueError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmbiguousPractitioner",
+    "DeliveryRejected",
+    "DirectoryError",
+    "DirectoryUnavailable",
+    "EnvelopeError",
+    "IdentityError",
+    "KeyChanged",
+    "MedsecureError",
+    "NotARecipient",
+    "PractitionerNotFound",
+    "RevokedKey",
+    "SenderMismatch",
+    "StorageError",
+    "TransportError",
+    "TransportUnavailable",
+    "TrustError",
+    "UntrustedKey",
+]
+
+
+class MedsecureError(Exception):
+    """Base class of every error medsecure raises on purpose."""
+
+
+class EnvelopeError(MedsecureError):
+    """An envelope is malformed, tampered with, truncated, extended or wrongly signed."""
+
+
+class NotARecipient(EnvelopeError):
+    """No key of the given identity opens this envelope."""
+
+
+class SenderMismatch(EnvelopeError):
+    """The envelope is authentic but was signed by someone other than ``expected_sender``."""
+
+
+class IdentityError(MedsecureError):
+    """A key file or a public identity cannot be read, decrypted or validated."""
+
+
+class DirectoryError(MedsecureError):
+    """A directory could not answer a lookup or a search."""
+
+
+class PractitionerNotFound(DirectoryError):
+    """No practitioner matches the reference."""
+
+
+class AmbiguousPractitioner(DirectoryError):
+    """Several practitioners match a reference that should name exactly one."""
+
+
+class DirectoryUnavailable(DirectoryError):
+    """The directory is unreachable, throttling or failing (transient)."""
+
+
+class TrustError(MedsecureError):
+    """A key could not be bound to a practitioner under the configured trust policy."""
+
+
+class KeyChanged(TrustError):
+    """The key presented differs from the pinned one and no valid rotation explains it."""
+
+
+class UntrustedKey(TrustError):
+    """The key is not vouched for by any accepted authority."""
+
+
+class RevokedKey(TrustError):
+    """The key has been revoked."""
+
+
+class TransportError(MedsecureError):
+    """A transport could not move an envelope."""
+
+
+class DeliveryRejected(TransportError):
+    """The endpoint refused the envelope for good (permanent failure)."""
+
+
+class TransportUnavailable(TransportError):
+    """The endpoint could not be reached now (transient failure; retry later)."""
+
+
+class StorageError(MedsecureError):
+    """Local durable storage (outbox, inbox, audit log, files) failed."""

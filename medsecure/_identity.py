@@ -1,0 +1,500 @@
+"""Identities: a practitioner's (or a software's) key pairs, their public half and key files.
+
+Theory of operation
+-------------------
+An :class:`Identity` holds two kinds of key pairs, all generated and used through ``cryptography``:
+
+* a KEM pair to receive envelopes: MLKEM768-X25519 (hybrid post-quantum, the default ``"hybrid"``
+  suite) or X25519 alone (``"classic"``, for constrained peers);
+* a signing pair to sign envelopes: Ed25519 + ML-DSA-65, both required to verify (``"hybrid"``),
+  or Ed25519 alone (``"classic"``).
+
+Its :class:`PublicIdentity` has one canonical byte encoding (canonical CBOR, docs/format.md §6).
+The fingerprint is a SHA-256 of that encoding, so two people comparing fingerprints compare every
+public key at once. Public identities read from outside are validated on import: exact field set,
+exact lengths, canonical encoding, X25519 points that are not of low order, ML-KEM keys that pass
+the FIPS 203 modulus check (``cryptography`` performs it on import; a test pins that).
+
+Key files (docs/format.md §7) are encrypted with AES-256-GCM under a key derived from the
+passphrase with Argon2id; the KDF parameters are authenticated and bounded on reading, so a hostile
+file cannot make loading take minutes or gigabytes. Files are written atomically with mode 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import os
+import struct
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from . import _cbor
+from . import _format as F
+from ._errors import IdentityError
+from ._fs import atomic_write
+
+__all__ = ["Identity", "PublicIdentity"]
+
+# A fixed, valid scalar used only to detect low-order X25519 points: for such a point every
+# scalar gives the all-zero shared secret, which ``cryptography`` refuses with ValueError.
+_LOW_ORDER_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+_HPKE_SUITES = {
+    F.SUITE_HYBRID: hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+    F.SUITE_CLASSIC: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+}
+
+
+def _check_suite(suite: object) -> str:
+    if not isinstance(suite, str):
+        raise TypeError("suite must be a str")
+    if suite not in F.SUITES:
+        raise ValueError(f"unknown suite {suite!r}: expected 'hybrid' or 'classic'")
+    return suite
+
+
+def _sha256(*parts: bytes) -> bytes:
+    h = hashes.Hash(hashes.SHA256())
+    for part in parts:
+        h.update(part)
+    return h.finalize()
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+def _unb32(text: str) -> bytes:
+    padded = text.upper() + "=" * (-len(text) % 8)
+    return base64.b32decode(padded, casefold=False)
+
+
+def _fingerprint_text(digest: bytes) -> str:
+    return F.FINGERPRINT_TEXT_PREFIX + _b32(digest)
+
+
+class PublicIdentity:
+    """The public half of an :class:`Identity`: what others need to seal to you and verify you.
+
+    Values are immutable and compare equal when their canonical encodings are equal.
+    """
+
+    __slots__ = ("_ed25519", "_encoded", "_fp", "_mldsa", "_mlkem", "_suite", "_x25519")
+
+    def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
+        raise TypeError("use Identity.public, PublicIdentity.from_bytes or from_text")
+
+    @classmethod
+    def _build(
+        cls,
+        suite: str,
+        x25519_pub: x25519.X25519PublicKey,
+        ed25519_pub: ed25519.Ed25519PublicKey,
+        mlkem_pub: mlkem.MLKEM768PublicKey | None,
+        mldsa_pub: mldsa.MLDSA65PublicKey | None,
+    ) -> PublicIdentity:
+        self = object.__new__(cls)
+        self._suite = suite
+        self._x25519 = x25519_pub
+        self._ed25519 = ed25519_pub
+        self._mlkem = mlkem_pub
+        self._mldsa = mldsa_pub
+        fields: dict[int, Any] = {
+            1: F.FORMAT_VERSION,
+            2: suite,
+            3: x25519_pub.public_bytes_raw(),
+            4: ed25519_pub.public_bytes_raw(),
+        }
+        if suite == F.SUITE_HYBRID:
+            assert mlkem_pub is not None and mldsa_pub is not None
+            fields[5] = mlkem_pub.public_bytes_raw()
+            fields[6] = mldsa_pub.public_bytes_raw()
+        self._encoded = _cbor.encode(fields)
+        self._fp = _sha256(F.LABEL_FINGERPRINT, self._encoded)
+        return self
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def suite(self) -> str:
+        """``"hybrid"`` (post-quantum hybrid) or ``"classic"``."""
+        return self._suite
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable text fingerprint (``ms1…``) of every public key, for people to compare."""
+        return _fingerprint_text(self._fp)
+
+    @property
+    def fingerprint_bytes(self) -> bytes:
+        """The 32-byte SHA-256 fingerprint (docs/format.md §6)."""
+        return self._fp
+
+    # -- encodings --------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The canonical binary encoding (canonical CBOR)."""
+        return self._encoded
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PublicIdentity:
+        """Parse and validate a canonical encoding; raise :class:`IdentityError` if invalid."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("data must be bytes")
+        data = bytes(data)
+        if len(data) > 8192:
+            raise IdentityError("malformed public identity: too long")
+        fields = _cbor.decode(data, error=IdentityError, what="public identity")
+        if not isinstance(fields, dict):
+            raise IdentityError("malformed public identity: not a map")
+        suite = fields.get(2)
+        if fields.get(1) != F.FORMAT_VERSION or suite not in F.SUITES:
+            raise IdentityError("unsupported public identity version or suite")
+        expected = {1, 2, 3, 4} | ({5, 6} if suite == F.SUITE_HYBRID else set())
+        if set(fields) != expected:
+            raise IdentityError("malformed public identity: unexpected fields")
+        lengths = {
+            3: F.X25519_PUBLIC_BYTES,
+            4: F.ED25519_PUBLIC_BYTES,
+            5: F.MLKEM768_PUBLIC_BYTES,
+            6: F.MLDSA65_PUBLIC_BYTES,
+        }
+        for key in expected - {1, 2}:
+            value = fields[key]
+            if not isinstance(value, bytes) or len(value) != lengths[key]:
+                raise IdentityError("malformed public identity: wrong key length")
+        try:
+            x_pub = x25519.X25519PublicKey.from_public_bytes(fields[3])
+            _LOW_ORDER_PROBE.exchange(x_pub)
+        except ValueError as exc:
+            raise IdentityError("invalid public identity: X25519 key is a low-order point") from exc
+        try:
+            ed_pub = ed25519.Ed25519PublicKey.from_public_bytes(fields[4])
+        except ValueError as exc:
+            raise IdentityError("invalid public identity: bad Ed25519 key") from exc
+        kem_pub = dsa_pub = None
+        if suite == F.SUITE_HYBRID:
+            try:
+                kem_pub = mlkem.MLKEM768PublicKey.from_public_bytes(fields[5])
+            except ValueError as exc:
+                # FIPS 203 §7.2 modulus check: cryptography rejects coefficients >= q on import.
+                raise IdentityError("invalid public identity: bad ML-KEM-768 key") from exc
+            try:
+                dsa_pub = mldsa.MLDSA65PublicKey.from_public_bytes(fields[6])
+            except ValueError as exc:
+                raise IdentityError("invalid public identity: bad ML-DSA-65 key") from exc
+        pub = cls._build(suite, x_pub, ed_pub, kem_pub, dsa_pub)
+        if pub._encoded != data:  # pragma: no cover - canonical decode guarantees equality
+            raise IdentityError("malformed public identity: not canonical")
+        return pub
+
+    def __str__(self) -> str:
+        """The compact copy-pasteable text form: ``msp1`` + base32(encoding ‖ 4-byte check)."""
+        check = _sha256(self._encoded)[:4]
+        return F.PUBLIC_TEXT_PREFIX + _b32(self._encoded + check)
+
+    @classmethod
+    def from_text(cls, text: str) -> PublicIdentity:
+        """Parse the text form produced by ``str(pub)`` (surrounding whitespace is ignored)."""
+        if not isinstance(text, str):
+            raise TypeError("text must be a str")
+        text = "".join(text.split())
+        if not text.startswith(F.PUBLIC_TEXT_PREFIX):
+            raise IdentityError(f"not a medsecure public key: it must start with {F.PUBLIC_TEXT_PREFIX!r}")
+        if len(text) > 16384:
+            raise IdentityError("malformed public key text: too long")
+        try:
+            raw = _unb32(text[len(F.PUBLIC_TEXT_PREFIX) :])
+        except ValueError as exc:
+            raise IdentityError("malformed public key text: not base32") from exc
+        if len(raw) < 5 or not hmac.compare_digest(_sha256(raw[:-4])[:4], raw[-4:]):
+            raise IdentityError("malformed public key text: checksum mismatch (copy error?)")
+        return cls.from_bytes(raw[:-4])
+
+    # -- value semantics --------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PublicIdentity):
+            return NotImplemented
+        return hmac.compare_digest(self._fp, other._fp)
+
+    def __hash__(self) -> int:
+        return hash(self._fp)
+
+    def __repr__(self) -> str:
+        return f"<PublicIdentity {self._suite} {self.fingerprint}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PublicIdentity.from_bytes, (self._encoded,))
+
+    # -- used by the envelope ---------------------------------------------------------------
+    def _hpke_key(self) -> Any:
+        if self._suite == F.SUITE_HYBRID:
+            assert self._mlkem is not None
+            return hpke.MLKEM768X25519PublicKey(self._mlkem, self._x25519)
+        return self._x25519
+
+    def _signature_lengths(self) -> tuple[int, ...]:
+        if self._suite == F.SUITE_HYBRID:
+            return (F.ED25519_SIGNATURE_BYTES, F.MLDSA65_SIGNATURE_BYTES)
+        return (F.ED25519_SIGNATURE_BYTES,)
+
+    def _verify(self, message: bytes, signatures: list[bytes]) -> bool:
+        """True only if *every* signature of this identity's suite verifies over ``message``."""
+        lengths = self._signature_lengths()
+        if len(signatures) != len(lengths):
+            return False
+        if any(len(s) != n for s, n in zip(signatures, lengths, strict=True)):
+            return False
+        try:
+            self._ed25519.verify(signatures[0], message)
+            if self._suite == F.SUITE_HYBRID:
+                assert self._mldsa is not None
+                self._mldsa.verify(signatures[1], message, F.LABEL_SIGNATURE)
+        except InvalidSignature:
+            return False
+        return True
+
+
+class Identity:
+    """A private identity: KEM and signing key pairs. Never printed, never logged."""
+
+    __slots__ = ("_ed25519", "_mldsa", "_mlkem", "_public", "_suite", "_x25519")
+
+    def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
+        raise TypeError("use Identity.generate() or Identity.load()")
+
+    @classmethod
+    def generate(cls, suite: str = F.SUITE_HYBRID) -> Identity:
+        """Create a new identity. ``suite`` is ``"hybrid"`` (default) or ``"classic"``."""
+        suite = _check_suite(suite)
+        hybrid = suite == F.SUITE_HYBRID
+        return cls._from_seeds(
+            suite,
+            x25519_seed=os.urandom(32),
+            ed25519_seed=os.urandom(32),
+            mlkem_seed=os.urandom(64) if hybrid else None,
+            mldsa_seed=os.urandom(32) if hybrid else None,
+        )
+
+    @classmethod
+    def _from_seeds(
+        cls,
+        suite: str,
+        *,
+        x25519_seed: bytes,
+        ed25519_seed: bytes,
+        mlkem_seed: bytes | None = None,
+        mldsa_seed: bytes | None = None,
+    ) -> Identity:
+        """Rebuild an identity from its seeds (key files; deterministic test vectors)."""
+        self = object.__new__(cls)
+        self._suite = suite
+        self._x25519 = x25519.X25519PrivateKey.from_private_bytes(x25519_seed)
+        self._ed25519 = ed25519.Ed25519PrivateKey.from_private_bytes(ed25519_seed)
+        self._mlkem = None
+        self._mldsa = None
+        if suite == F.SUITE_HYBRID:
+            if mlkem_seed is None or mldsa_seed is None:
+                raise ValueError("a hybrid identity needs ML-KEM and ML-DSA seeds")
+            self._mlkem = mlkem.MLKEM768PrivateKey.from_seed_bytes(mlkem_seed)
+            self._mldsa = mldsa.MLDSA65PrivateKey.from_seed_bytes(mldsa_seed)
+        self._public = PublicIdentity._build(
+            suite,
+            self._x25519.public_key(),
+            self._ed25519.public_key(),
+            self._mlkem.public_key() if self._mlkem is not None else None,
+            self._mldsa.public_key() if self._mldsa is not None else None,
+        )
+        return self
+
+    @property
+    def public(self) -> PublicIdentity:
+        """The :class:`PublicIdentity` to publish."""
+        return self._public
+
+    @property
+    def suite(self) -> str:
+        """``"hybrid"`` or ``"classic"``."""
+        return self._suite
+
+    @property
+    def fingerprint(self) -> str:
+        """Shortcut for ``identity.public.fingerprint``."""
+        return self._public.fingerprint
+
+    def __repr__(self) -> str:
+        return f"<Identity {self._suite} {self._public.fingerprint}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("an Identity is not picklable; save it with identity.save()")
+
+    # -- used by the envelope ---------------------------------------------------------------
+    def _hpke_key(self) -> Any:
+        if self._suite == F.SUITE_HYBRID:
+            assert self._mlkem is not None
+            return hpke.MLKEM768X25519PrivateKey(self._mlkem, self._x25519)
+        return self._x25519
+
+    def _sign(self, message: bytes) -> list[bytes]:
+        signatures = [self._ed25519.sign(message)]
+        if self._mldsa is not None:
+            signatures.append(self._mldsa.sign(message, F.LABEL_SIGNATURE))
+        return signatures
+
+    def _seeds(self) -> dict[int, Any]:
+        fields: dict[int, Any] = {
+            1: F.FORMAT_VERSION,
+            2: self._suite,
+            3: self._x25519.private_bytes_raw(),
+            4: self._ed25519.private_bytes_raw(),
+        }
+        if self._mlkem is not None and self._mldsa is not None:
+            fields[5] = self._mlkem.private_bytes_raw()
+            fields[6] = self._mldsa.private_bytes_raw()
+        return fields
+
+    # -- key files --------------------------------------------------------------------------
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        passphrase: str | bytes,
+        kdf_iterations: int = F.KDF_DEFAULT_ITERATIONS,
+        kdf_memory_kib: int = F.KDF_DEFAULT_MEMORY_KIB,
+        kdf_lanes: int = F.KDF_DEFAULT_LANES,
+    ) -> None:
+        """Write this identity to ``path``, encrypted under ``passphrase`` (mode 0600, atomic).
+
+        The KDF is Argon2id; the defaults follow RFC 9106 §4. Parameters outside the bounds
+        that :meth:`load` accepts are refused here too.
+        """
+        secret = _passphrase_bytes(passphrase)
+        _check_kdf(kdf_iterations, kdf_memory_kib, kdf_lanes, error=ValueError)
+        salt = os.urandom(16)
+        nonce = os.urandom(F.NONCE_BYTES)
+        params = _cbor.encode(
+            {
+                1: F.KDF_ARGON2ID,
+                2: salt,
+                3: kdf_iterations,
+                4: kdf_memory_kib,
+                5: kdf_lanes,
+                6: nonce,
+            }
+        )
+        prefix = F.KEYFILE_MAGIC + struct.pack(">H", len(params)) + params
+        key = _derive(secret, salt, kdf_iterations, kdf_memory_kib, kdf_lanes)
+        ciphertext = AESGCM(key).encrypt(nonce, _cbor.encode(self._seeds()), F.LABEL_KEYFILE_AAD + prefix)
+        try:
+            atomic_write(path, prefix + ciphertext, mode=0o600)
+        except OSError as exc:
+            raise IdentityError(f"cannot write key file {os.fspath(path)!r}: {exc.strerror}") from exc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, passphrase: str | bytes) -> Identity:
+        """Read and decrypt a key file written by :meth:`save`.
+
+        Raises :class:`IdentityError` for a missing, unreadable, truncated, damaged or foreign
+        file and for a wrong passphrase.
+        """
+        secret = _passphrase_bytes(passphrase)
+        name = os.fspath(path)
+        try:
+            with Path(path).open("rb") as fh:
+                blob = fh.read(F.KEYFILE_MAX_BYTES + 1)
+        except FileNotFoundError as exc:
+            raise IdentityError(f"key file {name!r} does not exist") from exc
+        except OSError as exc:
+            raise IdentityError(f"cannot read key file {name!r}: {exc.strerror}") from exc
+        if len(blob) > F.KEYFILE_MAX_BYTES:
+            raise IdentityError(f"{name!r} is not a medsecure key file (too large)")
+        if not blob.startswith(F.KEYFILE_MAGIC):
+            raise IdentityError(f"{name!r} is not a medsecure key file")
+        head = len(F.KEYFILE_MAGIC)
+        if len(blob) < head + 2:
+            raise IdentityError(f"key file {name!r} is truncated")
+        (plen,) = struct.unpack(">H", blob[head : head + 2])
+        if len(blob) < head + 2 + plen + F.TAG_BYTES:
+            raise IdentityError(f"key file {name!r} is truncated")
+        prefix = blob[: head + 2 + plen]
+        params = _cbor.decode(blob[head + 2 : head + 2 + plen], error=IdentityError, what="key file")
+        if not isinstance(params, dict) or set(params) != {1, 2, 3, 4, 5, 6}:
+            raise IdentityError(f"key file {name!r} is damaged (bad parameters)")
+        alg, salt, iterations, memory, lanes, nonce = (params[k] for k in range(1, 7))
+        if alg != F.KDF_ARGON2ID or not isinstance(salt, bytes) or not isinstance(nonce, bytes):
+            raise IdentityError(f"key file {name!r} uses an unsupported KDF")
+        if not (16 <= len(salt) <= 64) or len(nonce) != F.NONCE_BYTES:
+            raise IdentityError(f"key file {name!r} is damaged (bad parameters)")
+        _check_kdf(iterations, memory, lanes, error=IdentityError)
+        key = _derive(secret, salt, iterations, memory, lanes)
+        try:
+            plain = AESGCM(key).decrypt(nonce, blob[len(prefix) :], F.LABEL_KEYFILE_AAD + prefix)
+        except InvalidTag as exc:
+            raise IdentityError(
+                f"cannot decrypt key file {name!r}: wrong passphrase or damaged file"
+            ) from exc
+        seeds = _cbor.decode(plain, error=IdentityError, what="key file contents")
+        return cls._from_seed_map(seeds, name)
+
+    @classmethod
+    def _from_seed_map(cls, seeds: Any, name: str) -> Identity:
+        if not isinstance(seeds, dict) or seeds.get(1) != F.FORMAT_VERSION:
+            raise IdentityError(f"key file {name!r} has an unsupported version")
+        suite = seeds.get(2)
+        want = {1, 2, 3, 4} | ({5, 6} if suite == F.SUITE_HYBRID else set())
+        if suite not in F.SUITES or set(seeds) != want:
+            raise IdentityError(f"key file {name!r} is damaged (bad contents)")
+        sizes = {3: 32, 4: 32, 5: 64, 6: 32}
+        if any(not isinstance(seeds[k], bytes) or len(seeds[k]) != sizes[k] for k in want - {1, 2}):
+            raise IdentityError(f"key file {name!r} is damaged (bad key sizes)")
+        return cls._from_seeds(
+            suite,
+            x25519_seed=seeds[3],
+            ed25519_seed=seeds[4],
+            mlkem_seed=seeds.get(5),
+            mldsa_seed=seeds.get(6),
+        )
+
+
+def _passphrase_bytes(passphrase: str | bytes) -> bytes:
+    if isinstance(passphrase, str):
+        # NFC so that the same typed passphrase gives the same bytes on every platform.
+        secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    elif isinstance(passphrase, (bytes, bytearray)):
+        secret = bytes(passphrase)
+    else:
+        raise TypeError("passphrase must be str or bytes")
+    if not secret:
+        raise ValueError("the passphrase must not be empty")
+    return secret
+
+
+def _check_kdf(iterations: Any, memory: Any, lanes: Any, *, error: type[Exception]) -> None:
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (iterations, memory, lanes))
+    if (
+        not ints
+        or not 1 <= iterations <= F.KDF_MAX_ITERATIONS
+        or not 1 <= lanes <= F.KDF_MAX_LANES
+        or not F.KDF_MIN_MEMORY_KIB <= memory <= F.KDF_MAX_MEMORY_KIB
+    ):
+        raise error(
+            "KDF parameters out of bounds: iterations 1.."
+            f"{F.KDF_MAX_ITERATIONS}, lanes 1..{F.KDF_MAX_LANES}, memory "
+            f"{F.KDF_MIN_MEMORY_KIB}..{F.KDF_MAX_MEMORY_KIB} KiB"
+        )
+
+
+def _derive(secret: bytes, salt: bytes, iterations: int, memory: int, lanes: int) -> bytes:
+    kdf = Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes, memory_cost=memory)
+    return kdf.derive(secret)
+
+
+def hpke_suite(suite: str) -> Any:
+    """The HPKE suite object for a medsecure suite name (internal)."""
+    return _HPKE_SUITES[suite]

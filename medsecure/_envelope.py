@@ -31,7 +31,7 @@ import hmac
 import io
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +161,112 @@ class Unsealed:
 
 
 # ----------------------------------------------------------------------------------------------
+# chunk producers: (plaintext or ciphertext view, is_last) pairs, from memory or from a stream
+# ----------------------------------------------------------------------------------------------
+
+
+def _readfull(src: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``src`` (looping over short reads); return bytes read (< len at EOF)."""
+    got = 0
+    size = len(view)
+    readinto = getattr(src, "readinto", None)
+    while got < size:
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            block = src.read(size - got)
+            n = len(block)
+            view[got : got + n] = block
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _plain_chunks_from_memory(
+    data: memoryview, chunk_size: int
+) -> Iterator[tuple[memoryview, bool]]:
+    total = len(data)
+    if total == 0:
+        yield data, True
+        return
+    for start in range(0, total, chunk_size):
+        yield data[start : start + chunk_size], start + chunk_size >= total
+
+
+def _plain_chunks_from_stream(src: BinaryIO, chunk_size: int) -> Iterator[tuple[memoryview, bool]]:
+    # Two input buffers: chunk i is yielded only once chunk i+1 was read, which tells whether
+    # i is the last one. Buffer i%2 is refilled only after the consumer finished with it.
+    bufs = [memoryview(bytearray(chunk_size)), memoryview(bytearray(chunk_size))]
+    cur = bufs[0]
+    n = _readfull(src, cur)
+    i = 0
+    while True:
+        if n < chunk_size:
+            yield cur[:n], True
+            return
+        nxt = bufs[(i + 1) % 2]
+        m = _readfull(src, nxt)
+        yield cur, m == 0
+        if m == 0:
+            return
+        cur, n = nxt, m
+        i += 1
+
+
+def _split_tail(
+    tail: memoryview, chunk_len: int, tlen: int, first_index: int
+) -> tuple[list[memoryview], memoryview]:
+    """Split the last bytes of an envelope into its remaining chunks and the trailer."""
+    if len(tail) < tlen + F.TAG_BYTES:
+        raise EnvelopeError(_AUTH_FAILED)
+    region, trailer = tail[: len(tail) - tlen], tail[len(tail) - tlen :]
+    pieces = [region[s : s + chunk_len] for s in range(0, len(region), chunk_len)]
+    last = pieces[-1]
+    if len(last) < F.TAG_BYTES or (len(last) == F.TAG_BYTES and first_index + len(pieces) > 1):
+        # Only an empty payload may end with an empty chunk (docs/format.md §4.4).
+        raise EnvelopeError(_AUTH_FAILED)
+    return pieces, trailer
+
+
+def _cipher_chunks_from_memory(
+    view: memoryview, chunk_len: int, tlen: int, trailer_out: list[bytes]
+) -> Iterator[tuple[memoryview, bool]]:
+    pieces, trailer = _split_tail(view, chunk_len, tlen, 0)
+    trailer_out.append(bytes(trailer))
+    for i, piece in enumerate(pieces):
+        yield piece, i == len(pieces) - 1
+
+
+def _cipher_chunks_from_stream(
+    src: BinaryIO, chunk_len: int, tlen: int, trailer_out: list[bytes]
+) -> Iterator[tuple[memoryview, bool]]:
+    # A full chunk is known not to be the last one once more than a trailer's worth of bytes
+    # follows it; three buffers let the consumer hash chunk i while i+1 and i+2 are read.
+    bufs = [memoryview(bytearray(chunk_len)) for _ in range(3)]
+    cur = bufs[0]
+    n = _readfull(src, cur)
+    i = 0
+    while True:
+        if n == chunk_len:
+            nxt = bufs[(i + 1) % 3]
+            m = _readfull(src, nxt)
+            if m > tlen:
+                yield cur, False
+                cur, n = nxt, m
+                i += 1
+                continue
+            tail = memoryview(bytes(cur) + bytes(nxt[:m]))
+        else:
+            tail = cur[:n]
+        pieces, trailer = _split_tail(tail, chunk_len, tlen, i)
+        trailer_out.append(bytes(trailer))
+        for j, piece in enumerate(pieces):
+            yield piece, j == len(pieces) - 1
+        return
+
+
+# ----------------------------------------------------------------------------------------------
 # sealing
 # ----------------------------------------------------------------------------------------------
 
@@ -174,7 +280,7 @@ def _check_seal_args(
 ) -> tuple[list[PublicIdentity], str]:
     if not isinstance(sender, Identity):
         raise TypeError("sender must be an Identity")
-    if isinstance(recipients, PublicIdentity) or not isinstance(recipients, Iterable):
+    if isinstance(recipients, (PublicIdentity, str, bytes)) or not isinstance(recipients, Iterable):
         raise TypeError("recipients must be a sequence of PublicIdentity")
     unique: dict[bytes, PublicIdentity] = {}
     for r in recipients:
@@ -207,26 +313,20 @@ def _check_seal_args(
     return listed, suite
 
 
-def seal_stream(
-    src: BinaryIO,
+def _seal(
+    chunks: Iterator[tuple[memoryview, bool]] | None,
+    src: BinaryIO | None,
     dst: BinaryIO,
-    *,
     sender: Identity,
     recipients: Sequence[PublicIdentity],
-    allow_classic: bool = False,
-    chunk_size: int = F.DEFAULT_CHUNK_SIZE,
-    max_recipients: int = F.DEFAULT_MAX_RECIPIENTS,
-    _random: Callable[[int], bytes] = os.urandom,
+    allow_classic: bool,
+    chunk_size: int,
+    max_recipients: int,
+    random: Callable[[int], bytes],
 ) -> None:
-    """Seal everything read from ``src`` into ``dst`` for ``recipients``, signed by ``sender``.
-
-    Memory stays bounded (a few chunks) whatever the size. If any party is ``"classic"`` while
-    another is ``"hybrid"``, the envelope would be only classically secure: that is refused
-    unless ``allow_classic=True``. ``_random`` is a test-only hook (deterministic vectors).
-    """
     listed, suite = _check_seal_args(sender, recipients, allow_classic, chunk_size, max_recipients)
-    ck = _random(F.CONTENT_KEY_BYTES)
-    salt = _random(F.SALT_BYTES)
+    ck = random(F.CONTENT_KEY_BYTES)
+    salt = random(F.SALT_BYTES)
     keys = _Keys(ck, salt)
     sender_block = keys.sender.encrypt(_ZERO_NONCE, sender.public.to_bytes(), None)
     stanzas = []
@@ -249,7 +349,10 @@ def seal_stream(
     framed = F.ENVELOPE_MAGIC + _FRAME.pack(len(header)) + header
     try:
         dst.write(framed)
-        payload_digest = _seal_chunks(src, dst, keys.payload, chunk_size)
+        if chunks is None:
+            assert src is not None
+            chunks = _plain_chunks_from_stream(src, chunk_size)
+        payload_digest = _encrypt_chunks(chunks, dst, keys.payload, chunk_size)
         transcript = _transcript(_sha256(framed), payload_digest, sender.public)
         trailer = _cbor.encode(sender._sign(transcript))
         dst.write(keys.trailer.encrypt(_ZERO_NONCE, trailer, None))
@@ -257,53 +360,48 @@ def seal_stream(
         raise StorageError(f"I/O error while sealing: {exc.strerror or exc}") from exc
 
 
-def _readfull(src: BinaryIO, view: memoryview) -> int:
-    """Fill ``view`` from ``src`` (looping over short reads); return bytes read (< len at EOF)."""
-    got = 0
-    size = len(view)
-    readinto = getattr(src, "readinto", None)
-    while got < size:
-        if readinto is not None:
-            n = readinto(view[got:])
-        else:
-            block = src.read(size - got)
-            n = len(block)
-            view[got : got + n] = block
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _seal_chunks(src: BinaryIO, dst: BinaryIO, aead: AESGCM, chunk_size: int) -> bytes:
+def _encrypt_chunks(
+    chunks: Iterator[tuple[memoryview, bool]], dst: BinaryIO, aead: AESGCM, chunk_size: int
+) -> bytes:
     digest = _PayloadHash()
-    inbufs = [bytearray(chunk_size), bytearray(chunk_size)]
-    # Output buffers rotate; a buffer is reused only once its hash has been collected.
-    outbufs = [bytearray(chunk_size + F.TAG_BYTES) for _ in range(3)]
-    current = memoryview(inbufs[0])
-    n = _readfull(src, current)
-    counter = 0
-    while True:
-        last = n < chunk_size
-        nxt_n = 0
-        if not last:
-            nxt = memoryview(inbufs[(counter + 1) % 2])
-            nxt_n = _readfull(src, nxt)
-            last = nxt_n == 0
-        out = memoryview(outbufs[counter % 3])
-        written = aead.encrypt_into(_nonce(counter, last), current[:n], None, out[: n + F.TAG_BYTES])
-        chunk = out[:written]
+    outbufs: list[memoryview] = []
+    for counter, (plain, last) in enumerate(chunks):
+        nonce = _nonce(counter, last)
         if last and counter == 0:
+            # A single-chunk envelope: no buffers to allocate, hash inline.
+            chunk: Any = aead.encrypt(nonce, plain, None)
             digest.add_inline(chunk)
         else:
+            if not outbufs:
+                # Output buffers rotate; one is reused only after its hash was collected.
+                outbufs = [memoryview(bytearray(chunk_size + F.TAG_BYTES)) for _ in range(3)]
+            out = outbufs[counter % 3]
+            size = aead.encrypt_into(nonce, plain, None, out[: len(plain) + F.TAG_BYTES])
+            chunk = out[:size]
             digest.add_async(chunk)
         dst.write(chunk)
         digest.drain(keep=1)
-        if last:
-            break
-        counter += 1
-        current, n = nxt, nxt_n
     return digest.finalize()
+
+
+def seal_stream(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    sender: Identity,
+    recipients: Sequence[PublicIdentity],
+    allow_classic: bool = False,
+    chunk_size: int = F.DEFAULT_CHUNK_SIZE,
+    max_recipients: int = F.DEFAULT_MAX_RECIPIENTS,
+    _random: Callable[[int], bytes] = os.urandom,
+) -> None:
+    """Seal everything read from ``src`` into ``dst`` for ``recipients``, signed by ``sender``.
+
+    Memory stays bounded (a few chunks) whatever the size. If any party is ``"classic"`` while
+    another is ``"hybrid"``, the envelope would be only classically secure: that is refused
+    unless ``allow_classic=True``. ``_random`` is a test-only hook (deterministic vectors).
+    """
+    _seal(None, src, dst, sender, recipients, allow_classic, chunk_size, max_recipients, _random)
 
 
 def seal(
@@ -320,16 +418,9 @@ def seal(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError("data must be bytes")
     out = io.BytesIO()
-    seal_stream(
-        io.BytesIO(bytes(data)),
-        out,
-        sender=sender,
-        recipients=recipients,
-        allow_classic=allow_classic,
-        chunk_size=chunk_size,
-        max_recipients=max_recipients,
-        _random=_random,
-    )
+    view = memoryview(data).cast("B")
+    chunks = _plain_chunks_from_memory(view, chunk_size) if isinstance(chunk_size, int) else None
+    _seal(chunks, None, out, sender, recipients, allow_classic, chunk_size, max_recipients, _random)
     return out.getvalue()
 
 
@@ -433,13 +524,18 @@ def _open_header(
     except InvalidTag as exc:
         raise EnvelopeError(_AUTH_FAILED) from exc
     try:
-        sender = PublicIdentity.from_bytes(sender_bytes)
+        if expected_sender is not None and expected_sender.to_bytes() == sender_bytes:
+            sender = expected_sender
+        else:
+            sender = PublicIdentity._from_bytes_cached(sender_bytes)
     except MedsecureError as exc:
         raise EnvelopeError(_AUTH_FAILED) from exc
     if suite == F.SUITE_HYBRID and sender.suite != F.SUITE_HYBRID:
         raise EnvelopeError(_AUTH_FAILED)
-    if suite == F.SUITE_CLASSIC and sender.suite == F.SUITE_HYBRID and all(
-        s[1] == F.KEM_MLKEM768_X25519 for s in stanzas
+    if (
+        suite == F.SUITE_CLASSIC
+        and sender.suite == F.SUITE_HYBRID
+        and all(s[1] == F.KEM_MLKEM768_X25519 for s in stanzas)
     ):
         raise EnvelopeError("malformed envelope header: hybrid envelope labelled classic")
     if expected_sender is not None and sender != expected_sender:
@@ -455,64 +551,41 @@ def _open_header(
     )
 
 
-
-def _open_chunks(src: BinaryIO, dst: BinaryIO, opened: _Opened) -> int:
+def _decrypt_chunks(
+    chunks: Iterator[tuple[memoryview, bool]], dst: BinaryIO, opened: _Opened, trailer: list[bytes]
+) -> int:
     """Decrypt and write the STREAM chunks; verify the trailer. Return the plaintext size."""
     aead = opened.keys.payload
-    chunk_len = opened.chunk_size + F.TAG_BYTES
-    tlen = _trailer_plain_length(opened.sender.suite) + F.TAG_BYTES
-    window = chunk_len + tlen + 1  # a full chunk followed by more than a trailer is not last
     digest = _PayloadHash()
-    outbufs = [bytearray(opened.chunk_size) for _ in range(3)]
-    buf = bytearray()
-    eof = False
-    counter = 0
+    outbufs: list[memoryview] = []
     size = 0
-    while True:
-        while not eof and len(buf) < window:
-            block = src.read(window - len(buf))
-            if not block:
-                eof = True
-            else:
-                buf += block
-        if len(buf) >= window:
-            ct = bytes(buf[:chunk_len])
-            del buf[:chunk_len]
-            last = False
-        else:
-            if len(buf) < tlen + F.TAG_BYTES:
-                raise EnvelopeError(_AUTH_FAILED)
-            ct = bytes(buf[:-tlen])
-            del buf[:-tlen]
-            last = True
-            if len(ct) == F.TAG_BYTES and counter > 0:
-                # Only an empty payload may end with an empty chunk (docs/format.md §4.4).
-                raise EnvelopeError(_AUTH_FAILED)
-        if last and counter == 0:
-            digest.add_inline(ct)
-        else:
-            digest.add_async(ct)
-        out = memoryview(outbufs[counter % 3])
+    for counter, (chunk, last) in enumerate(chunks):
+        nonce = _nonce(counter, last)
         try:
-            n = aead.decrypt_into(_nonce(counter, last), ct, None, out[: len(ct) - F.TAG_BYTES])
+            if last and counter == 0:
+                digest.add_inline(chunk)
+                plain: Any = aead.decrypt(nonce, chunk, None)
+            else:
+                if not outbufs:
+                    outbufs = [memoryview(bytearray(opened.chunk_size)) for _ in range(3)]
+                digest.add_async(chunk)
+                out = outbufs[counter % 3]
+                n = aead.decrypt_into(nonce, chunk, None, out[: len(chunk) - F.TAG_BYTES])
+                plain = out[:n]
         except InvalidTag as exc:
             raise EnvelopeError(_AUTH_FAILED) from exc
-        dst.write(out[:n])
-        size += n
+        dst.write(plain)
+        size += len(plain)
         digest.drain(keep=1)
-        if last:
-            break
-        counter += 1
-        if counter >= 1 << 88:  # pragma: no cover - 2^88 chunks cannot be reached
-            raise EnvelopeError("envelope too long")
+    payload_digest = digest.finalize()
     try:
-        trailer_plain = opened.keys.trailer.decrypt(_ZERO_NONCE, bytes(buf), None)
+        trailer_plain = opened.keys.trailer.decrypt(_ZERO_NONCE, trailer[0], None)
     except InvalidTag as exc:
         raise EnvelopeError(_AUTH_FAILED) from exc
     signatures = _cbor.decode(trailer_plain, error=EnvelopeError, what="envelope trailer")
     if not isinstance(signatures, list) or not all(isinstance(s, bytes) for s in signatures):
         raise EnvelopeError(_AUTH_FAILED)
-    transcript = _transcript(opened.framed_hash, digest.finalize(), opened.sender)
+    transcript = _transcript(opened.framed_hash, payload_digest, opened.sender)
     if not opened.sender._verify(transcript, signatures):
         raise EnvelopeError(_AUTH_FAILED)
     return size
@@ -531,10 +604,18 @@ def _unseal_into(
     identity: Identity,
     expected_sender: PublicIdentity | None,
     max_recipients: int,
+    memory: memoryview | None = None,
 ) -> Unsealed:
     try:
         opened = _open_header(src, identity, expected_sender, max_recipients)
-        size = _open_chunks(src, dst, opened)
+        chunk_len = opened.chunk_size + F.TAG_BYTES
+        tlen = _trailer_plain_length(opened.sender.suite) + F.TAG_BYTES
+        trailer: list[bytes] = []
+        if memory is not None:
+            chunks = _cipher_chunks_from_memory(memory[src.tell() :], chunk_len, tlen, trailer)
+        else:
+            chunks = _cipher_chunks_from_stream(src, chunk_len, tlen, trailer)
+        size = _decrypt_chunks(chunks, dst, opened, trailer)
     except MedsecureError:
         raise
     except OSError as exc:
@@ -585,8 +666,10 @@ def unseal(
     if not isinstance(envelope, (bytes, bytearray, memoryview)):
         raise TypeError("envelope must be bytes")
     _check_open_args(identity, expected_sender)
+    view = memoryview(envelope).cast("B")
     out = io.BytesIO()
-    result = _unseal_into(io.BytesIO(bytes(envelope)), out, identity, expected_sender, max_recipients)
+    src = io.BytesIO(view)
+    result = _unseal_into(src, out, identity, expected_sender, max_recipients, memory=view)
     return Unsealed(
         data=out.getvalue(),
         sender=result.sender,

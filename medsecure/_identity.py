@@ -23,6 +23,7 @@ file cannot make loading take minutes or gigabytes. Files are written atomically
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import os
 import struct
@@ -48,7 +49,9 @@ __all__ = ["Identity", "PublicIdentity"]
 _LOW_ORDER_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 
 _HPKE_SUITES = {
-    F.SUITE_HYBRID: hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+    F.SUITE_HYBRID: hpke.Suite(
+        hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM
+    ),
     F.SUITE_CLASSIC: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
 }
 
@@ -88,6 +91,13 @@ class PublicIdentity:
     """
 
     __slots__ = ("_ed25519", "_encoded", "_fp", "_mldsa", "_mlkem", "_suite", "_x25519")
+    _suite: str
+    _x25519: x25519.X25519PublicKey
+    _ed25519: ed25519.Ed25519PublicKey
+    _mlkem: mlkem.MLKEM768PublicKey | None
+    _mldsa: mldsa.MLDSA65PublicKey | None
+    _encoded: bytes
+    _fp: bytes
 
     def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
         raise TypeError("use Identity.public, PublicIdentity.from_bytes or from_text")
@@ -194,6 +204,11 @@ class PublicIdentity:
             raise IdentityError("malformed public identity: not canonical")
         return pub
 
+    @classmethod
+    def _from_bytes_cached(cls, data: bytes) -> PublicIdentity:
+        """``from_bytes`` through a small cache: the same senders come back again and again."""
+        return _parse_cached(bytes(data))
+
     def __str__(self) -> str:
         """The compact copy-pasteable text form: ``msp1`` + base32(encoding ‖ 4-byte check)."""
         check = _sha256(self._encoded)[:4]
@@ -206,7 +221,9 @@ class PublicIdentity:
             raise TypeError("text must be a str")
         text = "".join(text.split())
         if not text.startswith(F.PUBLIC_TEXT_PREFIX):
-            raise IdentityError(f"not a medsecure public key: it must start with {F.PUBLIC_TEXT_PREFIX!r}")
+            raise IdentityError(
+                f"not a medsecure public key: it must start with {F.PUBLIC_TEXT_PREFIX!r}"
+            )
         if len(text) > 16384:
             raise IdentityError("malformed public key text: too long")
         try:
@@ -265,6 +282,12 @@ class Identity:
     """A private identity: KEM and signing key pairs. Never printed, never logged."""
 
     __slots__ = ("_ed25519", "_mldsa", "_mlkem", "_public", "_suite", "_x25519")
+    _suite: str
+    _x25519: x25519.X25519PrivateKey
+    _ed25519: ed25519.Ed25519PrivateKey
+    _mlkem: mlkem.MLKEM768PrivateKey | None
+    _mldsa: mldsa.MLDSA65PrivateKey | None
+    _public: PublicIdentity
 
     def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
         raise TypeError("use Identity.generate() or Identity.load()")
@@ -390,11 +413,15 @@ class Identity:
         )
         prefix = F.KEYFILE_MAGIC + struct.pack(">H", len(params)) + params
         key = _derive(secret, salt, kdf_iterations, kdf_memory_kib, kdf_lanes)
-        ciphertext = AESGCM(key).encrypt(nonce, _cbor.encode(self._seeds()), F.LABEL_KEYFILE_AAD + prefix)
+        ciphertext = AESGCM(key).encrypt(
+            nonce, _cbor.encode(self._seeds()), F.LABEL_KEYFILE_AAD + prefix
+        )
         try:
             atomic_write(path, prefix + ciphertext, mode=0o600)
         except OSError as exc:
-            raise IdentityError(f"cannot write key file {os.fspath(path)!r}: {exc.strerror}") from exc
+            raise IdentityError(
+                f"cannot write key file {os.fspath(path)!r}: {exc.strerror}"
+            ) from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, passphrase: str | bytes) -> Identity:
@@ -423,7 +450,9 @@ class Identity:
         if len(blob) < head + 2 + plen + F.TAG_BYTES:
             raise IdentityError(f"key file {name!r} is truncated")
         prefix = blob[: head + 2 + plen]
-        params = _cbor.decode(blob[head + 2 : head + 2 + plen], error=IdentityError, what="key file")
+        params = _cbor.decode(
+            blob[head + 2 : head + 2 + plen], error=IdentityError, what="key file"
+        )
         if not isinstance(params, dict) or set(params) != {1, 2, 3, 4, 5, 6}:
             raise IdentityError(f"key file {name!r} is damaged (bad parameters)")
         alg, salt, iterations, memory, lanes, nonce = (params[k] for k in range(1, 7))
@@ -460,6 +489,11 @@ class Identity:
             mlkem_seed=seeds.get(5),
             mldsa_seed=seeds.get(6),
         )
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_cached(data: bytes) -> PublicIdentity:
+    return PublicIdentity.from_bytes(data)
 
 
 def _passphrase_bytes(passphrase: str | bytes) -> bytes:

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import medsecure  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def alice() -> medsecure.Identity:
+    return medsecure.Identity.generate()
+
+
+@pytest.fixture(scope="session")
+def bob() -> medsecure.Identity:
+    return medsecure.Identity.generate()
+
+
+@pytest.fixture(scope="session")
+def carol() -> medsecure.Identity:
+    return medsecure.Identity.generate()
+
+
+@pytest.fixture(scope="session")
+def dave_classic() -> medsecure.Identity:
+    return medsecure.Identity.generate("classic")
+
+
+@pytest.fixture(scope="session")
+def erin_classic() -> medsecure.Identity:
+    return medsecure.Identity.generate("classic")
+
+
+# Cheap key-file parameters for tests that save many files (bounds still apply).
+FAST_KDF = {"kdf_iterations": 1, "kdf_memory_kib": 8 * 1024, "kdf_lanes": 1}

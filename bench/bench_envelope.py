@@ -60,7 +60,10 @@ def baseline_encrypt(src: Path, dst: Path) -> None:
             if not n:
                 break
             m = aead.encrypt_into(
-                counter.to_bytes(12, "big"), memoryview(inbuf)[:n], None, memoryview(outbuf)[: n + 16]
+                counter.to_bytes(12, "big"),
+                memoryview(inbuf)[:n],
+                None,
+                memoryview(outbuf)[: n + 16],
             )
             h.update(memoryview(outbuf)[:m])
             fo.write(memoryview(outbuf)[:m])
@@ -81,7 +84,10 @@ def baseline_decrypt(src: Path, dst: Path, key: bytes, fsync: bool = False) -> N
                 break
             h.update(memoryview(inbuf)[:n])
             m = aead.decrypt_into(
-                counter.to_bytes(12, "big"), memoryview(inbuf)[:n], None, memoryview(outbuf)[: n - 16]
+                counter.to_bytes(12, "big"),
+                memoryview(inbuf)[:n],
+                None,
+                memoryview(outbuf)[: n - 16],
             )
             fo.write(memoryview(outbuf)[:m])
             counter += 1
@@ -154,8 +160,10 @@ def stream_bench(work: Path, size_mib: int, repeat: int) -> None:
     print(f"baseline decrypt + fsync                : {mbps(b_dec_sync[0]):8.0f} MB/s wall")
     print(f"unseal_stream to a path (fsync, rename) : {mbps(u_path[0]):8.0f} MB/s wall")
     print(f"RATIO unseal_stream(path) / baseline+fsync = {b_dec_sync[0] / u_path[0]:.2f}")
-    print(f"  (CPU seconds: seal {s[1]:.3f} vs baseline {b_enc[1]:.3f}; "
-          f"unseal {u[1]:.3f} vs baseline {b_dec[1]:.3f})")
+    print(
+        f"  (CPU seconds: seal {s[1]:.3f} vs baseline {b_enc[1]:.3f}; "
+        f"unseal {u[1]:.3f} vs baseline {b_dec[1]:.3f})"
+    )
 
     age = shutil.which("age")
     keygen = shutil.which("age-keygen")
@@ -232,10 +240,14 @@ def memory_bench(work: Path, size_mib: int) -> None:
     base, after_seal, after_unseal = (int(x) for x in res.stdout.split())
     print(f"## peak memory, {size_mib} MiB document (VmHWM)")
     print(f"interpreter + medsecure baseline: {base / 1024:.1f} MiB")
-    print(f"RATIO-MEM seal_stream peak above baseline   = {(after_seal - base) / 1024:.1f} MiB "
-          "(target <= 64)")
-    print(f"RATIO-MEM unseal_stream peak above baseline = {(after_unseal - base) / 1024:.1f} MiB "
-          "(target <= 64)")
+    print(
+        f"RATIO-MEM seal_stream peak above baseline   = {(after_seal - base) / 1024:.1f} MiB "
+        "(target <= 64)"
+    )
+    print(
+        f"RATIO-MEM unseal_stream peak above baseline = {(after_unseal - base) / 1024:.1f} MiB "
+        "(target <= 64)"
+    )
 
 
 def small_bench(repeat: int) -> None:
@@ -275,10 +287,14 @@ def small_bench(repeat: int) -> None:
     prim_seal = t_wrap + t_enc + t_hash + t_sign
     prim_unseal = t_unwrap + t_dec + t_hash + t_verify
     print("## 10 KiB document, one hybrid recipient (µs per operation)")
-    print(f"primitives for seal  : wrap {t_wrap * 1e6:.0f} + AEAD {t_enc * 1e6:.0f} + hash "
-          f"{t_hash * 1e6:.0f} + sign {t_sign * 1e6:.0f} = {prim_seal * 1e6:.0f}")
-    print(f"primitives for unseal: unwrap {t_unwrap * 1e6:.0f} + AEAD {t_dec * 1e6:.0f} + hash "
-          f"{t_hash * 1e6:.0f} + verify {t_verify * 1e6:.0f} = {prim_unseal * 1e6:.0f}")
+    print(
+        f"primitives for seal  : wrap {t_wrap * 1e6:.0f} + AEAD {t_enc * 1e6:.0f} + hash "
+        f"{t_hash * 1e6:.0f} + sign {t_sign * 1e6:.0f} = {prim_seal * 1e6:.0f}"
+    )
+    print(
+        f"primitives for unseal: unwrap {t_unwrap * 1e6:.0f} + AEAD {t_dec * 1e6:.0f} + hash "
+        f"{t_hash * 1e6:.0f} + verify {t_verify * 1e6:.0f} = {prim_unseal * 1e6:.0f}"
+    )
     print(f"seal {t_seal * 1e6:.0f} µs, unseal {t_unseal * 1e6:.0f} µs")
     print(f"RATIO seal / primitives   = {t_seal / prim_seal:.2f}  (target <= 1.3)")
     print(f"RATIO unseal / primitives = {t_unseal / prim_unseal:.2f}  (target <= 1.3)")
@@ -289,10 +305,17 @@ def small_bench(repeat: int) -> None:
     wraps = [r._hpke_key() for r in many]
     t_99 = best(lambda: [suite.encrypt(ck, k, info=b"info") for k in wraps[1:]], repeat * 3)[0]
     print("## 100 recipients, 10 KiB")
-    print(f"seal to 1: {t1 * 1e3:.2f} ms; to 100: {t100 * 1e3:.2f} ms; 99 bare HPKE wraps: "
-          f"{t_99 * 1e3:.2f} ms")
-    print(f"RATIO (seal100 - seal1) / 99 wraps = {(t100 - t1) / t_99:.2f}  (1.0: only the wraps grow)")
-    assert len(medsecure.seal(doc, sender=alice, recipients=many)) < len(doc) + 100 * F.HEADER_PER_RECIPIENT_BUDGET + 16384
+    print(
+        f"seal to 1: {t1 * 1e3:.2f} ms; to 100: {t100 * 1e3:.2f} ms; 99 bare HPKE wraps: "
+        f"{t_99 * 1e3:.2f} ms"
+    )
+    print(
+        f"RATIO (seal100 - seal1) / 99 wraps = {(t100 - t1) / t_99:.2f}  (1.0: only the wraps grow)"
+    )
+    assert (
+        len(medsecure.seal(doc, sender=alice, recipients=many))
+        < len(doc) + 100 * F.HEADER_PER_RECIPIENT_BUDGET + 16384
+    )
 
 
 def main() -> None:
@@ -304,8 +327,10 @@ def main() -> None:
     size = args.size_mib or (64 if args.quick else 256)
     mem = args.memory_mib or (256 if args.quick else 1024)
     repeat = 2 if args.quick else 3
-    print(f"# medsecure envelope benchmark — Python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores, medsecure {medsecure.__version__}")
+    print(
+        f"# medsecure envelope benchmark — Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores, medsecure {medsecure.__version__}"
+    )
     with tempfile.TemporaryDirectory(dir=os.environ.get("MEDSECURE_BENCH_DIR")) as tmp:
         work = Path(tmp)
         stream_bench(work, size, repeat)

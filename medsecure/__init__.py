@@ -4,7 +4,6 @@ The public surface is what this module lists in ``__all__``; everything else liv
 modules and may change without notice.
 """
 
-
 from ._envelope import Unsealed, seal, seal_stream, unseal, unseal_stream
 from ._errors import (
     AmbiguousPractitioner,

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import medsecure  # noqa: E402
+import medsecure
 
 
 @pytest.fixture(scope="session")

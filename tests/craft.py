@@ -55,7 +55,9 @@ def trailer_length(sender_suite: str) -> int:
     return _trailer_plain_length(sender_suite) + F.TAG_BYTES
 
 
-def replace_trailer(envelope: bytes, identity: Identity, signatures: list[bytes], sender_suite: str) -> bytes:
+def replace_trailer(
+    envelope: bytes, identity: Identity, signatures: list[bytes], sender_suite: str
+) -> bytes:
     """A malicious recipient re-encrypts the trailer with other signatures."""
     ck = content_key(envelope, identity)
     keys = _Keys(ck, split(envelope).header[4])
@@ -68,4 +70,8 @@ def read_signatures(envelope: bytes, identity: Identity, sender_suite: str) -> l
     ck = content_key(envelope, identity)
     keys = _Keys(ck, split(envelope).header[4])
     tl = trailer_length(sender_suite)
-    return list(_cbor.decode(keys.trailer.decrypt(bytes(12), envelope[-tl:], None), error=ValueError, what="t"))
+    return list(
+        _cbor.decode(
+            keys.trailer.decrypt(bytes(12), envelope[-tl:], None), error=ValueError, what="t"
+        )
+    )

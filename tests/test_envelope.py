@@ -16,12 +16,12 @@ from medsecure import (
     Identity,
     NotARecipient,
     SenderMismatch,
+    _cbor,
     seal,
     seal_stream,
     unseal,
     unseal_stream,
 )
-from medsecure import _cbor
 from medsecure import _format as F
 from medsecure._envelope import _Keys
 
@@ -87,7 +87,10 @@ def test_every_recipient_opens_a_stranger_cannot(
     with pytest.raises(NotARecipient):
         unseal(env, identity=Identity.generate())
     env2 = seal(data, sender=alice, recipients=[bob.public, alice.public, bob.public])
-    assert unseal(env2, identity=alice).recipients == (bob.public.fingerprint, alice.public.fingerprint)
+    assert unseal(env2, identity=alice).recipients == (
+        bob.public.fingerprint,
+        alice.public.fingerprint,
+    )
 
 
 def test_sender_mismatch(alice: Identity, bob: Identity, carol: Identity) -> None:
@@ -161,7 +164,9 @@ def test_recipient_cap_on_reading(alice: Identity, bob: Identity, carol: Identit
 @pytest.fixture(scope="module")
 def classic_env(dave_classic: Identity, erin_classic: Identity) -> bytes:
     # Classic envelopes are small, so whole-envelope sweeps stay fast. Two chunks + trailer.
-    return seal(os.urandom(CS + 100), sender=dave_classic, recipients=[erin_classic.public], chunk_size=CS)
+    return seal(
+        os.urandom(CS + 100), sender=dave_classic, recipients=[erin_classic.public], chunk_size=CS
+    )
 
 
 def test_bit_flip_sweep_classic(classic_env: bytes, erin_classic: Identity) -> None:
@@ -201,7 +206,9 @@ def test_trailing_bytes(classic_env: bytes, erin_classic: Identity, extra: bytes
 
 
 def test_chunk_reorder_duplicate_drop(dave_classic: Identity, erin_classic: Identity) -> None:
-    env = seal(os.urandom(3 * CS + 5), sender=dave_classic, recipients=[erin_classic.public], chunk_size=CS)
+    env = seal(
+        os.urandom(3 * CS + 5), sender=dave_classic, recipients=[erin_classic.public], chunk_size=CS
+    )
     parts = craft.split(env)
     tl = craft.trailer_length("classic")
     body, trailer = parts.body[:-tl], parts.body[-tl:]
@@ -238,12 +245,20 @@ def test_half_signed_envelope_is_rejected(alice: Identity, bob: Identity) -> Non
     assert len(sigs) == 2
     # a malicious recipient strips the ML-DSA signature (re-encrypting the trailer is possible
     # for any recipient): the trailer length changes and/or the structure is refused
-    for forged in ([sigs[0]], [sigs[1]], [sigs[0], b""], [sigs[0], bytes(len(sigs[1]))], [sigs[0], sigs[1], sigs[0]]):
+    for forged in (
+        [sigs[0]],
+        [sigs[1]],
+        [sigs[0], b""],
+        [sigs[0], bytes(len(sigs[1]))],
+        [sigs[0], sigs[1], sigs[0]],
+    ):
         bad = craft.replace_trailer(env, bob, forged, "hybrid")
         with pytest.raises(EnvelopeError):
             unseal(bad, identity=bob)
     # the untouched re-encryption still verifies (the helper itself is sound)
-    assert unseal(craft.replace_trailer(env, bob, sigs, "hybrid"), identity=bob).data == b"ordonnance"
+    assert (
+        unseal(craft.replace_trailer(env, bob, sigs, "hybrid"), identity=bob).data == b"ordonnance"
+    )
 
 
 def test_recipient_cannot_forge_content(alice: Identity, bob: Identity, carol: Identity) -> None:
@@ -271,7 +286,9 @@ def test_key_commitment(alice: Identity, bob: Identity, carol: Identity) -> None
     fp = carol.public.fingerprint_bytes
     info = _hpke_info(h[2], h[3], h[4], h[6], h[7], fp)
     h[5] = [
-        s if s[0] != fp else [fp, s[1], hpke_suite("hybrid").encrypt(other_ck, carol.public._hpke_key(), info=info)]
+        s
+        if s[0] != fp
+        else [fp, s[1], hpke_suite("hybrid").encrypt(other_ck, carol.public._hpke_key(), info=info)]
         for s in h[5]
     ]
     bad = craft.join(h, parts.body)
@@ -406,7 +423,9 @@ def test_unseal_stream_to_path(tmp_path: Path, alice: Identity, bob: Identity) -
     assert (tmp_path / "s.bin").read_bytes() == data
 
 
-def test_unseal_stream_path_in_missing_folder(tmp_path: Path, alice: Identity, bob: Identity) -> None:
+def test_unseal_stream_path_in_missing_folder(
+    tmp_path: Path, alice: Identity, bob: Identity
+) -> None:
     env = seal(b"x", sender=alice, recipients=[bob.public])
     with pytest.raises(medsecure.StorageError):
         unseal_stream(io.BytesIO(env), tmp_path / "missing" / "x", identity=bob)
@@ -449,18 +468,32 @@ def test_cbor_canonical_reencode_rejects() -> None:
     assert _cbor.decode(b"\x01", error=EnvelopeError, what="x") == 1
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.binary(max_size=3 * CS + 50), n_extra=st.integers(min_value=0, max_value=2))
-def test_property_round_trip(alice: Identity, bob: Identity, carol: Identity, data: bytes, n_extra: int) -> None:
+def test_property_round_trip(
+    alice: Identity, bob: Identity, carol: Identity, data: bytes, n_extra: int
+) -> None:
     recipients = [bob.public, carol.public, alice.public][: 1 + n_extra]
     env = seal(data, sender=alice, recipients=recipients, chunk_size=CS)
     assert unseal(env, identity=bob, expected_sender=alice.public).data == data
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pos=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7), data=st.binary(max_size=CS + 20))
-def test_property_tampering_detected(dave_classic: Identity, erin_classic: Identity, pos: int, bit: int, data: bytes) -> None:
-    env = bytearray(seal(data, sender=dave_classic, recipients=[erin_classic.public], chunk_size=CS))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pos=st.integers(min_value=0),
+    bit=st.integers(min_value=0, max_value=7),
+    data=st.binary(max_size=CS + 20),
+)
+def test_property_tampering_detected(
+    dave_classic: Identity, erin_classic: Identity, pos: int, bit: int, data: bytes
+) -> None:
+    env = bytearray(
+        seal(data, sender=dave_classic, recipients=[erin_classic.public], chunk_size=CS)
+    )
     env[pos % len(env)] ^= 1 << bit
     with pytest.raises(EnvelopeError):
         unseal(bytes(env), identity=erin_classic)

@@ -1,0 +1,5 @@
+import sys
+
+from medsecure.cli import main
+
+sys.exit(main())

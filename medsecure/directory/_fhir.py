@@ -1,0 +1,519 @@
+"""The ANS Annuaire Santé FHIR API (v2 shapes) as a medsecure directory.
+
+Theory of operation
+-------------------
+A lookup by identifier asks ``/Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|<IDNPS>`` with
+``_revinclude=PractitionerRole:practitioner`` and ``_include:iterate=PractitionerRole:organization``;
+the IDNPS system covers RPPS (``8``+RPPS) and ADELI-only (``0``+ADELI) professionals alike. A
+lookup by MSSanté address uses ``mailbox-mss`` on Practitioner, then on PractitionerRole. Several
+lookups are batched (``identifier=a,b,c``, comma = OR) so 100 recipients cost a handful of
+requests. Searches follow ``Bundle.link[next]`` (name searches return no ``total``), only to the
+same origin as the base URL so the API key never leaves for another host.
+
+Mapping (ANS IG ``ansforge/IG-fhir-annuaire``, guide version 2): the practising name and the
+profession (TRE_G15) and specialty (TRE_R38) are read on Practitioner; MSSanté mailboxes are the
+``telecom`` entries typed ``MSSANTE`` (TRE_R256, extension ``fr-core-contact-point-email-type``) of
+the Practitioner and of its *active* PractitionerRoles, with their ``as-ext-mailbox-mss-metadata``
+(type PER/ORG/APP/CAB, liste rouge). An Organization's own mailboxes are never attributed to a
+practitioner.
+
+The public API throttles (429 + Retry-After) and fails under load (502/504): 429 waits for
+``Retry-After``; 5xx, timeouts and connection errors are retried with capped exponential backoff
+and full jitter, all within a bounded total time, then :class:`DirectoryUnavailable`. No httpx
+exception escapes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from .._errors import DirectoryError, DirectoryUnavailable, PractitionerNotFound
+from ..identifiers import IDNPS_SYSTEM, IDNST_SYSTEM, RPPS_SYSTEM, Identifier, MSSanteAddress
+from ..models import Code, Mailbox, OrganizationRef, Practitioner
+from ._base import Directory, Ref, normalize_ref, search_matches, unique
+
+__all__ = ["FhirDirectory", "practitioners_from_bundle"]
+
+log = logging.getLogger("medsecure.directory")
+
+EMAIL_TYPE_EXT = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-contact-point-email-type"
+MSS_METADATA_EXT = "https://interop.esante.gouv.fr/ig/fhir/annuaire/StructureDefinition/as-ext-mailbox-mss-metadata"
+PROFESSION_SYSTEM_MARK = "TRE_G15-ProfessionSante"
+SPECIALTY_SYSTEM_MARK = "TRE_R38-SpecialiteOrdinale"
+MAX_COUNT = 200  # the API's _count ceiling
+BATCH = 50  # identifiers per request (keeps URLs short)
+RETRY_STATUS = {500, 502, 503, 504}
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing (pure functions over decoded JSON; anything unexpected is skipped, never raised raw)
+# ----------------------------------------------------------------------------------------------
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _ext(node: dict[str, Any], url: str) -> dict[str, Any] | None:
+    for e in _list(node.get("extension")):
+        if isinstance(e, dict) and e.get("url") == url:
+            return e
+    return None
+
+
+def _mailboxes(resource: dict[str, Any]) -> list[Mailbox]:
+    out = []
+    for t in _list(resource.get("telecom")):
+        t = _dict(t)
+        if t.get("system") != "email" or not _str(t.get("value")):
+            continue
+        etype = _ext(t, EMAIL_TYPE_EXT)
+        coding = _dict(etype.get("valueCoding")) if etype else {}
+        if coding.get("code") != "MSSANTE":
+            continue  # a plain e-mail, Apicrypt, … : not an MSSanté mailbox
+        box_type = None
+        liste_rouge = False
+        meta = _ext(t, MSS_METADATA_EXT)
+        if meta:
+            for sub in _list(meta.get("extension")):
+                sub = _dict(sub)
+                if sub.get("url") == "type":
+                    codings = _list(_dict(sub.get("valueCodeableConcept")).get("coding"))
+                    code = _dict(codings[0]).get("code") if codings else None
+                    box_type = code if code in ("PER", "ORG", "APP", "CAB") else None
+                elif sub.get("url") == "listeRouge" and isinstance(sub.get("valueBoolean"), bool):
+                    liste_rouge = sub["valueBoolean"]
+        try:
+            out.append(Mailbox(address=t["value"], type=box_type, liste_rouge=liste_rouge))
+        except ValidationError:
+            log.warning("skipping a malformed MSSanté address in the directory")
+    return out
+
+
+def _code(resource: dict[str, Any], mark: str) -> Code | None:
+    for q in _list(resource.get("qualification")):
+        for c in _list(_dict(_dict(q).get("code")).get("coding")):
+            c = _dict(c)
+            if mark in (_str(c.get("system")) or "") and _str(c.get("code")):
+                return Code(code=c["code"], label=_str(c.get("display")), system=c["system"])
+    return None
+
+
+def _role_code(role: dict[str, Any], mark: str) -> Code | None:
+    for cc in _list(role.get("code")) + _list(role.get("specialty")):
+        for c in _list(_dict(cc).get("coding")):
+            c = _dict(c)
+            if mark in (_str(c.get("system")) or "") and _str(c.get("code")):
+                return Code(code=c["code"], label=_str(c.get("display")), system=c["system"])
+    return None
+
+
+def _name(resource: dict[str, Any]) -> tuple[str | None, str | None]:
+    names = [_dict(n) for n in _list(resource.get("name"))]
+    names.sort(key=lambda n: {"usual": 0, "official": 1}.get(_str(n.get("use")) or "", 2))
+    for n in names:
+        family = _str(n.get("family"))
+        given = [g for g in _list(n.get("given")) if isinstance(g, str)]
+        if family or given:
+            return family, (given[0] if given else None)
+    return None, None
+
+
+def _identifier(resource: dict[str, Any], system: str) -> str | None:
+    for ident in _list(resource.get("identifier")):
+        ident = _dict(ident)
+        if ident.get("system") == system and _str(ident.get("value")):
+            return str(ident["value"]).strip()
+    return None
+
+
+def _organization(resource: dict[str, Any]) -> OrganizationRef:
+    idnst = _identifier(resource, IDNST_SYSTEM)
+    city = None
+    for addr in _list(resource.get("address")):
+        city = _str(_dict(addr).get("city"))
+        if city:
+            break
+    try:
+        return OrganizationRef(idnst=idnst, name=_str(resource.get("name")), city=city)
+    except ValidationError:
+        return OrganizationRef(name=_str(resource.get("name")), city=city)
+
+
+def _ref_id(reference: Any, kind: str) -> str | None:
+    ref = _str(_dict(reference).get("reference"))
+    if not ref:
+        return None
+    parts = ref.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == kind:
+        return parts[-1]
+    return None
+
+
+def practitioners_from_bundle(
+    resources: Iterable[dict[str, Any]], *, source: str = "fhir"
+) -> list[Practitioner]:
+    """Assemble Practitioner models from Annuaire resources (Practitioner, PractitionerRole,
+    Organization) collected over one or more Bundle pages."""
+    pracs: dict[str, dict[str, Any]] = {}
+    roles: dict[str, list[dict[str, Any]]] = {}
+    orgs: dict[str, dict[str, Any]] = {}
+    for r in resources:
+        rid = _str(r.get("id"))
+        kind = r.get("resourceType")
+        if not rid:
+            continue
+        if kind == "Practitioner":
+            pracs[rid] = r
+        elif kind == "PractitionerRole":
+            pid = _ref_id(r.get("practitioner"), "Practitioner")
+            if pid and r.get("active") is not False:
+                roles.setdefault(pid, []).append(r)
+        elif kind == "Organization":
+            orgs[rid] = r
+    out = []
+    for pid, res in pracs.items():
+        idnps = _identifier(res, IDNPS_SYSTEM)
+        if idnps is None:
+            log.warning("skipping Practitioner/%s: no IDNPS identifier", pid)
+            continue
+        family, given = _name(res)
+        profession = _code(res, PROFESSION_SYSTEM_MARK)
+        specialty = _code(res, SPECIALTY_SYSTEM_MARK)
+        mailboxes = _mailboxes(res)
+        organizations = []
+        for role in roles.get(pid, []):
+            if family is None and given is None:  # v1 servers put the practising name on roles
+                family, given = _name(role)
+            profession = profession or _role_code(role, PROFESSION_SYSTEM_MARK)
+            specialty = specialty or _role_code(role, SPECIALTY_SYSTEM_MARK)
+            for m in _mailboxes(role):
+                if m not in mailboxes:
+                    mailboxes.append(m)
+            oid = _ref_id(role.get("organization"), "Organization")
+            if oid and oid in orgs:
+                org = _organization(orgs[oid])
+                if org not in organizations:
+                    organizations.append(org)
+        try:
+            out.append(
+                Practitioner(
+                    idnps=idnps,
+                    rpps=_identifier(res, RPPS_SYSTEM),
+                    family_name=family,
+                    given_name=given,
+                    profession=profession,
+                    specialty=specialty,
+                    organizations=tuple(organizations),
+                    mailboxes=tuple(mailboxes),
+                    source=source,
+                )
+            )
+        except ValidationError as exc:
+            log.warning("skipping Practitioner/%s: %s", pid, exc.errors()[0].get("msg"))
+    return out
+
+
+def _missing_organizations(resources: Sequence[dict[str, Any]]) -> list[str]:
+    have = {r.get("id") for r in resources if r.get("resourceType") == "Organization"}
+    want = []
+    for r in resources:
+        if r.get("resourceType") == "PractitionerRole" and r.get("active") is not False:
+            oid = _ref_id(r.get("organization"), "Organization")
+            if oid and oid not in have and oid not in want:
+                want.append(oid)
+    return want
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------------------
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+class FhirDirectory(Directory):
+    """The Annuaire Santé FHIR API v2 (or any server with its shapes) as a directory.
+
+    ``base_url`` is the FHIR base (e.g. ``https://gateway.api.esante.gouv.fr/fhir/v2``);
+    ``api_key`` is sent as ``ESANTE-API-KEY``; ``client`` lets callers bring their own
+    ``httpx.Client`` (proxies, certificates). Retries are bounded by ``max_attempts`` and
+    ``max_total_time`` seconds; ``sleep`` and ``clock`` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        client: httpx.Client | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 6,
+        max_total_time: float = 60.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 8.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        self.base_url = base_url.rstrip("/") + "/"
+        self._origin = (parts.scheme, parts.netloc)
+        self._api_key = api_key
+        self._own_client = client is None
+        self._client = client or httpx.Client(timeout=timeout)
+        self.max_attempts = max_attempts
+        self.max_total_time = max_total_time
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self._sleep = sleep
+        self._clock = clock
+        self.requests_made = 0
+        """Requests sent so far (retries included): lets callers and benchmarks check batching."""
+
+    def __repr__(self) -> str:
+        return f"<FhirDirectory {self.base_url}>"
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+    # -- transport --------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/fhir+json, application/json"}
+        if self._api_key:
+            headers["ESANTE-API-KEY"] = self._api_key
+        return headers
+
+    def _get(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        parts = urlsplit(url)
+        if (parts.scheme, parts.netloc) != self._origin:
+            raise DirectoryError("refusing to follow a link to another host than the directory's")
+        deadline = self._clock() + self.max_total_time
+        attempt = 0
+        while True:
+            attempt += 1
+            self.requests_made += 1
+            wait: float | None = None
+            try:
+                resp = self._client.get(url, params=params, headers=self._headers())
+            except httpx.TimeoutException:
+                problem = "timed out"
+            except httpx.TransportError as exc:
+                problem = f"unreachable ({type(exc).__name__})"
+            except httpx.HTTPError as exc:
+                raise DirectoryError(f"directory request failed: {type(exc).__name__}") from exc
+            else:
+                status = resp.status_code
+                if status == 200:
+                    return self._json(resp)
+                if status in (401, 403):
+                    raise DirectoryError(
+                        f"the directory refused the request (HTTP {status}): check the ESANTE-API-KEY"
+                    )
+                if status == 429:
+                    problem = "throttling requests (HTTP 429)"
+                    wait = _retry_after(resp.headers.get("Retry-After"), time.time())
+                elif status in RETRY_STATUS:
+                    problem = f"failing (HTTP {status})"
+                else:
+                    raise DirectoryError(f"the directory answered HTTP {status}")
+            if wait is None:
+                ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
+                wait = random.uniform(ceiling / 2, ceiling)  # jitter, never below half the step
+            remaining = deadline - self._clock()
+            if attempt >= self.max_attempts or wait > remaining:
+                raise DirectoryUnavailable(
+                    f"the directory is {problem}; gave up after {attempt} attempt(s)"
+                )
+            log.info("directory %s, retrying in %.1fs (attempt %d)", problem, wait, attempt)
+            self._sleep(wait)
+
+    def _json(self, resp: httpx.Response) -> dict[str, Any]:
+        try:
+            doc = resp.json()
+        except ValueError as exc:
+            raise DirectoryError("malformed FHIR response: not JSON") from exc
+        if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
+            raise DirectoryError("malformed FHIR response: not a Bundle")
+        if not isinstance(doc.get("entry", []), list) or not isinstance(doc.get("link", []), list):
+            raise DirectoryError("malformed FHIR response: bad Bundle structure")
+        return doc
+
+    def _collect(
+        self,
+        path: str,
+        params: dict[str, str],
+        *,
+        max_resources: int | None = None,
+        primary: str = "Practitioner",
+    ) -> list[dict[str, Any]]:
+        """GET a search and every ``next`` page; return the resources of all pages."""
+        url = urljoin(self.base_url, path)
+        out: list[dict[str, Any]] = []
+        primaries = 0
+        current: dict[str, str] | None = params
+        seen: set[str] = set()
+        while True:
+            bundle = self._get(url, current)
+            for entry in bundle.get("entry", []):
+                res = _dict(_dict(entry).get("resource"))
+                if res:
+                    out.append(res)
+                    primaries += res.get("resourceType") == primary
+            nxt = None
+            for link in bundle.get("link", []):
+                link = _dict(link)
+                if link.get("relation") == "next" and _str(link.get("url")):
+                    nxt = urljoin(url, link["url"])
+            if (
+                nxt is None
+                or nxt in seen
+                or (max_resources is not None and primaries >= max_resources)
+            ):
+                return out
+            seen.add(nxt)
+            url, current = nxt, None
+
+    def _with_organizations(self, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        missing = _missing_organizations(resources)
+        for i in range(0, len(missing), BATCH):
+            ids = ",".join(missing[i : i + BATCH])
+            resources = resources + self._collect(
+                "Organization", {"_id": ids, "_count": str(MAX_COUNT)}, primary="Organization"
+            )
+        return resources
+
+    def _practitioners(
+        self, path: str, params: dict[str, str], *, max_resources: int | None = None
+    ) -> list[Practitioner]:
+        params = {
+            **params,
+            "_count": str(MAX_COUNT),
+            "_revinclude": "PractitionerRole:practitioner",
+            "_include:iterate": "PractitionerRole:organization",
+        }
+        resources = self._with_organizations(
+            self._collect(path, params, max_resources=max_resources)
+        )
+        return practitioners_from_bundle(resources, source=self.base_url)
+
+    # -- Directory --------------------------------------------------------------------------
+    def lookup(self, ref: Ref) -> Practitioner:
+        _key, parsed = normalize_ref(ref)
+        if isinstance(parsed, MSSanteAddress):
+            found = self._by_mailbox([str(parsed)])
+            matches = [p for p in found if any(m.address == str(parsed) for m in p.mailboxes)]
+        else:
+            found = self._practitioners(
+                "Practitioner", {"identifier": f"{IDNPS_SYSTEM}|{parsed.idnps}"}
+            )
+            matches = [p for p in found if p.idnps == parsed.idnps]
+        return unique(matches, ref)
+
+    def _by_mailbox(self, addresses: Sequence[str]) -> list[Practitioner]:
+        joined = ",".join(addresses)
+        found = self._practitioners("Practitioner", {"mailbox-mss": joined})
+        wanted = set(addresses)
+        if not any(m.address in wanted for p in found for m in p.mailboxes) or len(addresses) > 1:
+            # the mailbox may sit on a PractitionerRole only
+            roles = self._collect(
+                "PractitionerRole",
+                {
+                    "mailbox-mss": joined,
+                    "_count": str(MAX_COUNT),
+                    "_include": "PractitionerRole:practitioner",
+                    "_include:iterate": "PractitionerRole:organization",
+                },
+                primary="PractitionerRole",
+            )
+            found += practitioners_from_bundle(
+                self._with_organizations(roles), source=self.base_url
+            )
+        return found
+
+    def lookup_many(self, refs: Sequence[Ref]) -> dict[str, Practitioner]:
+        """Resolve many references in few requests: identifiers by batches of 50 with
+        ``identifier=a,b,c``, addresses with ``mailbox-mss=a,b``."""
+        keys: dict[str, Identifier | MSSanteAddress] = {}
+        for ref in refs:
+            key, parsed = normalize_ref(ref)
+            keys.setdefault(key, parsed)
+        idents = [p for p in keys.values() if isinstance(p, Identifier)]
+        addresses = [str(p) for p in keys.values() if isinstance(p, MSSanteAddress)]
+        found: list[Practitioner] = []
+        for i in range(0, len(idents), BATCH):
+            batch = idents[i : i + BATCH]
+            value = ",".join(f"{IDNPS_SYSTEM}|{ident.idnps}" for ident in batch)
+            found += self._practitioners("Practitioner", {"identifier": value})
+        for i in range(0, len(addresses), BATCH):
+            found += self._by_mailbox(addresses[i : i + BATCH])
+        out: dict[str, Practitioner] = {}
+        for key, parsed in keys.items():
+            if isinstance(parsed, MSSanteAddress):
+                matches = [p for p in found if any(m.address == str(parsed) for m in p.mailboxes)]
+            else:
+                matches = [p for p in found if p.idnps == parsed.idnps]
+            try:
+                out[key] = unique(matches, key.split(":", 1)[1])
+            except PractitionerNotFound:
+                raise PractitionerNotFound(
+                    f"no practitioner matches {key.split(':', 1)[1]}"
+                ) from None
+        return out
+
+    def search(
+        self,
+        *,
+        name: str | None = None,
+        given: str | None = None,
+        profession: str | None = None,
+        city: str | None = None,
+        limit: int = 200,
+    ) -> list[Practitioner]:
+        if not any((name, given, profession, city)):
+            raise ValueError("give at least one search criterion")
+        params: dict[str, str] = {}
+        if name:
+            params["name"] = name
+        if given:
+            params["given"] = given
+        # profession and city are filtered here: the API has no reliable parameter for them.
+        found = self._practitioners(
+            "Practitioner", params, max_resources=limit if not (profession or city) else None
+        )
+        result = [
+            p
+            for p in found
+            if search_matches(p, name=name, given=given, profession=profession, city=city)
+        ]
+        return result[:limit]

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._errors import IdentityError
 from ._identity import PublicIdentity
 from .identifiers import INS, parse, parse_address
 
@@ -40,7 +41,10 @@ def _public_identity(value: Any) -> PublicIdentity:
     if isinstance(value, PublicIdentity):
         return value
     if isinstance(value, str):
-        return PublicIdentity.from_text(value)
+        try:
+            return PublicIdentity.from_text(value)
+        except IdentityError as exc:
+            raise ValueError(str(exc)) from None
     raise ValueError("expected a medsecure public key (msp1… text form)")
 
 

@@ -30,7 +30,9 @@ G15 = "https://mos.esante.gouv.fr/NOS/TRE_G15-ProfessionSante/FHIR/TRE-G15-Profe
 R38 = "https://mos.esante.gouv.fr/NOS/TRE_R38-SpecialiteOrdinale/FHIR/TRE-R38-SpecialiteOrdinale"
 
 
-def mss(address: str, box_type: str = "PER", liste_rouge: bool = False, kind: str = "MSSANTE") -> dict[str, Any]:
+def mss(
+    address: str, box_type: str = "PER", liste_rouge: bool = False, kind: str = "MSSANTE"
+) -> dict[str, Any]:
     return {
         "system": "email",
         "value": address,
@@ -39,7 +41,10 @@ def mss(address: str, box_type: str = "PER", liste_rouge: bool = False, kind: st
             {
                 "url": MSS_META,
                 "extension": [
-                    {"url": "type", "valueCodeableConcept": {"coding": [{"system": R257, "code": box_type}]}},
+                    {
+                        "url": "type",
+                        "valueCodeableConcept": {"coding": [{"system": R257, "code": box_type}]},
+                    },
                     {"url": "listeRouge", "valueBoolean": liste_rouge},
                 ],
             },
@@ -61,22 +66,38 @@ def practitioner(
     ids = [{"system": IDNPS, "value": idnps, "type": {"coding": [{"code": "IDNPS"}]}}]
     if rpps:
         ids.append({"system": RPPS, "value": rpps})
-    res: dict[str, Any] = {"resourceType": "Practitioner", "id": rid, "active": True, "identifier": ids}
+    res: dict[str, Any] = {
+        "resourceType": "Practitioner",
+        "id": rid,
+        "active": True,
+        "identifier": ids,
+    }
     if family or given:
         res["name"] = [{"use": "usual", "family": family, "given": [given] if given else []}]
     if telecom:
         res["telecom"] = telecom
     quals = []
     if profession:
-        quals.append({"code": {"coding": [{"system": G15, "code": profession[0], "display": profession[1]}]}})
+        quals.append(
+            {"code": {"coding": [{"system": G15, "code": profession[0], "display": profession[1]}]}}
+        )
     if specialty:
-        quals.append({"code": {"coding": [{"system": R38, "code": specialty[0], "display": specialty[1]}]}})
+        quals.append(
+            {"code": {"coding": [{"system": R38, "code": specialty[0], "display": specialty[1]}]}}
+        )
     if quals:
         res["qualification"] = quals
     return res
 
 
-def role(rid: str, prac: str, org: str | None, *, active: bool = True, telecom: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def role(
+    rid: str,
+    prac: str,
+    org: str | None,
+    *,
+    active: bool = True,
+    telecom: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     res: dict[str, Any] = {
         "resourceType": "PractitionerRole",
         "id": rid,
@@ -90,7 +111,9 @@ def role(rid: str, prac: str, org: str | None, *, active: bool = True, telecom: 
     return res
 
 
-def organization(rid: str, idnst: str, name: str, city: str, *, telecom: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def organization(
+    rid: str, idnst: str, name: str, city: str, *, telecom: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     res: dict[str, Any] = {
         "resourceType": "Organization",
         "id": rid,
@@ -120,9 +143,26 @@ def sample_data(extra_bernards: int = 0) -> list[dict[str, Any]]:
             ],
             specialty=("SM26", "Cardiologie"),
         ),
-        role("r-martin-1", "p-martin", "o-chu", telecom=[mss("cardio.martin@chu-nancy.mssante.fr")]),
-        role("r-martin-old", "p-martin", "o-old", active=False, telecom=[mss("old.martin@ancien.mssante.fr")]),
-        organization("o-chu", "1540000010", "CHU de Nancy", "Nancy", telecom=[mss("secretariat@chu-nancy.mssante.fr", "ORG"), mss("dmp@chu-nancy.mssante.fr", "APP")]),
+        role(
+            "r-martin-1", "p-martin", "o-chu", telecom=[mss("cardio.martin@chu-nancy.mssante.fr")]
+        ),
+        role(
+            "r-martin-old",
+            "p-martin",
+            "o-old",
+            active=False,
+            telecom=[mss("old.martin@ancien.mssante.fr")],
+        ),
+        organization(
+            "o-chu",
+            "1540000010",
+            "CHU de Nancy",
+            "Nancy",
+            telecom=[
+                mss("secretariat@chu-nancy.mssante.fr", "ORG"),
+                mss("dmp@chu-nancy.mssante.fr", "APP"),
+            ],
+        ),
         organization("o-old", "1540000028", "Clinique fermée", "Toul"),
         practitioner(
             "p-nurse",
@@ -134,14 +174,37 @@ def sample_data(extra_bernards: int = 0) -> list[dict[str, Any]]:
         ),
         role("r-nurse", "p-nurse", "o-cab"),
         organization("o-cab", "1750000016", "Cabinet infirmier", "Paris"),
-        practitioner("p-dup1", "810000000001", "DUPONT", "Jean", rpps="10000000001", telecom=[mss("cabinet.dupont@medecin.mssante.fr", "CAB")]),
-        practitioner("p-dup2", "810000000002", "DUPONT", "Marie", rpps="10000000002", telecom=[mss("cabinet.dupont@medecin.mssante.fr", "CAB")]),
+        practitioner(
+            "p-dup1",
+            "810000000001",
+            "DUPONT",
+            "Jean",
+            rpps="10000000001",
+            telecom=[mss("cabinet.dupont@medecin.mssante.fr", "CAB")],
+        ),
+        practitioner(
+            "p-dup2",
+            "810000000002",
+            "DUPONT",
+            "Marie",
+            rpps="10000000002",
+            telecom=[mss("cabinet.dupont@medecin.mssante.fr", "CAB")],
+        ),
         practitioner("p-roleonly", "810000000019", "PETIT", "Luc", rpps="10000000019"),
         role("r-roleonly", "p-roleonly", "o-chu", telecom=[mss("luc.petit@chu-nancy.mssante.fr")]),
     ]
     for i in range(extra_bernards):
         rpps = f"2{i:010d}"
-        data.append(practitioner(f"p-b{i}", "8" + rpps, "BERNARD", f"Prénom{i:03d}", rpps=rpps, telecom=[mss(f"bernard.{i}@medecin.mssante.fr")]))
+        data.append(
+            practitioner(
+                f"p-b{i}",
+                "8" + rpps,
+                "BERNARD",
+                f"Prénom{i:03d}",
+                rpps=rpps,
+                telecom=[mss(f"bernard.{i}@medecin.mssante.fr")],
+            )
+        )
         data.append(role(f"r-b{i}", f"p-b{i}", "o-chu"))
     return data
 
@@ -154,13 +217,21 @@ def _names(resource: dict[str, Any]) -> list[dict[str, Any]]:
 def _fold(s: str) -> str:
     import unicodedata
 
-    return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c)).casefold()
+    return "".join(
+        c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c)
+    ).casefold()
 
 
 class AnnuaireServer:
     """Run with ``with AnnuaireServer() as srv: srv.base_url``."""
 
-    def __init__(self, data: list[dict[str, Any]] | None = None, *, api_key: str | None = "test-key", page_size: int | None = None) -> None:
+    def __init__(
+        self,
+        data: list[dict[str, Any]] | None = None,
+        *,
+        api_key: str | None = "test-key",
+        page_size: int | None = None,
+    ) -> None:
         self.data = data if data is not None else sample_data()
         self.api_key = api_key
         self.page_size = page_size
@@ -181,7 +252,9 @@ class AnnuaireServer:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/fhir/v2"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     def __enter__(self) -> AnnuaireServer:
         self._thread.start()
@@ -198,7 +271,13 @@ class AnnuaireServer:
         self.faults.append((status, headers or {}, body))
 
     # -- request handling -------------------------------------------------------------------
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         h.send_response(status)
         h.send_header("Content-Type", "application/fhir+json")
         h.send_header("Content-Length", str(len(body)))
@@ -219,7 +298,16 @@ class AnnuaireServer:
             self._send(h, fault[0], fault[2], fault[1])
             return
         if self.api_key is not None and h.headers.get("ESANTE-API-KEY") != self.api_key:
-            self._send(h, 401, json.dumps({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "security"}]}).encode())
+            self._send(
+                h,
+                401,
+                json.dumps(
+                    {
+                        "resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": "security"}],
+                    }
+                ).encode(),
+            )
             return
         prefix = "/fhir/v2/"
         if not parts.path.startswith(prefix):
@@ -243,17 +331,26 @@ class AnnuaireServer:
                 ids.add((r["resourceType"], r["id"]))
                 entries.append({"resource": r, "search": {"mode": "include"}})
         del included
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "entry": entries, "link": []}
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "entry": entries,
+            "link": [],
+        }
         if (page + 1) * count < len(matches):
             nxt = {k: v for k, v in params.items()}
             nxt["_page"] = [str(page + 1)]
-            bundle["link"].append({"relation": "next", "url": f"{self.base_url}/{kind}?{urlencode(nxt, doseq=True)}"})
+            bundle["link"].append(
+                {"relation": "next", "url": f"{self.base_url}/{kind}?{urlencode(nxt, doseq=True)}"}
+            )
         self._send(h, 200, json.dumps(bundle).encode())
 
     def _of(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.data if r["resourceType"] == kind]
 
-    def _search(self, kind: str, params: dict[str, list[str]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def _search(
+        self, kind: str, params: dict[str, list[str]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         items = [r for r in self._of(kind) if "id" in r]
         if kind not in ("Practitioner", "PractitionerRole", "Organization"):
             raise KeyError(kind)
@@ -262,30 +359,61 @@ class AnnuaireServer:
             for value in params["identifier"][0].split(","):
                 system, _, v = value.partition("|")
                 wanted.add((system, v))
-            items = [r for r in items if any((i.get("system"), i.get("value")) in wanted for i in r.get("identifier", []))]
+            items = [
+                r
+                for r in items
+                if any((i.get("system"), i.get("value")) in wanted for i in r.get("identifier", []))
+            ]
         if "_id" in params:
             ids = set(params["_id"][0].split(","))
             items = [r for r in items if r["id"] in ids]
         if "mailbox-mss" in params:
             wanted_mail = {a.lower() for a in params["mailbox-mss"][0].split(",")}
-            items = [r for r in items if any(isinstance(t, dict) and t.get("value", "").lower() in wanted_mail for t in r.get("telecom", []))]
+            items = [
+                r
+                for r in items
+                if any(
+                    isinstance(t, dict) and t.get("value", "").lower() in wanted_mail
+                    for t in r.get("telecom", [])
+                )
+            ]
         if "name" in params:
             n = _fold(params["name"][0])
-            items = [r for r in items if any(_fold(x.get("family") or "").startswith(n) or any(_fold(g).startswith(n) for g in x.get("given", [])) for x in _names(r))]
+            items = [
+                r
+                for r in items
+                if any(
+                    _fold(x.get("family") or "").startswith(n)
+                    or any(_fold(g).startswith(n) for g in x.get("given", []))
+                    for x in _names(r)
+                )
+            ]
         if "given" in params:
             g = _fold(params["given"][0])
-            items = [r for r in items if any(any(_fold(x).startswith(g) for x in nm.get("given", [])) for nm in _names(r))]
+            items = [
+                r
+                for r in items
+                if any(any(_fold(x).startswith(g) for x in nm.get("given", [])) for nm in _names(r))
+            ]
         return items, []
 
-    def _includes(self, chunk: list[dict[str, Any]], params: dict[str, list[str]]) -> list[dict[str, Any]]:
+    def _includes(
+        self, chunk: list[dict[str, Any]], params: dict[str, list[str]]
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         roles: list[dict[str, Any]] = []
         if "PractitionerRole:practitioner" in params.get("_revinclude", []):
             ids = {f"Practitioner/{r['id']}" for r in chunk if r["resourceType"] == "Practitioner"}
-            roles = [r for r in self._of("PractitionerRole") if r["practitioner"]["reference"] in ids]
+            roles = [
+                r for r in self._of("PractitionerRole") if r["practitioner"]["reference"] in ids
+            ]
             out += roles
         if "PractitionerRole:practitioner" in params.get("_include", []):
-            refs = {r["practitioner"]["reference"] for r in chunk if r["resourceType"] == "PractitionerRole"}
+            refs = {
+                r["practitioner"]["reference"]
+                for r in chunk
+                if r["resourceType"] == "PractitionerRole"
+            }
             out += [p for p in self._of("Practitioner") if f"Practitioner/{p['id']}" in refs]
             roles = [r for r in chunk if r["resourceType"] == "PractitionerRole"]
         if "PractitionerRole:organization" in params.get("_include:iterate", []):

@@ -38,9 +38,24 @@ def people(key: Identity | None = None) -> list[Practitioner]:
             mailboxes=(Mailbox(address="sophie.martin@medecin.mssante.fr", type="PER"),),
             keys=(KeyEntry(public=key.public),) if key else (),
         ),
-        Practitioner(idnps="0751004587", family_name="Durand", given_name="Élise", profession=Code(code="60", label="Infirmier")),
-        Practitioner(idnps="810000000001", family_name="DUPONT", given_name="Jean", mailboxes=(Mailbox(address="cabinet@medecin.mssante.fr", type="CAB"),)),
-        Practitioner(idnps="810000000002", family_name="DUPONT", given_name="Marie", mailboxes=(Mailbox(address="cabinet@medecin.mssante.fr", type="CAB"),)),
+        Practitioner(
+            idnps="0751004587",
+            family_name="Durand",
+            given_name="Élise",
+            profession=Code(code="60", label="Infirmier"),
+        ),
+        Practitioner(
+            idnps="810000000001",
+            family_name="DUPONT",
+            given_name="Jean",
+            mailboxes=(Mailbox(address="cabinet@medecin.mssante.fr", type="CAB"),),
+        ),
+        Practitioner(
+            idnps="810000000002",
+            family_name="DUPONT",
+            given_name="Marie",
+            mailboxes=(Mailbox(address="cabinet@medecin.mssante.fr", type="CAB"),),
+        ),
     ]
 
 
@@ -117,8 +132,11 @@ def test_file_directory_persistence(tmp_path: Path, alice: Identity) -> None:
         (b'{"format": "other"}', "not a medsecure directory file"),
         (b'{"format": "medsecure-directory", "version": 9}', "unsupported version"),
         (b'{"format": "medsecure-directory", "version": 1, "practitioners": {}}', "must be a list"),
-        (b'{"format": "medsecure-directory", "version": 1, "practitioners": [{"idnps": "123"}]}', "practitioner #1 is invalid at idnps"),
-        (b'[1, 2]', "not a medsecure directory file"),
+        (
+            b'{"format": "medsecure-directory", "version": 1, "practitioners": [{"idnps": "123"}]}',
+            "practitioner #1 is invalid at idnps",
+        ),
+        (b"[1, 2]", "not a medsecure directory file"),
     ],
 )
 def test_file_directory_broken_files(tmp_path: Path, content: bytes, message: str) -> None:
@@ -200,7 +218,9 @@ def test_cached_directory_forgets_removed_practitioners(alice: Identity) -> None
 
 def test_chain_merges_sources(alice: Identity) -> None:
     annuaire = MemoryDirectory([p.model_copy(update={"keys": ()}) for p in people()])
-    keys = MemoryDirectory([Practitioner(idnps="810000005479", keys=(KeyEntry(public=alice.public),), source="keys")])
+    keys = MemoryDirectory(
+        [Practitioner(idnps="810000005479", keys=(KeyEntry(public=alice.public),), source="keys")]
+    )
     chain = ChainDirectory([keys, annuaire])
     p = chain.lookup("sophie.martin@medecin.mssante.fr")  # the key directory has no mailbox
     assert p.family_name == "MARTIN" and p.keys[0].public == alice.public

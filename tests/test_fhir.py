@@ -48,7 +48,12 @@ def fhir(server: AnnuaireServer, sleeps: Sleeps) -> Iterator[FhirDirectory]:
 
 def test_lookup_by_rpps_maps_v2_shapes(fhir: FhirDirectory, server: AnnuaireServer) -> None:
     p = fhir.lookup("rpps:10000005479")
-    assert (p.idnps, p.rpps, p.family_name, p.given_name) == ("810000005479", "10000005479", "MARTIN", "Sophie")
+    assert (p.idnps, p.rpps, p.family_name, p.given_name) == (
+        "810000005479",
+        "10000005479",
+        "MARTIN",
+        "Sophie",
+    )
     assert p.profession is not None and (p.profession.code, p.profession.label) == ("10", "Médecin")
     assert p.specialty is not None and p.specialty.code == "SM26"
     addresses = [m.address for m in p.mailboxes]
@@ -114,19 +119,26 @@ def test_batched_lookup_of_100_recipients(server: AnnuaireServer, sleeps: Sleeps
 
 
 def test_missing_api_key_is_401(server: AnnuaireServer, sleeps: Sleeps) -> None:
-    with FhirDirectory(server.base_url, sleep=sleeps) as d, pytest.raises(DirectoryError, match="HTTP 401"):
+    with (
+        FhirDirectory(server.base_url, sleep=sleeps) as d,
+        pytest.raises(DirectoryError, match="HTTP 401"),
+    ):
         d.lookup("rpps:10000005479")
     assert sleeps.waits == []  # not retried
 
 
-def test_429_honours_retry_after(fhir: FhirDirectory, server: AnnuaireServer, sleeps: Sleeps) -> None:
+def test_429_honours_retry_after(
+    fhir: FhirDirectory, server: AnnuaireServer, sleeps: Sleeps
+) -> None:
     server.inject(429, {"Retry-After": "3"})
     server.inject(429, {"Retry-After": "1"})
     assert fhir.lookup("rpps:10000005479").family_name == "MARTIN"
     assert sleeps.waits == [3.0, 1.0]
 
 
-def test_504_then_success_with_backoff(fhir: FhirDirectory, server: AnnuaireServer, sleeps: Sleeps) -> None:
+def test_504_then_success_with_backoff(
+    fhir: FhirDirectory, server: AnnuaireServer, sleeps: Sleeps
+) -> None:
     server.inject(504)
     server.inject(502)
     server.inject(503)
@@ -141,13 +153,19 @@ def test_504_then_success_with_backoff(fhir: FhirDirectory, server: AnnuaireServ
 def test_persistent_failure_gives_up(server: AnnuaireServer, sleeps: Sleeps) -> None:
     for _ in range(10):
         server.inject(504)
-    with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_attempts=4) as d, pytest.raises(DirectoryUnavailable, match="HTTP 504"):
+    with (
+        FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_attempts=4) as d,
+        pytest.raises(DirectoryUnavailable, match="HTTP 504"),
+    ):
         d.lookup("rpps:10000005479")
     assert len(sleeps.waits) == 3
     # a Retry-After longer than the time budget: give up at once
     server.faults.clear()
     server.inject(429, {"Retry-After": "3600"})
-    with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_total_time=30) as d, pytest.raises(DirectoryUnavailable, match="429"):
+    with (
+        FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_total_time=30) as d,
+        pytest.raises(DirectoryUnavailable, match="429"),
+    ):
         d.lookup("rpps:10000005479")
 
 
@@ -156,14 +174,22 @@ def test_dead_server(sleeps: Sleeps) -> None:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there any more
-    with FhirDirectory(f"http://127.0.0.1:{port}/fhir/v2", sleep=sleeps, max_attempts=3) as d, pytest.raises(DirectoryUnavailable, match="unreachable"):
+    with (
+        FhirDirectory(f"http://127.0.0.1:{port}/fhir/v2", sleep=sleeps, max_attempts=3) as d,
+        pytest.raises(DirectoryUnavailable, match="unreachable"),
+    ):
         d.lookup("rpps:10000005479")
     assert len(sleeps.waits) == 2
 
 
 def test_timeout(server: AnnuaireServer, sleeps: Sleeps) -> None:
     server.hang_seconds = 0.5
-    with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, timeout=0.1, max_attempts=2) as d, pytest.raises(DirectoryUnavailable, match="timed out"):
+    with (
+        FhirDirectory(
+            server.base_url, api_key="test-key", sleep=sleeps, timeout=0.1, max_attempts=2
+        ) as d,
+        pytest.raises(DirectoryUnavailable, match="timed out"),
+    ):
         d.lookup("rpps:10000005479")
 
 
@@ -178,7 +204,9 @@ def test_timeout(server: AnnuaireServer, sleeps: Sleeps) -> None:
         (400, b"{}", "HTTP 400"),
     ],
 )
-def test_broken_fhir_responses(fhir: FhirDirectory, server: AnnuaireServer, status: int, body: bytes, message: str) -> None:
+def test_broken_fhir_responses(
+    fhir: FhirDirectory, server: AnnuaireServer, status: int, body: bytes, message: str
+) -> None:
     server.inject(status, {}, body)
     with pytest.raises(DirectoryError, match=message):
         fhir.lookup("rpps:10000005479")
@@ -187,17 +215,39 @@ def test_broken_fhir_responses(fhir: FhirDirectory, server: AnnuaireServer, stat
 def test_broken_resources_are_skipped(sleeps: Sleeps) -> None:
     data = sample_data()
     data[0]["name"] = "not a list"  # wrong type
-    data[0]["telecom"] = [{"system": "email", "value": "not-an-address", "extension": [{"url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-contact-point-email-type", "valueCoding": {"code": "MSSANTE"}}]}, 5, None]
+    data[0]["telecom"] = [
+        {
+            "system": "email",
+            "value": "not-an-address",
+            "extension": [
+                {
+                    "url": "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-contact-point-email-type",
+                    "valueCoding": {"code": "MSSANTE"},
+                }
+            ],
+        },
+        5,
+        None,
+    ]
     data.append({"resourceType": "Practitioner", "id": "no-idnps", "name": [{"family": "SANSID"}]})
     data.append({"resourceType": "Practitioner"})
-    with AnnuaireServer(data) as srv, FhirDirectory(srv.base_url, api_key="test-key", sleep=sleeps) as d:
+    with (
+        AnnuaireServer(data) as srv,
+        FhirDirectory(srv.base_url, api_key="test-key", sleep=sleeps) as d,
+    ):
         p = d.lookup("rpps:10000005479")
-        assert p.family_name is None and [m.address for m in p.mailboxes] == ["cardio.martin@chu-nancy.mssante.fr"]
+        assert p.family_name is None and [m.address for m in p.mailboxes] == [
+            "cardio.martin@chu-nancy.mssante.fr"
+        ]
         assert d.search(name="sansid") == []
 
 
 def test_next_link_to_another_host_is_refused(fhir: FhirDirectory, server: AnnuaireServer) -> None:
-    server.inject(200, {}, b'{"resourceType": "Bundle", "entry": [], "link": [{"relation": "next", "url": "http://127.0.0.2:9/steal"}]}')
+    server.inject(
+        200,
+        {},
+        b'{"resourceType": "Bundle", "entry": [], "link": [{"relation": "next", "url": "http://127.0.0.2:9/steal"}]}',
+    )
     with pytest.raises(DirectoryError, match="another host"):
         fhir.search(name="martin")
 
@@ -207,7 +257,10 @@ def test_httpx_errors_never_escape(server: AnnuaireServer, sleeps: Sleeps) -> No
         raise httpx.DecodingError("bad", request=request)
 
     client = httpx.Client(transport=httpx.MockTransport(boom))
-    with FhirDirectory("http://127.0.0.1:1/fhir", client=client, sleep=sleeps) as d, pytest.raises(DirectoryError):
+    with (
+        FhirDirectory("http://127.0.0.1:1/fhir", client=client, sleep=sleeps) as d,
+        pytest.raises(DirectoryError),
+    ):
         d.lookup("rpps:10000005479")
 
 

@@ -67,12 +67,26 @@ def test_practitioner_validation(alice: Identity) -> None:
 
 
 def test_organization_and_patient_round_trip() -> None:
-    org = Organization(idnst="1540000010", name="CHU de Nancy", mailboxes=(Mailbox(address="secretariat@chu-nancy.mssante.fr", type="ORG"),))
+    org = Organization(
+        idnst="1540000010",
+        name="CHU de Nancy",
+        mailboxes=(Mailbox(address="secretariat@chu-nancy.mssante.fr", type="ORG"),),
+    )
     assert org.finess == "540000010"
     assert Organization.from_json(org.to_json()) == org
     with pytest.raises(ValidationError, match="unknown structure identifier prefix"):
         Organization(idnst="810000005479")
-    patient = Patient(ins=INS("279035121518989", birth_name="DE VINCI", first_given_name="RUTH", given_names=("RUTH",), birth_date=dt.date(1979, 3, 2), sex="F"), given_name="Ruth")
+    patient = Patient(
+        ins=INS(
+            "279035121518989",
+            birth_name="DE VINCI",
+            first_given_name="RUTH",
+            given_names=("RUTH",),
+            birth_date=dt.date(1979, 3, 2),
+            sex="F",
+        ),
+        given_name="Ruth",
+    )
     again = Patient.from_json(patient.to_json())
     assert again == patient and again.ins.birth_date == dt.date(1979, 3, 2)
     with pytest.raises(ValidationError):

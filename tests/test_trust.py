@@ -47,8 +47,22 @@ def prac(*entries: KeyEntry, idnps: str = IDNPS) -> Practitioner:
     return Practitioner(idnps=idnps, family_name="MARTIN", keys=entries)
 
 
-def binding(authority: Identity, key: Identity, *, issued: dt.datetime = T0, days: int = 365, idnps: str = IDNPS) -> Statement:
-    return sign_binding(authority, idnps=idnps, key=key.public, not_before=issued, not_after=issued + days * DAY, issued_at=issued)
+def binding(
+    authority: Identity,
+    key: Identity,
+    *,
+    issued: dt.datetime = T0,
+    days: int = 365,
+    idnps: str = IDNPS,
+) -> Statement:
+    return sign_binding(
+        authority,
+        idnps=idnps,
+        key=key.public,
+        not_before=issued,
+        not_after=issued + days * DAY,
+        issued_at=issued,
+    )
 
 
 def test_statement_round_trip_and_forgery(authority: Identity, bob: Identity) -> None:
@@ -73,7 +87,9 @@ def test_authority_binding_accepted(authority: Identity, bob: Identity) -> None:
     policy = AuthorityPolicy([authority.public])
     decision = policy.check(prac(entry(bob, binding(authority, bob))), bob.public, now=T0 + DAY)
     assert decision.reason == "authority" and decision.authority == authority.fingerprint
-    assert policy.trusted_keys(prac(entry(bob, binding(authority, bob))), now=T0 + DAY) == [bob.public]
+    assert policy.trusted_keys(prac(entry(bob, binding(authority, bob))), now=T0 + DAY) == [
+        bob.public
+    ]
 
 
 def test_rejections(authority: Identity, rogue: Identity, bob: Identity) -> None:
@@ -84,12 +100,16 @@ def test_rejections(authority: Identity, rogue: Identity, bob: Identity) -> None
     with pytest.raises(UntrustedKey, match="unknown authority"):
         policy.check(prac(entry(bob, binding(rogue, bob))), bob.public, now=now)
     with pytest.raises(UntrustedKey, match="expired"):
-        policy.check(prac(entry(bob, binding(authority, bob, days=1))), bob.public, now=T0 + 10 * DAY)
+        policy.check(
+            prac(entry(bob, binding(authority, bob, days=1))), bob.public, now=T0 + 10 * DAY
+        )
     with pytest.raises(UntrustedKey, match="not yet valid"):
         policy.check(prac(entry(bob, binding(authority, bob))), bob.public, now=T0 - DAY)
     # a statement about someone else does not vouch for this practitioner
     with pytest.raises(UntrustedKey):
-        policy.check(prac(entry(bob, binding(authority, bob, idnps="810000000001"))), bob.public, now=now)
+        policy.check(
+            prac(entry(bob, binding(authority, bob, idnps="810000000001"))), bob.public, now=now
+        )
     # a tampered statement is ignored (and logged)
     text = binding(authority, bob).to_text()
     forged = text[:40] + ("A" if text[40] != "A" else "B") + text[41:]
@@ -110,7 +130,9 @@ def test_rejections(authority: Identity, rogue: Identity, bob: Identity) -> None
 def test_revocation(authority: Identity, rogue: Identity, bob: Identity, carol: Identity) -> None:
     policy = AuthorityPolicy([authority.public])
     now = T0 + DAY
-    by_authority = sign_revocation(authority, idnps=IDNPS, key=bob.public, reason="keyCompromise", issued_at=now)
+    by_authority = sign_revocation(
+        authority, idnps=IDNPS, key=bob.public, reason="keyCompromise", issued_at=now
+    )
     with pytest.raises(RevokedKey):
         policy.check(prac(entry(bob, binding(authority, bob), by_authority)), bob.public, now=now)
     self_revoked = sign_revocation(bob, idnps=IDNPS, key=bob.public, issued_at=now)
@@ -118,7 +140,12 @@ def test_revocation(authority: Identity, rogue: Identity, bob: Identity, carol: 
         policy.check(prac(entry(bob, binding(authority, bob), self_revoked)), bob.public, now=now)
     # a revocation by an unrelated party is ignored (no denial of service by anyone)
     by_rogue = sign_revocation(rogue, idnps=IDNPS, key=bob.public, issued_at=now)
-    assert policy.check(prac(entry(bob, binding(authority, bob), by_rogue)), bob.public, now=now).reason == "authority"
+    assert (
+        policy.check(
+            prac(entry(bob, binding(authority, bob), by_rogue)), bob.public, now=now
+        ).reason
+        == "authority"
+    )
     # learnt out of band
     policy.add_revocation(by_authority)
     p = prac(entry(bob, binding(authority, bob)), entry(carol, binding(authority, carol)))
@@ -132,13 +159,17 @@ def test_revocation(authority: Identity, rogue: Identity, bob: Identity, carol: 
         policy.add_revocation(binding(authority, bob))
 
 
-def test_pinning_and_rotation(tmp_path: Path, authority: Identity, bob: Identity, carol: Identity) -> None:
+def test_pinning_and_rotation(
+    tmp_path: Path, authority: Identity, bob: Identity, carol: Identity
+) -> None:
     pins = PinStore(tmp_path / "pins.sqlite")
     policy = AuthorityPolicy([authority.public], pins=pins)
     t1 = T0 + DAY
     first = policy.check(prac(entry(bob, binding(authority, bob))), bob.public, now=t1)
     assert first.newly_pinned
-    assert not policy.check(prac(entry(bob, binding(authority, bob))), bob.public, now=t1).newly_pinned
+    assert not policy.check(
+        prac(entry(bob, binding(authority, bob))), bob.public, now=t1
+    ).newly_pinned
     # a different key with an *old* authority statement (issued before the pin): KeyChanged
     old_binding = binding(authority, carol, issued=T0 - DAY)
     with pytest.raises(KeyChanged):
@@ -155,17 +186,24 @@ def test_pinning_and_rotation(tmp_path: Path, authority: Identity, bob: Identity
     assert set(reopened.pinned(IDNPS)) == {carol.fingerprint}
 
 
-def test_new_authority_statement_after_pin(authority: Identity, bob: Identity, carol: Identity) -> None:
+def test_new_authority_statement_after_pin(
+    authority: Identity, bob: Identity, carol: Identity
+) -> None:
     policy = AuthorityPolicy([authority.public], pins=PinStore())
     policy.check(prac(entry(bob, binding(authority, bob))), bob.public, now=T0 + DAY)
     fresh = binding(authority, carol, issued=T0 + 2 * DAY)
     d = policy.check(prac(entry(carol, fresh)), carol.public, now=T0 + 3 * DAY)
     assert d.reason == "new-authority-statement"
     # both keys are now pinned (several devices)
-    assert policy.pins is not None and set(policy.pins.pinned(IDNPS)) == {bob.fingerprint, carol.fingerprint}
+    assert policy.pins is not None and set(policy.pins.pinned(IDNPS)) == {
+        bob.fingerprint,
+        carol.fingerprint,
+    }
 
 
-def test_unsafe_policies_warn(caplog: pytest.LogCaptureFixture, bob: Identity, carol: Identity) -> None:
+def test_unsafe_policies_warn(
+    caplog: pytest.LogCaptureFixture, bob: Identity, carol: Identity
+) -> None:
     with caplog.at_level(logging.WARNING, logger="medsecure.trust"):
         tofu = UnsafeTrustOnFirstUse(PinStore())
     assert "Unsafe" in caplog.text
@@ -190,4 +228,6 @@ def test_unsafe_policies_warn(caplog: pytest.LogCaptureFixture, bob: Identity, c
 
 def test_naive_datetimes_are_refused(authority: Identity, bob: Identity) -> None:
     with pytest.raises(ValueError, match="timezone"):
-        AuthorityPolicy([authority.public]).check(prac(entry(bob)), bob.public, now=dt.datetime(2026, 1, 1))
+        AuthorityPolicy([authority.public]).check(
+            prac(entry(bob)), bob.public, now=dt.datetime(2026, 1, 1)
+        )

@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from . import _directory  # noqa: F401 - registers the directory and trust commands
     from ._app import run
 
     del click

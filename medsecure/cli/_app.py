@@ -207,7 +207,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code if exc.exit_code else 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
-    except (CliError, MedsecureError) as exc:
+    except (CliError, MedsecureError, ValueError) as exc:
         click.echo(f"medsecure: error: {_one_line(str(exc))}", err=True)
         return 1
     except OSError as exc:

@@ -4,6 +4,7 @@ The public surface is what this module lists in ``__all__``; everything else liv
 modules and may change without notice.
 """
 
+from ._document import Document
 from ._envelope import Unsealed, seal, seal_stream, unseal, unseal_stream
 from ._errors import (
     AmbiguousPractitioner,
@@ -24,7 +25,17 @@ from ._errors import (
     TrustError,
     UntrustedKey,
 )
+from ._home import ConfigError, client_from_home, default_client, init_home, send
 from ._identity import Identity, PublicIdentity
+from .client import (
+    Client,
+    OutboxEntry,
+    QuarantinedEnvelope,
+    ReceivedDocument,
+    ReceivedMessage,
+    RecipientStatus,
+    SendResult,
+)
 from .directory import (
     CachedDirectory,
     ChainDirectory,
@@ -44,6 +55,7 @@ from .models import (
     Patient,
     Practitioner,
 )
+from .transports import FileTransport, MockTransport, Transport
 from .trust import (
     AuthorityPolicy,
     PinStore,
@@ -61,15 +73,19 @@ __all__ = [
     "AuthorityPolicy",
     "CachedDirectory",
     "ChainDirectory",
+    "Client",
     "Code",
+    "ConfigError",
     "DeliveryRejected",
     "Directory",
     "DirectoryError",
     "DirectoryUnavailable",
+    "Document",
     "Endpoint",
     "EnvelopeError",
     "FhirDirectory",
     "FileDirectory",
+    "FileTransport",
     "INS",
     "Identity",
     "IdentityError",
@@ -78,18 +94,26 @@ __all__ = [
     "Mailbox",
     "MedsecureError",
     "MemoryDirectory",
+    "MockTransport",
     "NotARecipient",
     "Organization",
     "OrganizationRef",
+    "OutboxEntry",
     "Patient",
     "PinStore",
     "Practitioner",
     "PractitionerNotFound",
     "PublicIdentity",
+    "QuarantinedEnvelope",
+    "ReceivedDocument",
+    "ReceivedMessage",
+    "RecipientStatus",
     "RevokedKey",
+    "SendResult",
     "SenderMismatch",
     "Statement",
     "StorageError",
+    "Transport",
     "TransportError",
     "TransportUnavailable",
     "TrustDecision",
@@ -100,8 +124,12 @@ __all__ = [
     "Unsealed",
     "UntrustedKey",
     "__version__",
+    "client_from_home",
+    "default_client",
+    "init_home",
     "seal",
     "seal_stream",
+    "send",
     "unseal",
     "unseal_stream",
 ]

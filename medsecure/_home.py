@@ -1,0 +1,203 @@
+"""MEDSECURE_HOME: a folder with the identity, configuration, directory cache, outbox and inbox.
+
+``config.json``::
+
+    {"format": "medsecure-home", "version": 1,
+     "me": "810000005479",                       # who this client sends as (IDNPS)
+     "identity": "identity.key",                 # encrypted; passphrase from MEDSECURE_PASSPHRASE
+     "mailbox": "/srv/drop/dr-martin",           # this client's drop folder (FileTransport)
+     "directory": [{"file": "directory.json"},   # tried in order and merged (ChainDirectory)
+                   {"fhir": "https://…/fhir/v2", "api_key_env": "ESANTE_API_KEY"}],
+     "directory_cache_ttl": 86400,
+     "trust": {"authorities": ["msp1…"]}          # or {"mode": "unsafe-tofu"}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._document import Document
+from ._errors import MedsecureError
+from ._fs import atomic_write
+from ._identity import Identity, PublicIdentity
+from .client import Client, SendResult, default_home
+from .directory import CachedDirectory, ChainDirectory, Directory, FhirDirectory, FileDirectory
+from .identifiers import parse
+from .models import Practitioner
+from .transports import FileTransport
+from .trust import AuthorityPolicy, PinStore, TrustPolicy, UnsafeTrustOnFirstUse
+
+__all__ = ["ConfigError", "client_from_home", "default_client", "init_home", "send"]
+
+PASSPHRASE_ENV = "MEDSECURE_PASSPHRASE"  # noqa: S105 - the variable's name
+
+
+class ConfigError(MedsecureError):
+    """The home folder's configuration is missing or invalid."""
+
+
+def _config(home: Path) -> dict[str, Any]:
+    path = home / "config.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{str(home)!r} is not a medsecure home (no config.json): run 'medsecure init'"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {str(path)!r}: {exc}") from exc
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != "medsecure-home"
+        or doc.get("version") != 1
+    ):
+        raise ConfigError(f"{str(path)!r} is not a medsecure home configuration (version 1)")
+    return doc
+
+
+def _resolve(home: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else home / p
+
+
+def _directory(home: Path, cfg: dict[str, Any]) -> Directory:
+    sources = cfg.get("directory") or [{"file": "directory.json"}]
+    if isinstance(sources, dict):
+        sources = [sources]
+    built: list[Directory] = []
+    for s in sources:
+        if not isinstance(s, dict):
+            raise ConfigError("directory entries must be objects")
+        if "file" in s:
+            built.append(FileDirectory(_resolve(home, s["file"])))
+        elif "fhir" in s:
+            key = os.environ.get(s.get("api_key_env", "ESANTE_API_KEY"))
+            fhir = FhirDirectory(s["fhir"], api_key=key)
+            built.append(
+                CachedDirectory(
+                    fhir,
+                    path=home / "directory-cache.sqlite",
+                    ttl=float(cfg.get("directory_cache_ttl", 86400)),
+                )
+            )
+        else:
+            raise ConfigError(f"unknown directory source {sorted(s)}")
+    return built[0] if len(built) == 1 else ChainDirectory(built)
+
+
+def _trust(home: Path, cfg: dict[str, Any]) -> TrustPolicy:
+    t = cfg.get("trust")
+    if not isinstance(t, dict):
+        raise ConfigError("no trust policy in config.json: add {'trust': {'authorities': [...]}}")
+    pins = PinStore(home / "pins.sqlite")
+    if t.get("authorities"):
+        try:
+            anchors = [PublicIdentity.from_text(a) for a in t["authorities"]]
+        except MedsecureError as exc:
+            raise ConfigError(f"bad authority key in config.json: {exc}") from exc
+        return AuthorityPolicy(anchors, pins=pins)
+    if t.get("mode") == "unsafe-tofu":
+        return UnsafeTrustOnFirstUse(pins)
+    raise ConfigError("config.json trust: give 'authorities' or 'mode': 'unsafe-tofu'")
+
+
+def client_from_home(
+    home: str | os.PathLike[str] | None = None, *, passphrase: str | bytes | None = None
+) -> Client:
+    """Build a :class:`Client` from a home folder's ``config.json``."""
+    root = Path(home).expanduser() if home is not None else default_home()
+    cfg = _config(root)
+    secret = passphrase if passphrase is not None else os.environ.get(PASSPHRASE_ENV)
+    if not secret:
+        raise ConfigError(f"the identity is encrypted: set {PASSPHRASE_ENV}")
+    identity = Identity.load(_resolve(root, cfg.get("identity", "identity.key")), passphrase=secret)
+    mailbox = cfg.get("mailbox")
+    if not isinstance(mailbox, str):
+        raise ConfigError("config.json has no 'mailbox' (the drop folder this client receives in)")
+    transport = FileTransport(FileTransport.prepare(_resolve(root, mailbox)))
+    return Client(
+        identity,
+        _directory(root, cfg),
+        transport,
+        root,
+        trust=_trust(root, cfg),
+        me=cfg.get("me"),
+    )
+
+
+def init_home(
+    home: str | os.PathLike[str],
+    *,
+    passphrase: str | bytes,
+    me: str,
+    mailbox: str | os.PathLike[str] | None = None,
+    suite: str = "hybrid",
+    directory: Sequence[dict[str, Any]] | None = None,
+    trust: dict[str, Any] | None = None,
+    family_name: str | None = None,
+    given_name: str | None = None,
+) -> Identity:
+    """Create a home: identity (encrypted), config.json, a drop mailbox, and a local directory
+    file holding this practitioner's own entry (key and drop endpoint) to share with peers."""
+    root = Path(home).expanduser()
+    if (root / "config.json").exists():
+        raise ConfigError(f"{str(root)!r} is already a medsecure home")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    idnps = parse(me).idnps
+    identity = Identity.generate(suite)
+    identity.save(root / "identity.key", passphrase=passphrase)
+    box = FileTransport.prepare(
+        Path(mailbox).expanduser() if mailbox is not None else root / "mailbox"
+    )
+    own = Practitioner(
+        idnps=idnps,
+        family_name=family_name,
+        given_name=given_name,
+        keys=({"public": identity.public},),  # type: ignore[arg-type]
+        endpoints=({"kind": "drop", "path": str(box.resolve())},),  # type: ignore[arg-type]
+    )
+    FileDirectory(root / "directory.json").add(own)
+    cfg = {
+        "format": "medsecure-home",
+        "version": 1,
+        "me": idnps,
+        "identity": "identity.key",
+        "mailbox": str(box.resolve()),
+        "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
+        "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
+    }
+    atomic_write(root / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), mode=0o600)
+    return identity
+
+
+_default: dict[Path, Client] = {}
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The client configured from ``MEDSECURE_HOME`` (created once per home)."""
+    home = default_home()
+    with _default_lock:
+        client = _default.get(home)
+        if client is None:
+            client = client_from_home(home)
+            _default[home] = client
+        return client
+
+
+def send(
+    document: Document | Sequence[Document],
+    to: str | Practitioner | Sequence[str | Practitioner],
+    *,
+    subject: str | None = None,
+    body: str | None = None,
+    **kwargs: Any,
+) -> SendResult:
+    """Send with the default client (configured from ``MEDSECURE_HOME``), like ``httpx.get``."""
+    return default_client().send(document, to, subject=subject, body=body, **kwargs)

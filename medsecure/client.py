@@ -1,0 +1,812 @@
+"""The client: the one place where identity, directory, trust, transports and storage meet.
+
+    client = medsecure.Client(identity=me, directory=annuaire, transport=FileTransport(box),
+                              home="~/.medsecure", trust=policy, me="rpps:10000005479")
+    result = client.send(Document.from_path("cr.pdf"), to="rpps:10000000019", subject="CR")
+    for message in client.receive():
+        ...
+        message.ack()
+
+Sending: recipients are resolved through the directory (batched), every key is checked by the
+trust policy, the documents are sealed once for all recipients' keys into the durable outbox,
+and only then is delivery attempted. Transient failures are retried with exponential backoff and
+jitter by :meth:`Client.flush`; permanent ones fall through to the recipient's next endpoint and
+end as ``failed`` with the reason.
+
+Transport selection, per recipient: the practitioner's endpoints sorted by their ``priority``
+(lower first), ties broken by kind — ``relay``, then ``mail``, then ``drop`` — keeping only
+those a configured transport accepts. A ``DeliveryRejected`` moves to the next endpoint; a
+``TransportUnavailable`` retries the same one later.
+
+Receiving: envelopes are stored durably before the transport copy is acknowledged, opened,
+and their sender verified through the directory and the trust policy. Anything that fails goes
+to the quarantine with its reason (:meth:`Client.quarantine`); nothing is dropped silently.
+Messages stay in ``receive()``'s answer until ``message.ack()`` (at-least-once; deduplicated by
+message id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Self
+
+from ._document import Document
+from ._envelope import seal_stream, unseal_stream
+from ._errors import (
+    DeliveryRejected,
+    DirectoryUnavailable,
+    EnvelopeError,
+    MedsecureError,
+    PractitionerNotFound,
+    StorageError,
+    TransportError,
+    TransportUnavailable,
+    TrustError,
+)
+from ._fs import atomic_output, fsync_dir
+from ._identity import Identity, PublicIdentity
+from ._message import Manifest, MessageReader, new_message_id, read_manifest
+from ._store import Store
+from .directory import Directory
+from .directory._base import normalize_ref
+from .identifiers import parse
+from .models import Code, Endpoint, Patient, Practitioner
+from .transports import Transport
+from .trust import TrustPolicy
+
+__all__ = [
+    "Client",
+    "OutboxEntry",
+    "QuarantinedEnvelope",
+    "ReceivedDocument",
+    "ReceivedMessage",
+    "RecipientStatus",
+    "SendResult",
+    "default_home",
+]
+
+log = logging.getLogger("medsecure.client")
+
+KIND_ORDER = {"relay": 0, "mail": 1, "drop": 2}
+# Delivery statuses of a recipient in the outbox.
+QUEUED, SENT, FAILED = "queued", "sent", "failed"
+
+
+def default_home() -> Path:
+    """``$MEDSECURE_HOME``, else the per-user data folder of the platform."""
+    env = os.environ.get("MEDSECURE_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":  # pragma: no cover - platform specific
+        return Path(os.environ.get("APPDATA", Path.home())) / "medsecure"
+    if sys.platform == "darwin":  # pragma: no cover - platform specific
+        return Path.home() / "Library" / "Application Support" / "medsecure"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "medsecure"
+
+
+@dataclass(frozen=True)
+class RecipientStatus:
+    """Where a message stands for one recipient."""
+
+    recipient: str
+    status: str
+    endpoint: str | None = None
+    attempts: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What :meth:`Client.send` did: the message id and each recipient's status."""
+
+    message_id: str
+    recipients: tuple[RecipientStatus, ...]
+
+    @property
+    def all_sent(self) -> bool:
+        return all(r.status == SENT for r in self.recipients)
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One message of the outbox with its recipients' statuses."""
+
+    message_id: str
+    created: dt.datetime
+    size: int
+    recipients: tuple[RecipientStatus, ...]
+
+
+@dataclass(frozen=True)
+class QuarantinedEnvelope:
+    """An incoming envelope that failed verification, kept with the reason."""
+
+    id: int
+    received_at: dt.datetime
+    reason: str
+    path: Path
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ReceivedDocument:
+    """A verified document; its bytes are read from the inbox on demand."""
+
+    id: str
+    media_type: str
+    size: int
+    filename: str | None
+    title: str | None
+    document_type: Code | None
+    created: dt.datetime | None
+    author: str | None
+    patient: Patient | None
+    confidentiality: str
+    replaces: str | None
+    _file: Path = field(repr=False)
+    _offset: int = field(repr=False)
+
+    def open(self) -> BinaryIO:
+        """A binary stream of exactly this document."""
+        fh = self._file.open("rb")
+        fh.seek(self._offset)
+        return _Range(fh, self.size)  # type: ignore[return-value]
+
+    def read(self) -> bytes:
+        with self.open() as fh:
+            return fh.read()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the document to ``path`` atomically (temporary file, fsync, rename)."""
+        target = Path(path)
+        with self.open() as src, atomic_output(target, mode=0o600) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return target
+
+
+class _Range:
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self._fh = fh
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            n = self._left
+        data = self._fh.read(n)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")[: self._left]
+        got = self._fh.readinto(view)  # type: ignore[attr-defined]
+        self._left -= got
+        return int(got)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> _Range:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class ReceivedMessage:
+    """A verified incoming message. Call :meth:`ack` once the application has processed it."""
+
+    message_id: str
+    subject: str | None
+    body: str | None
+    sender: Practitioner
+    sender_key: PublicIdentity
+    documents: tuple[ReceivedDocument, ...]
+    created: dt.datetime
+    received_at: dt.datetime
+    in_reply_to: str | None
+    receipts_requested: tuple[str, ...]
+    _client: Client = field(repr=False)
+    _row: int = field(repr=False)
+
+    def ack(self) -> None:
+        """Mark the message processed: it leaves ``receive()`` and its files are removed."""
+        self._client._ack(self._row)
+
+
+def _doc_from_entry(entry: dict[str, Any], file: Path, offset: int) -> ReceivedDocument:
+    def opt_code(value: Any) -> Code | None:
+        try:
+            return Code.model_validate(value) if value is not None else None
+        except ValueError:
+            return None
+
+    patient = None
+    if entry.get("patient") is not None:
+        try:
+            patient = Patient.model_validate(entry["patient"])
+        except ValueError:
+            patient = None
+    created = None
+    if isinstance(entry.get("created"), str):
+        with contextlib.suppress(ValueError):
+            created = dt.datetime.fromisoformat(entry["created"])
+    return ReceivedDocument(
+        id=entry["id"],
+        media_type=entry["media_type"],
+        size=entry["size"],
+        filename=entry.get("filename"),
+        title=entry.get("title"),
+        document_type=opt_code(entry.get("document_type")),
+        created=created,
+        author=entry.get("author"),
+        patient=patient,
+        confidentiality=str(entry.get("confidentiality", "N")),
+        replaces=entry.get("replaces"),
+        _file=file,
+        _offset=offset,
+    )
+
+
+class _HashingWriter:
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        n = self._fh.write(data)
+        self.size += len(data)
+        return n
+
+
+def _ts(value: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+class Client:
+    """Send and receive health documents for one identity (see the module docstring).
+
+    ``trust`` decides which keys belong to which practitioner; when not given it comes from
+    the home's configuration (``Client.from_home``), and a client without any is refused.
+    ``me`` is the sender's own reference (``rpps:…``), which recipients look up to verify it.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        directory: Directory,
+        transport: Transport | Sequence[Transport],
+        home: str | os.PathLike[str] | None = None,
+        *,
+        trust: TrustPolicy | None = None,
+        me: str | None = None,
+        max_attempts: int = 20,
+        retry_base: float = 30.0,
+        retry_cap: float = 6 * 3600.0,
+        busy_timeout: float = 10.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not isinstance(identity, Identity):
+            raise TypeError("identity must be an Identity")
+        if not isinstance(directory, Directory):
+            raise TypeError("directory must be a medsecure Directory")
+        transports = [transport] if isinstance(transport, Transport) else list(transport)
+        if not transports or not all(isinstance(t, Transport) for t in transports):
+            raise TypeError("transport must be a Transport or a list of them")
+        if trust is None:
+            raise ValueError(
+                "no trust policy: pass trust=AuthorityPolicy([...]) (or an explicitly Unsafe policy), "
+                "or configure one in the home (Client.from_home)"
+            )
+        if not isinstance(trust, TrustPolicy):
+            raise TypeError("trust must be a TrustPolicy")
+        self.identity = identity
+        self.directory = directory
+        self.transports = transports
+        self.trust = trust
+        self.me = parse(me).idnps if me is not None else None
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self._clock = clock or Store.now
+        self.store = Store(self.home, busy_timeout=busy_timeout)
+        self._lock = threading.RLock()
+        self.store.recover()
+
+    # -- context manager --------------------------------------------------------------------
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- sending ----------------------------------------------------------------------------
+    def _resolve(self, to: Any) -> list[Practitioner]:
+        items = list(to) if isinstance(to, (list, tuple)) else [to]
+        if not items:
+            raise ValueError("at least one recipient is required")
+        refs = [x for x in items if not isinstance(x, Practitioner)]
+        for r in refs:
+            if not isinstance(r, str):
+                raise TypeError("recipients are references (str) or Practitioner objects")
+        found = self.directory.lookup_many(refs) if refs else {}
+        out: dict[str, Practitioner] = {}
+        for x in items:
+            p = x if isinstance(x, Practitioner) else found[normalize_ref(x)[0]]
+            out.setdefault(p.idnps, p)
+        return list(out.values())
+
+    def _endpoints(self, p: Practitioner) -> list[Endpoint]:
+        usable = [e for e in p.endpoints if any(t.accepts(e) for t in self.transports)]
+        usable.sort(key=lambda e: (e.priority, KIND_ORDER.get(e.kind, 9)))
+        if not usable:
+            kinds: list[str] = sorted({e.kind for e in p.endpoints}) or ["none"]
+            raise TransportError(
+                f"no configured transport can reach {p.idnps} (its endpoints: {', '.join(kinds)})"
+            )
+        return usable
+
+    def send(
+        self,
+        documents: Document | Sequence[Document],
+        to: str | Practitioner | Sequence[str | Practitioner],
+        *,
+        subject: str | None = None,
+        body: str | None = None,
+        in_reply_to: str | None = None,
+        receipts: Sequence[str] = (),
+        allow_classic: bool = False,
+    ) -> SendResult:
+        """Seal ``documents`` for every recipient in ``to`` and deliver them.
+
+        Returns once the envelope and its delivery plan are durably stored and one delivery
+        attempt per recipient was made. Raises before storing anything if a recipient is
+        unknown, has no trusted key or no reachable endpoint.
+        """
+        docs = [documents] if isinstance(documents, Document) else list(documents)
+        if not all(isinstance(d, Document) for d in docs):
+            raise TypeError("documents must be Document objects")
+        if not docs and body is None:
+            raise ValueError("nothing to send: give documents or a body")
+        if self.me is None:
+            raise ValueError("the client needs to know who it sends as: Client(..., me='rpps:…')")
+        bad = [r for r in receipts if r not in ("delivered", "read")]
+        if bad:
+            raise ValueError(f"unknown receipt kind {bad[0]!r}: expected 'delivered' or 'read'")
+        practitioners = self._resolve(to)
+        keys: list[PublicIdentity] = []
+        plans: list[tuple[str, list[Endpoint]]] = []
+        for p in practitioners:
+            for k in self.trust.trusted_keys(p):
+                if k not in keys:
+                    keys.append(k)
+            plans.append((p.idnps, self._endpoints(p)))
+        now = self._clock()
+        message_id = new_message_id(_ts(now))
+        sizes = [d.size for d in docs]
+        manifest = Manifest(
+            message_id=message_id,
+            created=_ts(now),
+            sender_idnps=self.me,
+            recipients=tuple(p.idnps for p in practitioners),
+            subject=subject,
+            body=body,
+            in_reply_to=in_reply_to,
+            documents=tuple(d.describe(size) for d, size in zip(docs, sizes, strict=True)),
+            receipts=tuple(dict.fromkeys(receipts)),
+        )
+        name = f"{message_id}.msec"
+        path = self.store.outbox_dir / name
+        try:
+            with MessageReader(manifest, docs) as src, atomic_output(path, mode=0o600) as raw:
+                out = _HashingWriter(raw)
+                seal_stream(
+                    src,  # type: ignore[arg-type]
+                    out,  # type: ignore[arg-type]
+                    sender=self.identity,
+                    recipients=keys,
+                    allow_classic=allow_classic,
+                )
+        except OSError as exc:
+            raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
+        try:
+            with self.store.transaction() as db:
+                db.execute(
+                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message_id,
+                        now,
+                        name,
+                        out.size,
+                        out.sha.hexdigest(),
+                        ",".join(manifest.receipts),
+                        None,
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO deliveries VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?)",
+                    [
+                        (
+                            message_id,
+                            idnps,
+                            json.dumps(
+                                [e.model_dump(mode="json", exclude_defaults=True) for e in eps]
+                            ),
+                            QUEUED,
+                            now,
+                            now,
+                        )
+                        for idnps, eps in plans
+                    ],
+                )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        log.info("message %s accepted for %d recipient(s)", message_id, len(plans))
+        self._deliver(
+            self.store.query(
+                "SELECT * FROM deliveries WHERE message_id = ? AND status = ?", (message_id, QUEUED)
+            )
+        )
+        return SendResult(message_id, tuple(self._statuses(message_id)))
+
+    def _statuses(self, message_id: str) -> list[RecipientStatus]:
+        out = []
+        for r in self.store.query(
+            "SELECT * FROM deliveries WHERE message_id = ? ORDER BY recipient", (message_id,)
+        ):
+            eps = json.loads(r["endpoints"])
+            ep = eps[min(r["endpoint_index"], len(eps) - 1)]["kind"] if eps else None
+            out.append(
+                RecipientStatus(r["recipient"], r["status"], ep, r["attempts"], r["last_error"])
+            )
+        return out
+
+    def _backoff(self, attempts: int) -> float:
+        ceiling = min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _transport_for(self, endpoint: Endpoint) -> Transport:
+        for t in self.transports:
+            if t.accepts(endpoint):
+                return t
+        raise DeliveryRejected(f"no configured transport for a {endpoint.kind} endpoint")
+
+    def _deliver(self, rows: Sequence[Any]) -> None:
+        for row in rows:
+            self._deliver_one(row)
+
+    def _deliver_one(self, row: Any) -> None:
+        endpoints = [Endpoint.model_validate(e) for e in json.loads(row["endpoints"])]
+        index = row["endpoint_index"]
+        attempts = row["attempts"]
+        message_id, recipient = row["message_id"], row["recipient"]
+        env = self.store.query(
+            "SELECT envelope, size FROM outbox WHERE message_id = ?", (message_id,)
+        )
+        path = self.store.outbox_dir / env[0]["envelope"]
+        status, error, next_attempt = QUEUED, None, self._clock()
+        while True:
+            endpoint = endpoints[index]
+            attempts += 1
+            try:
+                transport = self._transport_for(endpoint)
+                with path.open("rb") as fh:
+                    transport.deliver(endpoint, fh, message_id=message_id, size=env[0]["size"])
+            except FileNotFoundError:
+                status, error = FAILED, "the sealed envelope is missing from the outbox"
+                break
+            except DeliveryRejected as exc:
+                error = str(exc)
+                if index + 1 < len(endpoints):
+                    index += 1
+                    log.info(
+                        "message %s: %s endpoint refused, trying the next one",
+                        message_id,
+                        endpoint.kind,
+                    )
+                    continue
+                status = FAILED
+                break
+            except (TransportUnavailable, TransportError, OSError) as exc:
+                error = str(exc) if isinstance(exc, MedsecureError) else f"I/O error: {exc}"
+                if attempts >= self.max_attempts:
+                    status = FAILED
+                    error = f"gave up after {attempts} attempts: {error}"
+                else:
+                    next_attempt = self._clock() + self._backoff(attempts)
+                break
+            else:
+                status, error = SENT, None
+                break
+        with self.store.transaction(durable=False) as db:
+            db.execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, endpoint_index = ?, next_attempt = ?,"
+                " last_error = ?, updated = ? WHERE message_id = ? AND recipient = ? AND status = ?",
+                (
+                    status,
+                    attempts,
+                    index,
+                    next_attempt,
+                    error,
+                    self._clock(),
+                    message_id,
+                    recipient,
+                    QUEUED,
+                ),
+            )
+        if status == FAILED:
+            log.warning("message %s to %s failed: %s", message_id, recipient, error)
+
+    def flush(self, *, force: bool = False) -> list[RecipientStatus]:
+        """Attempt every queued delivery that is due (all of them with ``force=True``)."""
+        if force:
+            rows = self.store.query(
+                "SELECT * FROM deliveries WHERE status = ? ORDER BY message_id", (QUEUED,)
+            )
+        else:
+            rows = self.store.query(
+                "SELECT * FROM deliveries WHERE status = ? AND next_attempt <= ? ORDER BY message_id",
+                (QUEUED, self._clock()),
+            )
+        self._deliver(rows)
+        ids = list(dict.fromkeys(r["message_id"] for r in rows))
+        return [s for mid in ids for s in self._statuses(mid)]
+
+    def outbox(self) -> list[OutboxEntry]:
+        """Every message of the outbox, oldest first, with its recipients' statuses."""
+        return [
+            OutboxEntry(
+                r["message_id"],
+                _ts(r["created"]),
+                r["size"],
+                tuple(self._statuses(r["message_id"])),
+            )
+            for r in self.store.query("SELECT * FROM outbox ORDER BY created, message_id")
+        ]
+
+    def status(self, message_id: str) -> list[RecipientStatus]:
+        """The recipients' statuses of one sent message."""
+        statuses = self._statuses(message_id)
+        if not statuses:
+            raise KeyError(f"no message {message_id!r} in the outbox")
+        return statuses
+
+    # -- receiving --------------------------------------------------------------------------
+    def _store_incoming(self, transport: Transport) -> None:
+        for item in transport.list():
+            try:
+                src = transport.fetch(item)
+            except TransportUnavailable:
+                continue  # taken meanwhile by another reader
+            tmp_name = f".medsecure-in-{os.getpid()}-{random.getrandbits(48):012x}"
+            tmp = self.store.inbox_dir / tmp_name
+            sha = hashlib.sha256()
+            try:
+                with src, tmp.open("wb") as out:
+                    while block := src.read(1 << 20):
+                        sha.update(block)
+                        out.write(block)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
+            digest = sha.hexdigest()
+            if self.store.query("SELECT id FROM inbox WHERE envelope_sha256 = ?", (digest,)):
+                tmp.unlink()
+                transport.acknowledge(item)  # already stored by an earlier run: idempotent
+                continue
+            name = f"{digest[:32]}.msec"
+            os.replace(tmp, self.store.inbox_dir / name)
+            fsync_dir(self.store.inbox_dir)
+            with self.store.transaction() as db:
+                db.execute(
+                    "INSERT INTO inbox (envelope_sha256, status, received_at, envelope) VALUES (?, 'fetched', ?, ?)",
+                    (digest, self._clock(), name),
+                )
+            transport.acknowledge(item)
+
+    def _quarantine(self, row: Any, reason: str, message_id: str | None = None) -> None:
+        src = self.store.inbox_dir / row["envelope"]
+        dst = self.store.quarantine_dir / f"{row['id']}.msec"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(src, dst)
+            fsync_dir(self.store.quarantine_dir)
+        with contextlib.suppress(FileNotFoundError):
+            (self.store.inbox_dir / f"{row['id']}.msg").unlink()
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE inbox SET status = 'quarantined', reason = ?, envelope = ?, plaintext = NULL, message_id = NULL WHERE id = ?",
+                (reason, dst.name, row["id"]),
+            )
+        log.warning("incoming envelope %d quarantined: %s", row["id"], reason)
+        self._on_quarantine(row["id"], reason, message_id)
+
+    def _on_quarantine(self, row_id: int, reason: str, message_id: str | None) -> None:
+        """Hook for receipts/audit (extended by later layers)."""
+
+    def _verify(self, row: Any) -> None:
+        env_path = self.store.inbox_dir / row["envelope"]
+        plain_name = f"{row['id']}.msg"
+        plain_path = self.store.inbox_dir / plain_name
+        try:
+            with env_path.open("rb") as src:
+                opened = unseal_stream(src, plain_path, identity=self.identity)
+        except EnvelopeError as exc:
+            self._quarantine(row, f"envelope refused: {exc}")
+            return
+        except FileNotFoundError:
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE inbox SET status = 'quarantined', reason = ? WHERE id = ?",
+                    ("envelope file missing", row["id"]),
+                )
+            return
+        try:
+            with plain_path.open("rb") as fh:
+                manifest, offset = read_manifest(fh, opened.size)
+        except EnvelopeError as exc:
+            self._quarantine(row, f"message refused: {exc}")
+            return
+        del offset
+        if manifest.sender_idnps is None:
+            self._quarantine(row, "the sender did not identify themselves", manifest.message_id)
+            return
+        try:
+            sender = self.directory.lookup(f"idnps:{manifest.sender_idnps}")
+        except PractitionerNotFound:
+            self._quarantine(
+                row,
+                f"sender {manifest.sender_idnps} is unknown to the directory",
+                manifest.message_id,
+            )
+            return
+        except DirectoryUnavailable:
+            plain_path.unlink(missing_ok=True)
+            log.info(
+                "directory unavailable: incoming envelope %d will be verified later", row["id"]
+            )
+            return
+        try:
+            self.trust.check(sender, opened.sender)
+        except TrustError as exc:
+            self._quarantine(
+                row,
+                f"sender key not trusted for {manifest.sender_idnps}: {exc}",
+                manifest.message_id,
+            )
+            return
+        if self._handle_special(row, manifest, opened.sender, sender, plain_path):
+            return
+        dup = self.store.query(
+            "SELECT id FROM inbox WHERE message_id = ? AND id != ?",
+            (manifest.message_id, row["id"]),
+        )
+        if dup:
+            plain_path.unlink(missing_ok=True)
+            env_path.unlink(missing_ok=True)
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE inbox SET status = 'duplicate', plaintext = NULL WHERE id = ?",
+                    (row["id"],),
+                )
+            return
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE inbox SET status = 'received', message_id = ?, sender_idnps = ?, plaintext = ?, sender = ?, sender_key = ? WHERE id = ?",
+                (
+                    manifest.message_id,
+                    sender.idnps,
+                    plain_name,
+                    sender.model_dump_json(),
+                    str(opened.sender),
+                    row["id"],
+                ),
+            )
+        self._on_received(row["id"], manifest, sender)
+
+    def _handle_special(
+        self, row: Any, manifest: Manifest, key: PublicIdentity, sender: Practitioner, plain: Path
+    ) -> bool:
+        """Hook for non-document messages such as receipts; True when handled."""
+        return False
+
+    def _on_received(self, row_id: int, manifest: Manifest, sender: Practitioner) -> None:
+        """Hook for receipts/audit (extended by later layers)."""
+
+    def receive(self) -> list[ReceivedMessage]:
+        """Fetch, store, open and verify incoming envelopes; return every verified message not
+        yet acknowledged, oldest first."""
+        with self._lock:
+            for t in self.transports:
+                self._store_incoming(t)
+            for row in self.store.query("SELECT * FROM inbox WHERE status = 'fetched' ORDER BY id"):
+                self._verify(row)
+            return [
+                self._message(r)
+                for r in self.store.query(
+                    "SELECT * FROM inbox WHERE status = 'received' ORDER BY id"
+                )
+            ]
+
+    def _message(self, row: Any) -> ReceivedMessage:
+        path = self.store.inbox_dir / row["plaintext"]
+        with path.open("rb") as fh:
+            manifest, offset = read_manifest(fh, path.stat().st_size)
+        docs = []
+        for entry in manifest.documents:
+            docs.append(_doc_from_entry(entry, path, offset))
+            offset += entry["size"]
+        return ReceivedMessage(
+            message_id=manifest.message_id,
+            subject=manifest.subject,
+            body=manifest.body,
+            sender=Practitioner.model_validate_json(row["sender"]),
+            sender_key=PublicIdentity.from_text(row["sender_key"]),
+            documents=tuple(docs),
+            created=manifest.created,
+            received_at=_ts(row["received_at"]),
+            in_reply_to=manifest.in_reply_to,
+            receipts_requested=manifest.receipts,
+            _client=self,
+            _row=row["id"],
+        )
+
+    def _ack(self, row_id: int) -> None:
+        rows = self.store.query("SELECT * FROM inbox WHERE id = ?", (row_id,))
+        if not rows or rows[0]["status"] != "received":
+            return
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE inbox SET status = 'acked', plaintext = NULL, envelope = NULL WHERE id = ?",
+                (row_id,),
+            )
+        for name in (rows[0]["plaintext"], rows[0]["envelope"]):
+            if name:
+                with contextlib.suppress(OSError):
+                    (self.store.inbox_dir / name).unlink()
+
+    def quarantine(self) -> list[QuarantinedEnvelope]:
+        """Incoming envelopes that failed verification, with the reason."""
+        return [
+            QuarantinedEnvelope(
+                r["id"],
+                _ts(r["received_at"]),
+                r["reason"] or "",
+                self.store.quarantine_dir / (r["envelope"] or ""),
+                r["message_id"],
+            )
+            for r in self.store.query(
+                "SELECT * FROM inbox WHERE status = 'quarantined' ORDER BY id"
+            )
+        ]
+
+    def _iter_rows(self) -> Iterator[Any]:  # pragma: no cover - debugging aid
+        yield from self.store.query("SELECT * FROM inbox")

@@ -1,0 +1,9 @@
+"""Transports move opaque envelope bytes: drop folders (:class:`FileTransport`) and, for tests of
+the software that embeds medsecure, :class:`MockTransport`. Relay and mail transports plug into
+the same :class:`Transport` protocol."""
+
+from ._base import Incoming, Transport
+from ._file import FileTransport
+from ._mock import Delivery, MockTransport
+
+__all__ = ["Delivery", "FileTransport", "Incoming", "MockTransport", "Transport"]

@@ -49,6 +49,14 @@ _EXTENSIONS = {
     ".txt": TEXT,
     ".json": JSON,
     ".xml": XML,
+    ".csv": "text/csv",
+    ".rtf": "application/rtf",
+    ".zip": "application/zip",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ".odt": "application/vnd.oasis.opendocument.text",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
 }
 # Types that an extension may claim for content sniffed as the key (compatible refinements).
 _COMPATIBLE = {
@@ -101,7 +109,7 @@ def _extension_type(filename: str | None) -> str | None:
     if not filename:
         return None
     ext = Path(filename).suffix.lower()
-    return _EXTENSIONS.get(ext) or mimetypes.types_map.get(ext)
+    return _EXTENSIONS.get(ext) or mimetypes.guess_type("x" + ext, strict=False)[0]
 
 
 _SNIFFABLE = {PDF, JPEG, PNG, DICOM}

@@ -598,8 +598,11 @@ class Client:
         return statuses
 
     # -- receiving --------------------------------------------------------------------------
-    def _store_incoming(self, transport: Transport) -> None:
+    def _store_incoming(self, transport: Transport, limit: int | None) -> int:
+        stored = 0
         for item in transport.list():
+            if limit is not None and stored >= limit:
+                break
             try:
                 src = transport.fetch(item)
             except TransportUnavailable:
@@ -632,6 +635,8 @@ class Client:
                     (digest, self._clock(), name),
                 )
             transport.acknowledge(item)
+            stored += 1
+        return stored
 
     def _quarantine(self, row: Any, reason: str, message_id: str | None = None) -> None:
         src = self.store.inbox_dir / row["envelope"]
@@ -741,13 +746,21 @@ class Client:
     def _on_received(self, row_id: int, manifest: Manifest, sender: Practitioner) -> None:
         """Hook for receipts/audit (extended by later layers)."""
 
-    def receive(self) -> list[ReceivedMessage]:
-        """Fetch, store, open and verify incoming envelopes; return every verified message not
-        yet acknowledged, oldest first."""
+    def receive(self, *, limit: int | None = None) -> list[ReceivedMessage]:
+        """Fetch, store, open and verify incoming envelopes (at most ``limit`` new ones per
+        call); return every verified message not yet acknowledged, oldest first."""
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1")
         with self._lock:
+            budget = limit
             for t in self.transports:
-                self._store_incoming(t)
-            for row in self.store.query("SELECT * FROM inbox WHERE status = 'fetched' ORDER BY id"):
+                got = self._store_incoming(t, budget)
+                if budget is not None:
+                    budget = max(0, budget - got)
+                    if budget == 0:
+                        break
+            pending = self.store.query("SELECT * FROM inbox WHERE status = 'fetched' ORDER BY id")
+            for row in pending[:limit] if limit is not None else pending:
                 self._verify(row)
             return [
                 self._message(r)

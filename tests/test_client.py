@@ -1,0 +1,428 @@
+"""Client: send / flush / receive over the file transport and the mock transport."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from clientkit import Party, client, entry, party
+
+import medsecure as m
+from medsecure.transports import Delivery
+
+
+@pytest.fixture(scope="module")
+def authority() -> m.Identity:
+    return m.Identity.generate()
+
+
+@pytest.fixture
+def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, m.MemoryDirectory]:
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    return alice, bob, directory
+
+
+def test_send_and_receive_documents(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    patient = m.Patient(
+        ins=m.INS(
+            "279035121518989",
+            birth_name="DE VINCI",
+            first_given_name="RUTH",
+            birth_date=dt.date(1979, 3, 2),
+            sex="F",
+        )
+    )
+    docs = [
+        m.Document(
+            content=b"%PDF-1.7\ncompte rendu",
+            filename="cr.pdf",
+            title="Compte rendu",
+            document_type=m.Code(code="11488-4", label="Consult note", system="http://loinc.org"),
+            patient=patient,
+            author="Dr Alice",
+            confidentiality="R",
+        ),
+        m.Document(
+            content=b"\x89PNG\r\n\x1a\n" + os.urandom(3000),
+            filename="plaie.png",
+            replaces="doc-previous",
+        ),
+    ]
+    with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
+        result = ca.send(
+            docs, to="bob@medecin.mssante.fr", subject="Suivi plaie", body="Bonjour,\nvoici le CR."
+        )
+        assert result.all_sent and result.recipients[0].recipient == bob.idnps
+        (msg,) = cb.receive()
+        assert msg.message_id == result.message_id
+        assert (msg.subject, msg.body) == ("Suivi plaie", "Bonjour,\nvoici le CR.")
+        assert msg.sender.idnps == alice.idnps and msg.sender_key == alice.identity.public
+        cr, photo = msg.documents
+        assert cr.read() == docs[0].content and photo.read() == docs[1].content
+        assert (cr.media_type, photo.media_type) == ("application/pdf", "image/png")
+        assert (
+            cr.title == "Compte rendu"
+            and cr.document_type is not None
+            and cr.document_type.code == "11488-4"
+        )
+        assert cr.patient == patient and cr.confidentiality == "R" and cr.author == "Dr Alice"
+        assert photo.replaces == "doc-previous" and photo.filename == "plaie.png"
+        saved = photo.save(bob.home / "plaie.png")
+        assert saved.read_bytes() == docs[1].content
+        # still there until acknowledged (at-least-once), then gone
+        assert [x.message_id for x in cb.receive()] == [msg.message_id]
+        msg.ack()
+        assert cb.receive() == []
+        # reply threading
+        reply = cb.send([], to=alice.ref, body="Merci", in_reply_to=msg.message_id)
+        (back,) = ca.receive()
+        assert back.in_reply_to == msg.message_id and back.body == "Merci" and back.documents == ()
+        assert back.message_id == reply.message_id
+
+
+def test_nothing_but_routing_data_is_visible(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    secret_name = "IRM_genou_DUPONT_Jean.dcm"
+    with client(alice, directory, authority) as ca:
+        r = ca.send(
+            m.Document(content=b"confidential scan", filename=secret_name),
+            to=bob.ref,
+            subject="Résultats DUPONT",
+        )
+    files = [p.name for p in (bob.box / "new").iterdir()]
+    assert files == [f"{r.message_id}.msec"]
+    blob = (bob.box / "new" / files[0]).read_bytes()
+    for needle in (b"DUPONT", b"confidential", b"IRM", "Résultats".encode()):
+        assert needle not in blob
+    db = (alice.home / "medsecure.sqlite").read_bytes()
+    assert b"DUPONT" not in db and b"IRM" not in db
+
+
+def test_recipient_forms_and_multi_recipient(tmp_path: Path, authority: m.Identity) -> None:
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    carol = party(tmp_path, "carol", "810000000027")
+    directory = m.MemoryDirectory([entry(authority, p) for p in (alice, bob, carol)])
+    with client(alice, directory, authority) as ca:
+        carol_entry = directory.lookup(carol.ref)
+        r = ca.send(
+            m.Document(content=b"hello"),
+            to=["rpps:10000000019", carol_entry, "bob@medecin.mssante.fr"],
+        )
+        assert [s.recipient for s in r.recipients] == [bob.idnps, carol.idnps]  # deduplicated
+    for p in (bob, carol):
+        with client(p, directory, authority) as c:
+            (msg,) = c.receive()
+            assert msg.documents[0].read() == b"hello"
+
+
+def test_refusals_before_anything_is_stored(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+) -> None:
+    alice, bob, directory = world
+    stranger = party(tmp_path, "eve", "810000000035")
+    directory.add(entry(authority, stranger, signed=False))
+    nowhere = party(tmp_path, "dan", "810000000043")
+    directory.add(entry(authority, nowhere, endpoints=()))
+    with client(alice, directory, authority) as ca:
+        with pytest.raises(m.PractitionerNotFound):
+            ca.send(m.Document(content=b"x"), to="rpps:10000000050")
+        with pytest.raises(m.UntrustedKey):
+            ca.send(m.Document(content=b"x"), to=stranger.ref)
+        with pytest.raises(m.TransportError, match="no configured transport"):
+            ca.send(m.Document(content=b"x"), to=nowhere.ref)
+        with pytest.raises(ValueError, match="nothing to send"):
+            ca.send([], to=bob.ref)
+        with pytest.raises(ValueError, match="receipt"):
+            ca.send(m.Document(content=b"x"), to=bob.ref, receipts=("opened",))
+        with pytest.raises(TypeError):
+            ca.send("not a document", to=bob.ref)  # type: ignore[arg-type]
+        assert ca.outbox() == []
+        assert list((alice.home / "outbox").iterdir()) == []
+
+
+def test_client_needs_a_trust_policy(world: tuple[Party, Party, m.MemoryDirectory]) -> None:
+    alice, _, directory = world
+    with pytest.raises(ValueError, match="no trust policy"):
+        m.Client(alice.identity, directory, m.FileTransport(alice.box), alice.home)
+    c = m.Client(
+        alice.identity, directory, m.FileTransport(alice.box), alice.home, trust=m.UnsafeAcceptAll()
+    )
+    with pytest.raises(ValueError, match="who it sends as"):
+        c.send(m.Document(content=b"x"), to="rpps:10000000019")
+    c.close()
+
+
+def test_transient_failures_are_retried_with_backoff(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    now = [1_000_000.0]
+    failures = [3]
+
+    def handler(d: Delivery) -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise m.TransportUnavailable("relay down")
+
+    mock = m.MockTransport(handler)
+    with m.Client(
+        alice.identity,
+        directory,
+        mock,
+        alice.home,
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+        clock=lambda: now[0],
+        retry_base=10,
+        retry_cap=100,
+    ) as ca:
+        r = ca.send(m.Document(content=b"x"), to=bob.ref)
+        (st,) = r.recipients
+        assert st.status == "queued" and st.attempts == 1 and "relay down" in (st.error or "")
+        assert ca.flush() == []  # not due yet
+        now[0] += 10
+        (st,) = ca.flush()
+        assert st.attempts == 2 and st.status == "queued"
+        (st,) = ca.flush(force=True)
+        assert st.attempts == 3
+        now[0] += 1000
+        (st,) = ca.flush()
+        assert st.status == "sent" and st.attempts == 4 and st.error is None
+        assert len(mock.deliveries) == 1 and mock.deliveries[0].message_id == r.message_id
+        assert ca.status(r.message_id)[0].status == "sent"
+        with pytest.raises(KeyError):
+            ca.status("01ZZZZZZZZZZZZZZZZZZZZZZZZ")
+
+
+def test_permanent_failures_fall_through_then_dead_letter(
+    tmp_path: Path, authority: m.Identity
+) -> None:
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    eps = (
+        m.Endpoint(kind="relay", url="https://relay.invalid/", mailbox="bob"),
+        m.Endpoint(kind="drop", path=str(bob.box)),
+    )
+    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob, endpoints=eps)])
+    seen: list[str] = []
+
+    def handler(d: Delivery) -> None:
+        seen.append(d.endpoint.kind)
+        if d.endpoint.kind == "relay":
+            raise m.DeliveryRejected("unknown mailbox")
+
+    with m.Client(
+        alice.identity,
+        directory,
+        m.MockTransport(handler),
+        alice.home,
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    ) as ca:
+        (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
+        assert seen == ["relay", "drop"] and st.status == "sent" and st.endpoint == "drop"
+
+    def refuse(d: Delivery) -> None:
+        raise m.DeliveryRejected("mailbox closed")
+
+    with m.Client(
+        alice.identity,
+        directory,
+        m.MockTransport(refuse),
+        tmp_path / "h2",
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    ) as ca:
+        (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
+        assert st.status == "failed" and "mailbox closed" in (st.error or "")
+        assert ca.flush(force=True) == []
+
+    def down(d: Delivery) -> None:
+        raise m.TransportUnavailable("down")
+
+    with m.Client(
+        alice.identity,
+        directory,
+        m.MockTransport(down),
+        tmp_path / "h3",
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+        max_attempts=3,
+    ) as ca:
+        ca.send(m.Document(content=b"x"), to=bob.ref)
+        ca.flush(force=True)
+        (st,) = ca.flush(force=True)
+        assert st.status == "failed" and "gave up after 3 attempts" in (st.error or "")
+
+
+def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> None:
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    eps = (
+        m.Endpoint(kind="drop", path=str(bob.box)),
+        m.Endpoint(kind="mail", address="bob@medecin.mssante.fr"),
+        m.Endpoint(kind="relay", url="https://r/", mailbox="b", priority=5),
+    )
+    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob, endpoints=eps)])
+    mock = m.MockTransport()
+    with m.Client(
+        alice.identity,
+        directory,
+        mock,
+        alice.home,
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    ) as ca:
+        ca.send(m.Document(content=b"x"), to=bob.ref)
+    assert mock.deliveries[0].endpoint.kind == "mail"  # priority 0 first; mail before drop
+    with m.Client(
+        alice.identity,
+        directory,
+        m.FileTransport(alice.box),
+        tmp_path / "h2",
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    ) as ca:
+        (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
+        assert st.endpoint == "drop"  # the only kind this transport can reach
+
+
+def test_duplicates_are_received_once(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
+        r = ca.send(m.Document(content=b"x"), to=bob.ref)
+        blob = (bob.box / "new" / f"{r.message_id}.msec").read_bytes()
+        assert len(cb.receive()) == 1
+        # the same envelope delivered again (a retried delivery), and once more with another name
+        (bob.box / "new" / f"{r.message_id}.msec").write_bytes(blob)
+        (bob.box / "new" / "01ZZZZZZZZZZZZZZZZZZZZZZZZ.msec").write_bytes(blob)
+        msgs = cb.receive()
+        assert [x.message_id for x in msgs] == [r.message_id]
+        assert list((bob.box / "new").iterdir()) == []
+        msgs[0].ack()
+        (bob.box / "new" / f"{r.message_id}.msec").write_bytes(blob)
+        assert cb.receive() == []
+
+
+def test_quarantine(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+) -> None:
+    alice, bob, directory = world
+    with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
+        r = ca.send(m.Document(content=b"x" * 1000), to=bob.ref)
+        path = bob.box / "new" / f"{r.message_id}.msec"
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 1
+        path.write_bytes(bytes(data))
+        (bob.box / "new" / "01AAAAAAAAAAAAAAAAAAAAAAAA.msec").write_bytes(
+            b"garbage, not an envelope"
+        )
+        # an envelope from someone the directory does not know
+        mallory = m.Identity.generate()
+        (bob.box / "new" / "01BBBBBBBBBBBBBBBBBBBBBBBB.msec").write_bytes(
+            m.seal(b"MEDSECM\x01" + b"\x00" * 4, sender=mallory, recipients=[bob.identity.public])
+        )
+        # a sender claiming to be Alice but signing with another key
+        impostor = m.Client(
+            mallory,
+            directory,
+            m.FileTransport(alice.box),
+            tmp_path / "home-impostor",
+            trust=m.UnsafeAcceptAll(),
+            me=alice.idnps,
+        )
+        impostor.send(m.Document(content=b"fake"), to=bob.ref)
+        impostor.close()
+        assert cb.receive() == []
+        reasons = sorted(q.reason for q in cb.quarantine())
+        assert len(reasons) == 4
+        assert any("envelope refused: envelope authentication failed" in x for x in reasons)
+        assert any("envelope refused: not a medsecure envelope" in x for x in reasons)
+        assert any("message refused" in x for x in reasons)
+        assert any("sender key not trusted for 810000005479" in x for x in reasons)
+        for q in cb.quarantine():
+            assert q.path.exists() and q.path.parent.name == "quarantine"
+        assert list((bob.box / "new").iterdir()) == []
+
+
+def test_directory_outage_defers_verification(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+
+    class Down(m.MemoryDirectory):
+        up = True
+
+        def lookup(self, ref):  # type: ignore[no-untyped-def]
+            if not self.up:
+                raise m.DirectoryUnavailable("down")
+            return super().lookup(ref)
+
+    flaky = Down(directory.all())
+    with client(alice, directory, authority) as ca, client(bob, flaky, authority) as cb:
+        ca.send(m.Document(content=b"x"), to=bob.ref)
+        flaky.up = False
+        assert cb.receive() == [] and cb.quarantine() == []
+        flaky.up = True
+        assert len(cb.receive()) == 1
+
+
+def test_large_document_streams_from_disk(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+) -> None:
+    alice, bob, directory = world
+    big = tmp_path / "scanner.dcm"
+    with big.open("wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        for _ in range(12):
+            fh.write(os.urandom(1 << 20))
+    doc = m.Document.from_path(big, title="IRM")
+    assert doc.media_type == "application/dicom" and doc.filename == "scanner.dcm"
+    with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
+        ca.send(doc, to=bob.ref)
+        (msg,) = cb.receive()
+        out = msg.documents[0].save(tmp_path / "received.dcm")
+        assert out.read_bytes() == big.read_bytes()
+
+
+def test_storage_errors_are_clear(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    ca = client(alice, directory, authority, busy_timeout=0.2)
+    locker = sqlite3.connect(alice.home / "medsecure.sqlite", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(m.StorageError, match="locked"):
+            ca.send(m.Document(content=b"x"), to=bob.ref)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert ca.send(m.Document(content=b"x"), to=bob.ref).all_sent
+    assert len(ca.outbox()) == 1
+    ca.close()
+
+
+def test_mock_transport_for_users_tests(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    loop = m.MockTransport.loopback()
+    pol = m.AuthorityPolicy([authority.public])
+    with m.Client(alice.identity, directory, loop, alice.home, trust=pol, me=alice.idnps) as ca:
+        ca.send(m.Document(content=b"to myself"), to=alice.ref)
+        (msg,) = ca.receive()
+        assert msg.documents[0].read() == b"to myself"

@@ -419,7 +419,7 @@ def test_storage_errors_are_clear(
 def test_mock_transport_for_users_tests(
     world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
 ) -> None:
-    alice, bob, directory = world
+    alice, _bob, directory = world
     loop = m.MockTransport.loopback()
     pol = m.AuthorityPolicy([authority.public])
     with m.Client(alice.identity, directory, loop, alice.home, trust=pol, me=alice.idnps) as ca:

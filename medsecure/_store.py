@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY) or not os.access(path, os.W_OK)
+    except OSError:
+        return False
+
+
 def _explain(exc: sqlite3.Error) -> str:
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
@@ -86,6 +93,8 @@ def _explain(exc: sqlite3.Error) -> str:
         return "the disk holding the medsecure home is full"
     if "disk i/o" in text:
         return "disk I/O error in the medsecure home (disk full or failing?)"
+    if "unable to open" in text:
+        return "cannot open the medsecure database (is the home missing or read-only?)"
     if "malformed" in text or "not a database" in text:
         return "the medsecure database is damaged"
     return f"database error: {exc}"

@@ -67,7 +67,7 @@ def client(p: Party, directory: m.Directory, authority: m.Identity, **kw: object
         m.FileTransport(p.box),
         p.home,
         trust=m.AuthorityPolicy(
-            [authority.public], pins=m.PinStore(p.home.parent / f"pins-{p.name}.sqlite")
+            [authority.public], pins=m.PinStore(p.box.parent / f"pins-{p.name}.sqlite")
         ),
         me=p.idnps,
         **kw,  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ import io
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -167,8 +167,15 @@ class MessageReader(io.RawIOBase):
     a file that shrank or grew meanwhile raises StorageError (the message is not sent).
     """
 
-    def __init__(self, manifest: Manifest, documents: Sequence[Document]) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        documents: Sequence[Document],
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__()
+        self._progress = progress
         raw = manifest.encode()
         if len(raw) > MAX_MANIFEST:
             raise ValueError(
@@ -219,6 +226,8 @@ class MessageReader(io.RawIOBase):
             if not got:
                 raise StorageError("a document changed while it was being sent (it shrank)")
             self._left -= got
+            if self._progress is not None:
+                self._progress(got)
             return int(got)
 
     def close(self) -> None:

@@ -380,12 +380,14 @@ class Client:
         in_reply_to: str | None = None,
         receipts: Sequence[str] = (),
         allow_classic: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> SendResult:
         """Seal ``documents`` for every recipient in ``to`` and deliver them.
 
         Returns once the envelope and its delivery plan are durably stored and one delivery
         attempt per recipient was made. Raises before storing anything if a recipient is
-        unknown, has no trusted key or no reachable endpoint.
+        unknown, has no trusted key or no reachable endpoint. ``progress`` is called with the
+        number of bytes sealed since its previous call (for progress bars).
         """
         docs = [documents] if isinstance(documents, Document) else list(documents)
         if not all(isinstance(d, Document) for d in docs):
@@ -422,7 +424,10 @@ class Client:
         name = f"{message_id}.msec"
         path = self.store.outbox_dir / name
         try:
-            with MessageReader(manifest, docs) as src, atomic_output(path, mode=0o600) as raw:
+            with (
+                MessageReader(manifest, docs, progress=progress) as src,
+                atomic_output(path, mode=0o600) as raw,
+            ):
                 out = _HashingWriter(raw)
                 seal_stream(
                     src,  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -191,8 +192,33 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+class _Deferred(logging.Handler):
+    """Holds warnings until the command ends: shown on success, dropped on failure (whose one
+    line says what matters)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"medsecure: warning: {_one_line(record.getMessage())}")
+
+    def flush_to_stderr(self) -> None:
+        for line in dict.fromkeys(self.lines):
+            click.echo(line, err=True)
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"medsecure: error: {_one_line(message)}", err=True)
+    return code
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI, turning every failure into one line on stderr and an exit status."""
+    deferred = _Deferred()
+    logger = logging.getLogger("medsecure")
+    logger.addHandler(deferred)
+    logger.propagate = False
     try:
         cli.main(
             args=list(argv) if argv is not None else None,
@@ -200,26 +226,22 @@ def run(argv: Sequence[str] | None = None) -> int:
             standalone_mode=False,
         )
     except click.exceptions.Abort:
-        click.echo("medsecure: error: aborted", err=True)
-        return 130
+        return _fail("aborted", 130)
     except click.ClickException as exc:
-        click.echo(f"medsecure: error: {_one_line(exc.format_message())}", err=True)
-        return exc.exit_code if exc.exit_code else 2
+        return _fail(exc.format_message(), exc.exit_code if exc.exit_code else 2)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except (CliError, MedsecureError, ValueError) as exc:
-        click.echo(f"medsecure: error: {_one_line(str(exc))}", err=True)
-        return 1
+        return _fail(str(exc), 1)
     except OSError as exc:
         name = f" {exc.filename!r}" if exc.filename else ""
-        click.echo(f"medsecure: error: {exc.strerror or exc}{name}", err=True)
-        return 1
+        return _fail(f"{exc.strerror or exc}{name}", 1)
     except KeyboardInterrupt:
-        click.echo("medsecure: error: interrupted", err=True)
-        return 130
+        return _fail("interrupted", 130)
     except Exception as exc:  # never a traceback, even for a bug of ours
-        click.echo(
-            f"medsecure: error: unexpected {type(exc).__name__}: {_one_line(str(exc))}", err=True
-        )
-        return 70
+        return _fail(f"unexpected {type(exc).__name__}: {exc}", 70)
+    finally:
+        logger.removeHandler(deferred)
+        logger.propagate = True
+    deferred.flush_to_stderr()
     return 0

@@ -591,6 +591,19 @@ def _decrypt_chunks(
     return size
 
 
+def envelope_id(src: BinaryIO, *, max_recipients: int = F.DEFAULT_MAX_RECIPIENTS) -> str:
+    """SHA-256 (hex) of an envelope's framed header: unique per envelope (the header holds a
+    random salt) and read without going through the payload. Not an authentication: a
+    tampered payload keeps the id, so only verified envelopes may be deduplicated on it."""
+    prefix = _read_exact(src, len(F.ENVELOPE_MAGIC) + _FRAME.size)
+    if prefix[: len(F.ENVELOPE_MAGIC)] != F.ENVELOPE_MAGIC:
+        raise EnvelopeError("not a medsecure envelope")
+    (hlen,) = _FRAME.unpack(prefix[len(F.ENVELOPE_MAGIC) :])
+    if hlen > _header_budget(max_recipients):
+        raise EnvelopeError("envelope header too large")
+    return _sha256(prefix + _read_exact(src, hlen)).hex()
+
+
 def _check_open_args(identity: object, expected_sender: object) -> None:
     if not isinstance(identity, Identity):
         raise TypeError("identity must be an Identity")

@@ -13,9 +13,11 @@ Status updates after a delivery attempt are committed with ``synchronous=NORMAL`
 to a power cut only means the envelope is delivered again, which every transport makes
 idempotent and every inbox deduplicates by message id.
 
-The inbox stores a fetched envelope (fsynced) and commits its row *before* the transport copy is
-acknowledged, then verifies it; an envelope whose SHA-256 is already known is acknowledged and
-dropped, as is a second envelope with an already received message id.
+The inbox stores a fetched envelope (durably) and commits its row *before* the transport copy is
+acknowledged, then verifies it. An envelope whose id (SHA-256 of its framed header) matches an
+already *verified* one is acknowledged and dropped; so is a second envelope with an already
+received message id. Unverified look-alikes are kept and verified on their own, so a tampered
+copy planted first cannot shadow the genuine envelope.
 
 The database holds identifiers, statuses and hashes only: never subjects, file names or patient
 data (those stay inside the envelopes and the verified message files).
@@ -42,7 +44,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL,
     envelope TEXT NOT NULL,
     size INTEGER NOT NULL,
-    envelope_sha256 TEXT NOT NULL,
+    envelope_id TEXT NOT NULL,
     receipts TEXT NOT NULL DEFAULT '',
     deadline REAL
 );
@@ -61,7 +63,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt);
 CREATE TABLE IF NOT EXISTS inbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    envelope_sha256 TEXT NOT NULL UNIQUE,
+    envelope_id TEXT NOT NULL,
     message_id TEXT UNIQUE,
     status TEXT NOT NULL,
     sender_idnps TEXT,
@@ -72,6 +74,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     sender_key TEXT,
     reason TEXT
 );
+CREATE INDEX IF NOT EXISTS inbox_envelope ON inbox (envelope_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, Self
 
 from ._document import Document
-from ._envelope import seal_stream, unseal_stream
+from ._envelope import envelope_id, seal_stream, unseal_stream
 from ._errors import (
     DeliveryRejected,
     DirectoryUnavailable,
@@ -261,19 +260,6 @@ def _doc_from_entry(entry: dict[str, Any], file: Path, offset: int) -> ReceivedD
     )
 
 
-class _HashingWriter:
-    def __init__(self, fh: BinaryIO) -> None:
-        self._fh = fh
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        n = self._fh.write(data)
-        self.size += len(data)
-        return n
-
-
 def _ts(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.UTC)
 
@@ -426,17 +412,22 @@ class Client:
         try:
             with (
                 MessageReader(manifest, docs, progress=progress) as src,
-                atomic_output(path, mode=0o600) as raw,
+                # 0644: the envelope is encrypted; drop folders may hard-link it for other users
+                atomic_output(path, mode=0o644) as out,
             ):
-                out = _HashingWriter(raw)
                 seal_stream(
                     src,  # type: ignore[arg-type]
-                    out,  # type: ignore[arg-type]
+                    out,
                     sender=self.identity,
                     recipients=keys,
                     allow_classic=allow_classic,
                 )
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                eid = envelope_id(fh)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
             raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
         try:
             with self.store.transaction() as db:
@@ -446,8 +437,8 @@ class Client:
                         message_id,
                         now,
                         name,
-                        out.size,
-                        out.sha.hexdigest(),
+                        size,
+                        eid,
                         ",".join(manifest.receipts),
                         None,
                     ),
@@ -605,43 +596,71 @@ class Client:
     # -- receiving --------------------------------------------------------------------------
     def _store_incoming(self, transport: Transport, limit: int | None) -> int:
         stored = 0
+        local_path = getattr(transport, "local_path", None)
         for item in transport.list():
             if limit is not None and stored >= limit:
                 break
+            tmp = (
+                self.store.inbox_dir / f".medsecure-in-{os.getpid()}-{random.getrandbits(48):012x}"
+            )
             try:
-                src = transport.fetch(item)
+                self._take(transport, item, tmp, local_path)
             except TransportUnavailable:
                 continue  # taken meanwhile by another reader
-            tmp_name = f".medsecure-in-{os.getpid()}-{random.getrandbits(48):012x}"
-            tmp = self.store.inbox_dir / tmp_name
-            sha = hashlib.sha256()
             try:
-                with src, tmp.open("wb") as out:
-                    while block := src.read(1 << 20):
-                        sha.update(block)
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
+                with tmp.open("rb") as fh:
+                    eid = envelope_id(fh)
+            except EnvelopeError:
+                eid = "unparsable-" + os.urandom(16).hex()  # verified (and quarantined) below
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
-            digest = sha.hexdigest()
-            if self.store.query("SELECT id FROM inbox WHERE envelope_sha256 = ?", (digest,)):
-                tmp.unlink()
-                transport.acknowledge(item)  # already stored by an earlier run: idempotent
+                tmp.unlink(missing_ok=True)
+                raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
+            known = self.store.query(
+                "SELECT id FROM inbox WHERE envelope_id = ? AND status IN ('received', 'acked', 'duplicate')",
+                (eid,),
+            )
+            if known:
+                tmp.unlink(missing_ok=True)
+                transport.acknowledge(item)  # already received by an earlier run: idempotent
                 continue
-            name = f"{digest[:32]}.msec"
-            os.replace(tmp, self.store.inbox_dir / name)
-            fsync_dir(self.store.inbox_dir)
             with self.store.transaction() as db:
-                db.execute(
-                    "INSERT INTO inbox (envelope_sha256, status, received_at, envelope) VALUES (?, 'fetched', ?, ?)",
-                    (digest, self._clock(), name),
+                cur = db.execute(
+                    "INSERT INTO inbox (envelope_id, status, received_at) VALUES (?, 'fetched', ?)",
+                    (eid, self._clock()),
                 )
+                row_id = cur.lastrowid
+                name = f"{row_id}.msec"
+                os.replace(tmp, self.store.inbox_dir / name)
+                fsync_dir(self.store.inbox_dir)
+                db.execute("UPDATE inbox SET envelope = ? WHERE id = ?", (name, row_id))
             transport.acknowledge(item)
             stored += 1
         return stored
+
+    def _take(self, transport: Transport, item: Any, tmp: Path, local_path: Any) -> None:
+        """Put a durable copy of a waiting envelope at ``tmp``.
+
+        A drop folder on the same file system is hard-linked (its file was fsynced by the
+        sender); anything else is copied and fsynced."""
+        if local_path is not None:
+            try:
+                os.link(local_path(item), tmp)
+            except FileNotFoundError as exc:
+                raise TransportUnavailable("the envelope was taken by another reader") from exc
+            except OSError:
+                pass  # another file system: copy below
+            else:
+                return
+        src = transport.fetch(item)
+        try:
+            with src, tmp.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
 
     def _quarantine(self, row: Any, reason: str, message_id: str | None = None) -> None:
         src = self.store.inbox_dir / row["envelope"]

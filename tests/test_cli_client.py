@@ -18,15 +18,54 @@ import medsecure
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("homes")
-    proc = run(["init", "--home", "alice", "--me", "rpps:10000005479", "--family", "MARTIN", "--given", "Sophie", "--json"], d)
+    proc = run(
+        [
+            "init",
+            "--home",
+            "alice",
+            "--me",
+            "rpps:10000005479",
+            "--family",
+            "MARTIN",
+            "--given",
+            "Sophie",
+            "--json",
+        ],
+        d,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["fingerprint"].startswith("ms1") and info["public_key"].startswith("msp1")
     assert "unsafe-tofu" in proc.stderr  # says plainly that no authority was configured
-    assert run(["init", "--home", "bob", "--me", "rpps:10000000019", "--family", "PETIT", "--given", "Luc", "--directory", str(d / "alice" / "directory.json")], d).returncode == 0
-    assert run(["directory", "import", "--directory", "alice/directory.json", "bob/directory.json"], d).returncode == 0
+    assert (
+        run(
+            [
+                "init",
+                "--home",
+                "bob",
+                "--me",
+                "rpps:10000000019",
+                "--family",
+                "PETIT",
+                "--given",
+                "Luc",
+                "--directory",
+                str(d / "alice" / "directory.json"),
+            ],
+            d,
+        ).returncode
+        == 0
+    )
+    assert (
+        run(
+            ["directory", "import", "--directory", "alice/directory.json", "bob/directory.json"], d
+        ).returncode
+        == 0
+    )
     assert (d / "alice" / "identity.key").stat().st_mode & 0o777 == 0o600
-    assert "already a medsecure home" in one_error_line(run(["init", "--home", "alice", "--me", "rpps:10000005479"], d))
+    assert "already a medsecure home" in one_error_line(
+        run(["init", "--home", "alice", "--me", "rpps:10000005479"], d)
+    )
     return d
 
 
@@ -35,7 +74,21 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
     doc.write_bytes(b"%PDF-1.7\n" + os.urandom(2000))
     photo = tmp_path / "plaie.jpg"
     photo.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(500))
-    proc = run(["send", str(doc), str(photo), "--to", "rpps:10000000019", "--subject", "Suivi", "--home", "alice", "--json"], homes)
+    proc = run(
+        [
+            "send",
+            str(doc),
+            str(photo),
+            "--to",
+            "rpps:10000000019",
+            "--subject",
+            "Suivi",
+            "--home",
+            "alice",
+            "--json",
+        ],
+        homes,
+    )
     assert proc.returncode == 0, proc.stderr
     sent = json.loads(proc.stdout)
     assert sent["recipients"][0]["status"] == "sent"
@@ -53,7 +106,10 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
     assert (folder / "cr.pdf").read_bytes() == doc.read_bytes()
     assert (folder / "plaie.jpg").read_bytes() == photo.read_bytes()
     meta = json.loads((folder / "message.json").read_text())
-    assert meta["sender"]["idnps"] == "810000005479" and meta["documents"][0]["media_type"] == "application/pdf"
+    assert (
+        meta["sender"]["idnps"] == "810000005479"
+        and meta["documents"][0]["media_type"] == "application/pdf"
+    )
     # acknowledged: nothing more
     assert json.loads(run(["receive", "--home", "bob", "--json"], homes).stdout)["messages"] == []
     assert "0 message(s)" in run(["receive", "--home", "bob"], homes).stderr or True
@@ -63,11 +119,24 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
 def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "x.txt"
     doc.write_text("hello")
-    assert "no practitioner matches" in one_error_line(run(["send", str(doc), "--to", "rpps:10000000027", "--home", "alice"], homes))
-    assert "not a readable file" in one_error_line(run(["send", str(tmp_path / "missing.pdf"), "--to", "rpps:10000000019", "--home", "alice"], homes))
-    assert "not a medsecure home" in one_error_line(run(["outbox", "--home", str(tmp_path / "nohome")], homes))
-    assert "wrong passphrase" in one_error_line(run(["outbox", "--home", "alice"], homes, passphrase="bad"))
-    assert "MEDSECURE_PASSPHRASE" in one_error_line(run(["outbox", "--home", "alice"], homes, passphrase=None))
+    assert "no practitioner matches" in one_error_line(
+        run(["send", str(doc), "--to", "rpps:10000000027", "--home", "alice"], homes)
+    )
+    assert "not a readable file" in one_error_line(
+        run(
+            ["send", str(tmp_path / "missing.pdf"), "--to", "rpps:10000000019", "--home", "alice"],
+            homes,
+        )
+    )
+    assert "not a medsecure home" in one_error_line(
+        run(["outbox", "--home", str(tmp_path / "nohome")], homes)
+    )
+    assert "wrong passphrase" in one_error_line(
+        run(["outbox", "--home", "alice"], homes, passphrase="bad")
+    )
+    assert "MEDSECURE_PASSPHRASE" in one_error_line(
+        run(["outbox", "--home", "alice"], homes, passphrase=None)
+    )
 
 
 def test_module_level_send_uses_medsecure_home(homes: Path, tmp_path: Path) -> None:
@@ -77,7 +146,9 @@ def test_module_level_send_uses_medsecure_home(homes: Path, tmp_path: Path) -> N
         "print(r.message_id, r.all_sent)\n"
     )
     env = {**os.environ, "MEDSECURE_HOME": str(homes / "alice"), "MEDSECURE_PASSPHRASE": "pw"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     message_id, ok = proc.stdout.split()
     assert ok == "True"

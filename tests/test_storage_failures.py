@@ -18,7 +18,9 @@ import medsecure as m
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"mounting a tmpfs needs root: {proc.stderr.decode().strip()}")
     try:
@@ -60,7 +62,9 @@ def test_disk_full_on_send(small_fs: Path, tmp_path: Path, authority: m.Identity
         assert ca.send(m.Document(content=b"small"), to=bob.ref).all_sent  # the store still works
 
 
-def test_disk_full_on_receive_loses_nothing(small_fs: Path, tmp_path: Path, authority: m.Identity) -> None:
+def test_disk_full_on_receive_loses_nothing(
+    small_fs: Path, tmp_path: Path, authority: m.Identity
+) -> None:
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
     bob.home = small_fs / "home"

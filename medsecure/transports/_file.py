@@ -72,12 +72,18 @@ class FileTransport(Transport):
         tmp = box / "tmp" / f"{message_id}.{secrets.token_hex(8)}"
         try:
             self.prepare(box)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            if not self._link(envelope, tmp):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(envelope, out, 1 << 20)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    raise
             try:
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(envelope, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
                 os.replace(tmp, box / "new" / f"{message_id}.msec")
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -89,6 +95,23 @@ class FileTransport(Transport):
             if exc.errno in _TRANSIENT:
                 raise TransportUnavailable(f"cannot write to {where}: {exc.strerror}") from exc
             raise DeliveryRejected(f"cannot write to {where}: {exc.strerror}") from exc
+
+    @staticmethod
+    def _link(envelope: BinaryIO, tmp: Path) -> bool:
+        """Hard-link the (already fsynced, immutable) source file instead of copying it, when
+        it is a file on the same file system; False means "copy instead"."""
+        name = getattr(envelope, "name", None)
+        if not isinstance(name, str) or not os.path.isfile(name):
+            return False
+        try:
+            os.link(name, tmp)
+        except OSError:
+            return False  # another file system, or links not supported: copy
+        return True
+
+    def local_path(self, item: Incoming) -> Path:
+        """Where a waiting envelope lies (lets a receiver link instead of copying)."""
+        return self._path(item)
 
     def list(self) -> Sequence[Incoming]:
         new = self.root / "new"

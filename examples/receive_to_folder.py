@@ -1,0 +1,89 @@
+"""Receive into a folder: every verified message becomes a sub-folder with its documents.
+
+    python examples/receive_to_folder.py OUT [--home HOME]
+
+Messages are acknowledged only after their documents are saved (at-least-once: a crash in
+between delivers them again, under the same message id). With no arguments it runs on a
+throw-away setup so the tests can run it as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import medsecure as m
+
+
+def receive_into(client: m.Client, out: Path) -> int:
+    count = 0
+    for msg in client.receive():
+        folder = out / msg.message_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, doc in enumerate(msg.documents):
+            doc.save(folder / (doc.filename or f"document-{i + 1}"))
+        meta = {
+            "from": msg.sender.display_name,
+            "idnps": msg.sender.idnps,
+            "subject": msg.subject,
+            "body": msg.body,
+        }
+        (folder / "message.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
+        msg.ack()
+        count += 1
+    for q in client.quarantine():
+        print(f"quarantined #{q.id}: {q.reason}")
+    return count
+
+
+def demo() -> int:
+    with tempfile.TemporaryDirectory(prefix="medsecure-receive-") as tmp:
+        root = Path(tmp)
+        m.init_home(
+            root / "a",
+            passphrase="demo",
+            me="rpps:10000005479",
+            family_name="MARTIN",
+            given_name="Sophie",
+        )
+        m.init_home(root / "b", passphrase="demo", me="rpps:10000000019", family_name="PETIT")
+        da, db = (
+            m.FileDirectory(root / "a" / "directory.json"),
+            m.FileDirectory(root / "b" / "directory.json"),
+        )
+        da.add(db.lookup("rpps:10000000019"))
+        db.add(da.lookup("rpps:10000005479"))
+        with m.client_from_home(root / "a", passphrase="demo") as a:
+            a.send(
+                [
+                    m.Document(content=b"%PDF-1.7 bilan", filename="bilan.pdf"),
+                    m.Document(content=b"MSH|^~\\&|LAB", filename="resultats.hl7"),
+                ],
+                to="rpps:10000000019",
+                subject="Bilan",
+                body="Bonjour",
+            )
+        with m.client_from_home(root / "b", passphrase="demo") as b:
+            n = receive_into(b, root / "out")
+        files = sorted(p.name for p in (root / "out").rglob("*") if p.is_file())
+        print(f"received {n} message(s): {files}")
+        return 0 if files == ["bilan.pdf", "message.json", "resultats.hl7"] else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path)
+    parser.add_argument("--home")
+    args = parser.parse_args()
+    if args.out is None:
+        return demo()
+    with m.client_from_home(args.home) as client:
+        print(f"{receive_into(client, args.out)} message(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

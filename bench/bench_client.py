@@ -147,10 +147,10 @@ def large(root: Path, mib: int, repeat: int = 2) -> None:
         timed("unseal", bare_unseal)
         for p in ("bare.msec", "bare.out"):
             (root / p).unlink()
-        timed("send", lambda: alice.send(m.Document.from_path(src), to="rpps:10000000019"))  # noqa: B023
+        timed("send", lambda: alice.send(m.Document.from_path(src), to="rpps:10000000019"))
         got: list[m.ReceivedMessage] = []
-        timed("receive", lambda: got.extend(bob.receive()))  # noqa: B023
-        timed("save", lambda: got[0].documents[0].save(root / "saved.bin"))  # noqa: B023
+        timed("receive", lambda: got.extend(bob.receive()))
+        timed("save", lambda: got[0].documents[0].save(root / "saved.bin"))
         assert (root / "saved.bin").stat().st_size == size
         got[0].ack()
         (root / "saved.bin").unlink()

@@ -54,7 +54,7 @@ def test_disk_full_on_send(small_fs: Path, tmp_path: Path, authority: m.Identity
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(4 << 20))
     with client(alice, directory, authority) as ca:
-        with pytest.raises(m.StorageError, match="No space left|full"):
+        with pytest.raises(m.StorageError, match=r"No space left|full"):
             ca.send(m.Document.from_path(big), to=bob.ref)
         assert ca.outbox() == []
         assert [p.name for p in (alice.home / "outbox").iterdir()] == []  # no partial file
@@ -94,9 +94,11 @@ def test_read_only_home(small_fs: Path, tmp_path: Path, authority: m.Identity) -
         ca.send(m.Document(content=b"before"), to=bob.ref)
     remount(small_fs, "ro")
     try:
-        with pytest.raises(m.StorageError, match="read-only|Read-only"):
-            with client(alice, directory, authority) as ca:
-                ca.send(m.Document(content=b"during"), to=bob.ref)
+        with (
+            pytest.raises(m.StorageError, match=r"read-only|Read-only"),
+            client(alice, directory, authority) as ca,
+        ):
+            ca.send(m.Document(content=b"during"), to=bob.ref)
     finally:
         remount(small_fs, "rw")
     with client(alice, directory, authority) as ca:

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     size INTEGER NOT NULL,
     envelope_id TEXT NOT NULL,
     receipts TEXT NOT NULL DEFAULT '',
-    deadline REAL
+    deadline REAL,
+    kind TEXT NOT NULL DEFAULT 'message'
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     message_id TEXT NOT NULL REFERENCES outbox(message_id),
@@ -72,7 +73,33 @@ CREATE TABLE IF NOT EXISTS inbox (
     plaintext TEXT,
     sender TEXT,
     sender_key TEXT,
-    reason TEXT
+    reason TEXT,
+    read_at REAL,
+    receipts TEXT
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    message_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    status TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT,
+    late INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (message_id, recipient, status)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    status TEXT NOT NULL,
+    at REAL NOT NULL,
+    late INTEGER NOT NULL DEFAULT 0,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS sent_receipts (
+    message_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (message_id, status)
 );
 CREATE INDEX IF NOT EXISTS inbox_envelope ON inbox (envelope_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

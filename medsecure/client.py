@@ -59,6 +59,7 @@ from ._fs import atomic_output, fsync_dir
 from ._identity import Identity, PublicIdentity
 from ._message import Manifest, MessageReader, new_message_id, read_manifest
 from ._store import Store
+from .audit import AuditLog
 from .directory import Directory
 from .directory._base import normalize_ref
 from .identifiers import parse
@@ -74,8 +75,18 @@ __all__ = [
     "ReceivedMessage",
     "RecipientStatus",
     "SendResult",
+    "StatusEvent",
     "default_home",
 ]
+
+REJECTION_CODES = (
+    "unknown-patient",
+    "unreadable-document",
+    "verification-failed",
+    "not-for-me",
+    "other",
+)
+RECEIPT_ORDER = {"sent": 1, "delivered": 2, "read": 3}
 
 log = logging.getLogger("medsecure.client")
 
@@ -102,9 +113,30 @@ class RecipientStatus:
 
     recipient: str
     status: str
+    """``queued``, ``sent``, ``delivered``, ``read``, ``rejected``, ``failed`` or ``expired``."""
     endpoint: str | None = None
     attempts: int = 0
     error: str | None = None
+    receipts: tuple[str, ...] = ()
+    """Signed receipts received from this recipient (``delivered``, ``read``, ``rejected``)."""
+    late_receipts: tuple[str, ...] = ()
+    """Receipts that arrived after the message had expired or failed: recorded, never hidden,
+    and never rewriting the final status."""
+    reason: str | None = None
+    """The recipient's reason code for a rejection."""
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """A change of a recipient's status, as recorded (``Client.events()``, ``on_status``)."""
+
+    id: int
+    message_id: str
+    recipient: str
+    status: str
+    at: dt.datetime
+    late: bool = False
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +257,16 @@ class ReceivedMessage:
         """Mark the message processed: it leaves ``receive()`` and its files are removed."""
         self._client._ack(self._row)
 
+    def mark_read(self) -> None:
+        """Record that a person read the message; sends the ``read`` receipt if the sender asked
+        for one and this client's policy allows read receipts."""
+        self._client._mark_read(self._row)
+
+    def reject(self, reason: str = "other") -> None:
+        """Refuse the message (``unknown-patient``, ``unreadable-document``, ``not-for-me``,
+        ``other``): a ``rejected`` receipt goes back if receipts were asked, then it is acked."""
+        self._client._reject(self._row, reason)
+
 
 def _doc_from_entry(entry: dict[str, Any], file: Path, offset: int) -> ReceivedDocument:
     def opt_code(value: Any) -> Code | None:
@@ -286,6 +328,9 @@ class Client:
         retry_cap: float = 6 * 3600.0,
         busy_timeout: float = 10.0,
         clock: Callable[[], float] | None = None,
+        on_status: Callable[[StatusEvent], None] | None = None,
+        send_read_receipts: bool = True,
+        audit_checkpoint_every: int = 256,
     ) -> None:
         if not isinstance(identity, Identity):
             raise TypeError("identity must be an Identity")
@@ -313,10 +358,19 @@ class Client:
         self._clock = clock or Store.now
         self.store = Store(self.home, busy_timeout=busy_timeout)
         self._lock = threading.RLock()
+        self.on_status = on_status
+        self.send_read_receipts = send_read_receipts
+        self.audit = AuditLog(
+            self.home / "audit",
+            identity=identity,
+            actor_id=self.me,
+            checkpoint_every=audit_checkpoint_every,
+        )
         self.store.recover()
 
     # -- context manager --------------------------------------------------------------------
     def close(self) -> None:
+        self.audit.close()
         self.store.close()
 
     def __enter__(self) -> Self:
@@ -367,13 +421,16 @@ class Client:
         receipts: Sequence[str] = (),
         allow_classic: bool = False,
         progress: Callable[[int], None] | None = None,
+        deadline: dt.timedelta | dt.datetime | None = None,
     ) -> SendResult:
         """Seal ``documents`` for every recipient in ``to`` and deliver them.
 
         Returns once the envelope and its delivery plan are durably stored and one delivery
         attempt per recipient was made. Raises before storing anything if a recipient is
         unknown, has no trusted key or no reachable endpoint. ``progress`` is called with the
-        number of bytes sealed since its previous call (for progress bars).
+        number of bytes sealed since its previous call (for progress bars). With ``receipts``,
+        each recipient signs and returns ``delivered`` / ``read`` receipts; with ``deadline``, a
+        recipient whose ``delivered`` receipt has not come by then is marked ``expired``.
         """
         docs = [documents] if isinstance(documents, Document) else list(documents)
         if not all(isinstance(d, Document) for d in docs):
@@ -385,28 +442,73 @@ class Client:
         bad = [r for r in receipts if r not in ("delivered", "read")]
         if bad:
             raise ValueError(f"unknown receipt kind {bad[0]!r}: expected 'delivered' or 'read'")
+        if isinstance(deadline, dt.timedelta):
+            deadline_ts: float | None = self._clock() + deadline.total_seconds()
+        elif isinstance(deadline, dt.datetime):
+            if deadline.tzinfo is None:
+                raise ValueError("deadline must be timezone-aware")
+            deadline_ts = deadline.timestamp()
+        elif deadline is None:
+            deadline_ts = None
+        else:
+            raise TypeError("deadline is a timedelta or a datetime")
         practitioners = self._resolve(to)
-        keys: list[PublicIdentity] = []
-        plans: list[tuple[str, list[Endpoint]]] = []
-        for p in practitioners:
-            for k in self.trust.trusted_keys(p):
-                if k not in keys:
-                    keys.append(k)
-            plans.append((p.idnps, self._endpoints(p)))
         now = self._clock()
-        message_id = new_message_id(_ts(now))
-        sizes = [d.size for d in docs]
         manifest = Manifest(
-            message_id=message_id,
+            message_id=new_message_id(_ts(now)),
             created=_ts(now),
             sender_idnps=self.me,
             recipients=tuple(p.idnps for p in practitioners),
             subject=subject,
             body=body,
             in_reply_to=in_reply_to,
-            documents=tuple(d.describe(size) for d, size in zip(docs, sizes, strict=True)),
+            documents=tuple(d.describe(d.size) for d in docs),
             receipts=tuple(dict.fromkeys(receipts)),
         )
+        patients = sorted(
+            {self.audit.link(d.patient.ins.matricule) for d in docs if d.patient is not None}
+        )
+        return self._submit(
+            manifest,
+            docs,
+            practitioners,
+            allow_classic=allow_classic,
+            progress=progress,
+            deadline=deadline_ts,
+            patients=patients,
+        )
+
+    def _submit(
+        self,
+        manifest: Manifest,
+        docs: Sequence[Document],
+        practitioners: Sequence[Practitioner],
+        *,
+        allow_classic: bool = False,
+        progress: Callable[[int], None] | None = None,
+        deadline: float | None = None,
+        patients: Sequence[str] = (),
+    ) -> SendResult:
+        """Seal into the outbox, commit the delivery plan, attempt delivery (shared by messages
+        and receipts)."""
+        keys: list[PublicIdentity] = []
+        plans: list[tuple[str, list[Endpoint]]] = []
+        try:
+            for p in practitioners:
+                for k in self.trust.trusted_keys(p):
+                    if k not in keys:
+                        keys.append(k)
+                plans.append((p.idnps, self._endpoints(p)))
+        except TrustError as exc:
+            self.audit.append(
+                "trust-refused",
+                message_id=manifest.message_id,
+                result=type(exc).__name__,
+                answer=str(exc),
+            )
+            raise
+        message_id = manifest.message_id
+        now = self._clock()
         name = f"{message_id}.msec"
         path = self.store.outbox_dir / name
         try:
@@ -429,10 +531,15 @@ class Client:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         try:
             with self.store.transaction() as db:
                 db.execute(
-                    "INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO outbox (message_id, created, envelope, size, envelope_id, receipts, deadline, kind)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         message_id,
                         now,
@@ -440,7 +547,8 @@ class Client:
                         size,
                         eid,
                         ",".join(manifest.receipts),
-                        None,
+                        deadline,
+                        manifest.kind,
                     ),
                 )
                 db.executemany(
@@ -464,24 +572,133 @@ class Client:
                 path.unlink()
             raise
         log.info("message %s accepted for %d recipient(s)", message_id, len(plans))
-        self._deliver(
-            self.store.query(
-                "SELECT * FROM deliveries WHERE message_id = ? AND status = ?", (message_id, QUEUED)
+        with self.audit.batch():
+            self.audit.append(
+                "send" if manifest.kind == "message" else "receipt-send",
+                message_id=message_id,
+                envelope_id=eid,
+                counterparty=[idnps for idnps, _ in plans],
+                keys=[k.fingerprint for k in keys],
+                documents=len(docs),
+                size=size,
+                receipts=list(manifest.receipts) or None,
+                patients=list(patients) or None,
+                of=(manifest.extra or {}).get("of"),
+                result=(manifest.extra or {}).get("status"),
             )
-        )
+            self._deliver(
+                self.store.query(
+                    "SELECT * FROM deliveries WHERE message_id = ? AND status = ?",
+                    (message_id, QUEUED),
+                )
+            )
         return SendResult(message_id, tuple(self._statuses(message_id)))
 
     def _statuses(self, message_id: str) -> list[RecipientStatus]:
+        got: dict[str, list[Any]] = {}
+        for r in self.store.query(
+            "SELECT * FROM receipts WHERE message_id = ? ORDER BY at", (message_id,)
+        ):
+            got.setdefault(r["recipient"], []).append(r)
         out = []
         for r in self.store.query(
             "SELECT * FROM deliveries WHERE message_id = ? ORDER BY recipient", (message_id,)
         ):
             eps = json.loads(r["endpoints"])
             ep = eps[min(r["endpoint_index"], len(eps) - 1)]["kind"] if eps else None
+            receipts = got.get(r["recipient"], [])
+            on_time = [x for x in receipts if not x["late"]]
+            status = r["status"]
+            reason = None
+            rejected = [x for x in on_time if x["status"] == "rejected"]
+            if rejected:
+                status, reason = "rejected", rejected[0]["reason"]
+            elif status in (SENT, QUEUED) and on_time:
+                best = max(on_time, key=lambda x: RECEIPT_ORDER.get(x["status"], 0))
+                status = best["status"]
             out.append(
-                RecipientStatus(r["recipient"], r["status"], ep, r["attempts"], r["last_error"])
+                RecipientStatus(
+                    r["recipient"],
+                    status,
+                    ep,
+                    r["attempts"],
+                    r["last_error"],
+                    receipts=tuple(x["status"] for x in on_time),
+                    late_receipts=tuple(x["status"] for x in receipts if x["late"]),
+                    reason=reason,
+                )
             )
         return out
+
+    def _event(
+        self,
+        message_id: str,
+        recipient: str,
+        status: str,
+        *,
+        late: bool = False,
+        detail: str | None = None,
+    ) -> None:
+        at = self._clock()
+        with self.store.transaction(durable=False) as db:
+            cur = db.execute(
+                "INSERT INTO events (message_id, recipient, status, at, late, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (message_id, recipient, status, at, int(late), detail),
+            )
+            event_id = int(cur.lastrowid or 0)
+        if self.on_status is not None:
+            try:
+                self.on_status(
+                    StatusEvent(event_id, message_id, recipient, status, _ts(at), late, detail)
+                )
+            except Exception:  # the application's callback must not break delivery
+                log.exception("on_status callback failed")
+
+    def events(self, *, after: int = 0) -> list[StatusEvent]:
+        """Recorded status changes with an id above ``after`` (poll with the last id seen)."""
+        return [
+            StatusEvent(
+                r["id"],
+                r["message_id"],
+                r["recipient"],
+                r["status"],
+                _ts(r["at"]),
+                bool(r["late"]),
+                r["detail"],
+            )
+            for r in self.store.query("SELECT * FROM events WHERE id > ? ORDER BY id", (after,))
+        ]
+
+    def expire(self) -> list[RecipientStatus]:
+        """Mark ``expired`` every recipient whose deadline passed without a delivered receipt."""
+        now = self._clock()
+        rows = self.store.query(
+            "SELECT d.message_id, d.recipient FROM deliveries d JOIN outbox o ON o.message_id = d.message_id"
+            " WHERE o.deadline IS NOT NULL AND o.deadline < ? AND d.status IN (?, ?)"
+            " AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.message_id = d.message_id AND r.recipient = d.recipient"
+            " AND r.status IN ('delivered', 'read', 'rejected'))",
+            (now, QUEUED, SENT),
+        )
+        if not rows:
+            return []
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET status = 'expired', updated = ? WHERE message_id = ? AND recipient = ?",
+                [(now, r["message_id"], r["recipient"]) for r in rows],
+            )
+        with self.audit.batch():
+            for r in rows:
+                self.audit.append(
+                    "expire",
+                    message_id=r["message_id"],
+                    counterparty=r["recipient"],
+                    result="expired",
+                )
+        for r in rows:
+            self._event(r["message_id"], r["recipient"], "expired")
+        return [
+            s for mid in dict.fromkeys(r["message_id"] for r in rows) for s in self._statuses(mid)
+        ]
 
     def _backoff(self, attempts: int) -> float:
         ceiling = min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1))
@@ -556,11 +773,24 @@ class Client:
                     QUEUED,
                 ),
             )
+        self.audit.append(
+            "deliver",
+            message_id=message_id,
+            counterparty=recipient,
+            endpoint=endpoints[index].kind,
+            attempt=attempts,
+            result=status,
+            answer=error,
+        )
         if status == FAILED:
             log.warning("message %s to %s failed: %s", message_id, recipient, error)
+        if status in (SENT, FAILED):
+            self._event(message_id, recipient, status, detail=error)
 
     def flush(self, *, force: bool = False) -> list[RecipientStatus]:
-        """Attempt every queued delivery that is due (all of them with ``force=True``)."""
+        """Attempt every queued delivery that is due (all of them with ``force=True``), after
+        marking expired the recipients whose deadline passed."""
+        self.expire()
         if force:
             rows = self.store.query(
                 "SELECT * FROM deliveries WHERE status = ? ORDER BY message_id", (QUEUED,)
@@ -570,7 +800,8 @@ class Client:
                 "SELECT * FROM deliveries WHERE status = ? AND next_attempt <= ? ORDER BY message_id",
                 (QUEUED, self._clock()),
             )
-        self._deliver(rows)
+        with self.audit.batch():
+            self._deliver(rows)
         ids = list(dict.fromkeys(r["message_id"] for r in rows))
         return [s for mid in ids for s in self._statuses(mid)]
 
@@ -583,11 +814,14 @@ class Client:
                 r["size"],
                 tuple(self._statuses(r["message_id"])),
             )
-            for r in self.store.query("SELECT * FROM outbox ORDER BY created, message_id")
+            for r in self.store.query(
+                "SELECT * FROM outbox WHERE kind = 'message' ORDER BY created, message_id"
+            )
         ]
 
     def status(self, message_id: str) -> list[RecipientStatus]:
-        """The recipients' statuses of one sent message."""
+        """The recipients' statuses of one sent message (receipts and deadlines included)."""
+        self.expire()
         statuses = self._statuses(message_id)
         if not statuses:
             raise KeyError(f"no message {message_id!r} in the outbox")
@@ -616,7 +850,7 @@ class Client:
                 tmp.unlink(missing_ok=True)
                 raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
             known = self.store.query(
-                "SELECT id FROM inbox WHERE envelope_id = ? AND status IN ('received', 'acked', 'duplicate')",
+                "SELECT id FROM inbox WHERE envelope_id = ? AND status IN ('received', 'acked', 'duplicate', 'receipt', 'receipt-ignored')",
                 (eid,),
             )
             if known:
@@ -679,7 +913,9 @@ class Client:
         self._on_quarantine(row["id"], reason, message_id)
 
     def _on_quarantine(self, row_id: int, reason: str, message_id: str | None) -> None:
-        """Hook for receipts/audit (extended by later layers)."""
+        self.audit.append(
+            "quarantine", inbox=row_id, message_id=message_id, result="quarantined", answer=reason
+        )
 
     def _verify(self, row: Any) -> None:
         env_path = self.store.inbox_dir / row["envelope"]
@@ -731,6 +967,16 @@ class Client:
                 f"sender key not trusted for {manifest.sender_idnps}: {exc}",
                 manifest.message_id,
             )
+            if manifest.receipts and manifest.kind == "message":
+                # tell the practitioner the directory knows (never the unverified key) that
+                # something sent in their name failed verification
+                self._send_receipt(
+                    manifest.message_id,
+                    row["envelope_id"],
+                    sender,
+                    "rejected",
+                    "verification-failed",
+                )
             return
         if self._handle_special(row, manifest, opened.sender, sender, plain_path):
             return
@@ -749,26 +995,219 @@ class Client:
             return
         with self.store.transaction() as db:
             db.execute(
-                "UPDATE inbox SET status = 'received', message_id = ?, sender_idnps = ?, plaintext = ?, sender = ?, sender_key = ? WHERE id = ?",
+                "UPDATE inbox SET status = 'received', message_id = ?, sender_idnps = ?, plaintext = ?, sender = ?, sender_key = ?, receipts = ? WHERE id = ?",
                 (
                     manifest.message_id,
                     sender.idnps,
                     plain_name,
                     sender.model_dump_json(),
                     str(opened.sender),
+                    ",".join(manifest.receipts),
                     row["id"],
                 ),
             )
-        self._on_received(row["id"], manifest, sender)
+        self._on_received(row, manifest, sender)
 
     def _handle_special(
         self, row: Any, manifest: Manifest, key: PublicIdentity, sender: Practitioner, plain: Path
     ) -> bool:
-        """Hook for non-document messages such as receipts; True when handled."""
-        return False
+        """Non-document messages (receipts); True when handled."""
+        if manifest.kind != "receipt":
+            return False
+        self._handle_receipt(row, manifest, sender)
+        for name in (row["envelope"], plain.name):
+            with contextlib.suppress(OSError):
+                (self.store.inbox_dir / name).unlink()
+        return True
 
-    def _on_received(self, row_id: int, manifest: Manifest, sender: Practitioner) -> None:
-        """Hook for receipts/audit (extended by later layers)."""
+    def _on_received(self, row: Any, manifest: Manifest, sender: Practitioner) -> None:
+        patients = sorted(
+            {
+                self.audit.link(str(d["patient"]["ins"]["matricule"]))
+                for d in manifest.documents
+                if isinstance(d.get("patient"), dict)
+                and isinstance(d["patient"].get("ins"), dict)
+                and d["patient"]["ins"].get("matricule")
+            }
+        )
+        self.audit.append(
+            "receive",
+            message_id=manifest.message_id,
+            envelope_id=row["envelope_id"],
+            counterparty=sender.idnps,
+            documents=len(manifest.documents),
+            patients=patients or None,
+            receipts=list(manifest.receipts) or None,
+        )
+        if "delivered" in manifest.receipts:
+            self._send_receipt(manifest.message_id, row["envelope_id"], sender, "delivered")
+
+    # -- receipts ---------------------------------------------------------------------------
+    def _send_receipt(
+        self, of: str, envelope: str, to: Practitioner, status: str, reason: str | None = None
+    ) -> None:
+        """Send a signed receipt for message ``of`` (idempotent; failures are logged, never
+        raised into receive())."""
+        if self.store.query(
+            "SELECT 1 FROM sent_receipts WHERE message_id = ? AND status = ?", (of, status)
+        ):
+            return
+        if self.me is None:
+            log.warning(
+                "cannot send a %s receipt: the client does not know who it is (me=)", status
+            )
+            return
+        now = self._clock()
+        extra: dict[str, Any] = {
+            "status": status,
+            "of": of,
+            "envelope": envelope,
+            "at": int(now * 1000),
+        }
+        if reason:
+            extra["reason"] = reason
+        manifest = Manifest(
+            message_id=new_message_id(_ts(now)),
+            created=_ts(now),
+            sender_idnps=self.me,
+            recipients=(to.idnps,),
+            subject=None,
+            body=None,
+            in_reply_to=of,
+            documents=(),
+            receipts=(),
+            kind="receipt",
+            extra=extra,
+        )
+        try:
+            self._submit(manifest, [], [to])
+        except MedsecureError as exc:
+            log.warning("could not send the %s receipt for %s: %s", status, of, exc)
+            self.audit.append(
+                "receipt-failed",
+                message_id=of,
+                counterparty=to.idnps,
+                result=status,
+                answer=str(exc),
+            )
+            return
+        with self.store.transaction(durable=False) as db:
+            db.execute("INSERT OR IGNORE INTO sent_receipts VALUES (?, ?, ?)", (of, status, now))
+
+    def _handle_receipt(self, row: Any, manifest: Manifest, sender: Practitioner) -> None:
+        extra = manifest.extra or {}
+        status, of, envelope, reason = (
+            extra.get("status"),
+            extra.get("of"),
+            extra.get("envelope"),
+            extra.get("reason"),
+        )
+        problem = None
+        outbox = (
+            self.store.query("SELECT * FROM outbox WHERE message_id = ?", (of,))
+            if isinstance(of, str)
+            else []
+        )
+        delivery = (
+            self.store.query(
+                "SELECT * FROM deliveries WHERE message_id = ? AND recipient = ?",
+                (of, sender.idnps),
+            )
+            if outbox
+            else []
+        )
+        if status not in ("delivered", "read", "rejected"):
+            problem = "unknown receipt status"
+        elif not outbox:
+            problem = "receipt for an unknown message"
+        elif not delivery:
+            problem = f"receipt from {sender.idnps}, who is not a recipient of the message"
+        elif outbox[0]["envelope_id"] != envelope:
+            problem = "receipt for other content than the envelope sent"
+        elif reason is not None and (not isinstance(reason, str) or len(reason) > 64):
+            problem = "malformed rejection reason"
+        if problem is not None:
+            log.warning("ignoring a receipt: %s", problem)
+            self.audit.append(
+                "receipt-ignored",
+                message_id=of if isinstance(of, str) else None,
+                counterparty=sender.idnps,
+                answer=problem,
+            )
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE inbox SET status = 'receipt-ignored', message_id = ?, reason = ?, envelope = NULL WHERE id = ?",
+                    (manifest.message_id, problem, row["id"]),
+                )
+            return
+        late = delivery[0]["status"] in ("expired", FAILED)
+        with self.store.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?, ?)",
+                (of, sender.idnps, status, manifest.created.timestamp(), reason, int(late)),
+            )
+            fresh = cur.rowcount > 0
+            db.execute(
+                "UPDATE inbox SET status = 'receipt', message_id = ?, sender_idnps = ?, envelope = NULL WHERE id = ?",
+                (manifest.message_id, sender.idnps, row["id"]),
+            )
+        if fresh:
+            self.audit.append(
+                "receipt",
+                message_id=of,
+                envelope_id=envelope,
+                counterparty=sender.idnps,
+                result=status,
+                late=late or None,
+                answer=reason,
+            )
+            if late:
+                log.warning(
+                    "late %s receipt for %s from %s (already %s)",
+                    status,
+                    of,
+                    sender.idnps,
+                    delivery[0]["status"],
+                )
+            self._event(str(of), sender.idnps, str(status), late=late, detail=reason)
+
+    def _mark_read(self, row_id: int) -> None:
+        rows = self.store.query("SELECT * FROM inbox WHERE id = ?", (row_id,))
+        if (
+            not rows
+            or rows[0]["status"] not in ("received", "acked")
+            or rows[0]["read_at"] is not None
+        ):
+            return
+        row = rows[0]
+        with self.store.transaction(durable=False) as db:
+            db.execute("UPDATE inbox SET read_at = ? WHERE id = ?", (self._clock(), row_id))
+        self.audit.append("read", message_id=row["message_id"], counterparty=row["sender_idnps"])
+        if "read" in (row["receipts"] or "").split(",") and self.send_read_receipts:
+            sender = Practitioner.model_validate_json(row["sender"])
+            self._send_receipt(row["message_id"], row["envelope_id"], sender, "read")
+
+    def _reject(self, row_id: int, reason: str) -> None:
+        if reason not in REJECTION_CODES:
+            raise ValueError(
+                f"unknown rejection reason {reason!r}: expected one of {', '.join(REJECTION_CODES)}"
+            )
+        rows = self.store.query("SELECT * FROM inbox WHERE id = ?", (row_id,))
+        if not rows or rows[0]["status"] != "received":
+            return
+        row = rows[0]
+        self.audit.append(
+            "reject", message_id=row["message_id"], counterparty=row["sender_idnps"], answer=reason
+        )
+        if row["receipts"]:
+            self._send_receipt(
+                row["message_id"],
+                row["envelope_id"],
+                Practitioner.model_validate_json(row["sender"]),
+                "rejected",
+                reason,
+            )
+        self._ack(row_id)
 
     def receive(self, *, limit: int | None = None) -> list[ReceivedMessage]:
         """Fetch, store, open and verify incoming envelopes (at most ``limit`` new ones per
@@ -784,8 +1223,9 @@ class Client:
                     if budget == 0:
                         break
             pending = self.store.query("SELECT * FROM inbox WHERE status = 'fetched' ORDER BY id")
-            for row in pending[:limit] if limit is not None else pending:
-                self._verify(row)
+            with self.audit.batch():
+                for row in pending[:limit] if limit is not None else pending:
+                    self._verify(row)
             return [
                 self._message(r)
                 for r in self.store.query(
@@ -825,6 +1265,9 @@ class Client:
                 "UPDATE inbox SET status = 'acked', plaintext = NULL, envelope = NULL WHERE id = ?",
                 (row_id,),
             )
+        self.audit.append(
+            "ack", message_id=rows[0]["message_id"], counterparty=rows[0]["sender_idnps"]
+        )
         for name in (rows[0]["plaintext"], rows[0]["envelope"]):
             if name:
                 with contextlib.suppress(OSError):

@@ -56,6 +56,7 @@ __all__ = ["AuditLog", "VerifyReport", "export", "verify"]
 
 LABEL_CHECKPOINT = b"medsecure/v1/audit-checkpoint"
 GENESIS = "0" * 64
+GENESIS_B = GENESIS.encode()
 FILE_RE = re.compile(r"audit-(\d{6})\.jsonl")
 DEFAULT_RETENTION_DAYS = 183
 FORBIDDEN_KEYS = {"subject", "body", "filename", "filenames", "title", "ins", "patient", "content"}
@@ -400,6 +401,23 @@ def _iter_lines(folder: Path) -> Iterator[tuple[Path, int, bytes, bool]]:
             yield path, li + 1, line, torn_last and fi == len(files) - 1 and li == len(lines) - 1
 
 
+def _file_lines(path: Path) -> tuple[list[bytes], bool, list[int]]:
+    """The file's lines, whether the last one is torn, and the indexes of the lines that need
+    parsing (checkpoints and purges), found with one search over the whole file."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = bool(lines) and lines[-1] != b""
+    if not torn:
+        lines.pop()
+    special = []
+    for needle in (b'"action":"checkpoint"', b'"action":"purge"'):
+        pos = data.find(needle)
+        while pos != -1:
+            special.append(data.count(b"\n", 0, pos))
+            pos = data.find(needle, pos + 1)
+    return lines, torn, sorted(set(special))
+
+
 def verify(
     folder: str | os.PathLike[str], *, public: PublicIdentity | Sequence[PublicIdentity]
 ) -> VerifyReport:
@@ -407,125 +425,176 @@ def verify(
 
     Reports the first broken record. A torn last line (a writer killed mid-append) is reported
     and accepted: no record the writer had finished is lost.
+
+    The chain is checked a file at a time with bulk operations (hash every line, compare every
+    ``prev`` with the previous hash, every ``seq`` with its position), and only when something
+    differs is the file walked line by line to name the first broken record.
     """
     keys = [public] if isinstance(public, PublicIdentity) else list(public)
     allowed = {k.fingerprint for k in keys}
     root = Path(folder)
     report = VerifyReport(ok=True)
-    prev_hash: str | None = None
-    expected = 0
-    hashes_at: dict[int, str] = {}
-    purged_through: tuple[int, str] | None = None
-    signed: set[int] = set()
-
-    def fail(where: str, seq: int | None, problem: str) -> VerifyReport:
-        report.ok = False
-        report.first_broken = seq
-        report.problem = problem
-        report.file = where
-        return report
-
-    sha = hashlib.sha256
-    for path, lineno, line, torn in _iter_lines(root):
-        prefix_ok = (
-            len(line) > PREFIX_LEN
-            and line[12:13] == b" "
-            and line[77:78] == b" "
-            and line[:12].isdigit()
-        )
-        if not prefix_ok:
-            if torn:
-                report.torn_tail = True
-                report.warnings.append(
-                    f"{path.name}: torn last record (a writer was interrupted); the next append repairs it"
-                )
-                break
-            return fail(
-                path.name,
-                expected + 1 if expected else None,
-                f"line {lineno} of {path.name} is not a valid record",
-            )
-        seq = int(line[:12])
-        prev = line[13:77].decode("ascii", "replace")
-        if expected == 0:
-            if seq != 1:
-                if prev == GENESIS:
-                    return fail(path.name, seq, f"record {seq} claims to start the log")
-                report.warnings.append(f"the log starts at record {seq} (older files were purged)")
-            elif prev != GENESIS:
-                return fail(path.name, 1, "record 1 does not start the chain")
-            expected = seq
-        if seq != expected:
-            return fail(
-                path.name,
-                min(seq, expected),
-                f"record {seq} found where record {expected} was expected (deleted or reordered records)",
-            )
-        if prev_hash is not None and prev != prev_hash:
-            return fail(
-                path.name,
-                seq - 1,
-                f"record {seq} does not chain to record {seq - 1} (record {seq - 1} was altered)",
-            )
-        if b'"action":"checkpoint"' in line[78:]:
-            try:
-                _, _, body = _split(line)
-            except ValueError:
-                return fail(path.name, seq, f"record {seq} is malformed")
-            if body.get("action") == "checkpoint":
-                try:
-                    signer = PublicIdentity.from_text(body["signer"])
-                    sigs = [base64.b64decode(s, validate=True) for s in body["sigs"]]
-                except Exception:
-                    return fail(path.name, seq, f"checkpoint {seq} is malformed")
-                message = _checkpoint_message(seq, prev, body)
-                if signer.fingerprint not in allowed or not signer._verify(message, sigs):
-                    return fail(
-                        path.name, seq, f"checkpoint {seq} is not signed by the expected identity"
-                    )
-                report.checkpoints += 1
-                signed.add(seq)
-        elif b'"action":"purge"' in line[78:]:
-            try:
-                _, _, body = _split(line)
-                purged_through = (int(body["through_seq"]), str(body["through_hash"]))
-            except (ValueError, KeyError, TypeError):
-                return fail(path.name, seq, f"purge record {seq} is malformed")
-        prev_hash = sha(line).hexdigest()
-        hashes_at[seq] = prev_hash
-        expected = seq + 1
-        report.records += 1
-    if report.records and purged_through is not None:
-        first = min(hashes_at)
-        if first != purged_through[0] + 1:
-            return fail(
-                "(first file)",
-                first,
-                f"the oldest remaining record is {first}, but the purge record says files through {purged_through[0]} were removed",
-            )
+    head: tuple[int, str] | None = None
     head_path = root / "HEAD"
     if head_path.exists():
         try:
-            head = json.loads(head_path.read_text())
-            hseq, hhash = int(head["seq"]), str(head["hash"])
+            doc = json.loads(head_path.read_text())
+            head = (int(doc["seq"]), str(doc["hash"]))
         except (ValueError, KeyError, TypeError):
-            return fail("HEAD", None, "HEAD is damaged")
-        if hashes_at.get(hseq) != hhash:
-            if hseq not in hashes_at:
-                return fail(
-                    "HEAD",
-                    expected,
-                    f"the log was truncated: checkpoint {hseq} named by HEAD is missing (the log ends at {expected - 1})",
+            return _fail(report, "HEAD", None, "HEAD is damaged")
+    head_seen = False
+    signed: set[int] = set()
+    prev_hash: bytes | None = None
+    expected = 0
+    first_seq: int | None = None
+    purged_through: tuple[int, str] | None = None
+    files = _files(root)
+    sha = hashlib.sha256
+    for fi, path in enumerate(files):
+        lines, torn, special = _file_lines(path)
+        if torn:
+            if fi != len(files) - 1:
+                return _fail(
+                    report,
+                    path.name,
+                    expected or None,
+                    f"{path.name} ends with an incomplete record",
                 )
-            return fail(
-                "HEAD",
-                hseq,
-                f"record {hseq} differs from the checkpoint HEAD names (log rewritten)",
+            lines.pop()
+            report.torn_tail = True
+            report.warnings.append(
+                f"{path.name}: torn last record (a writer was interrupted); the next append repairs it"
             )
-        if hseq not in signed:
-            return fail("HEAD", hseq, f"HEAD names record {hseq}, which is not a signed checkpoint")
+        if not lines:
+            continue
+        try:
+            seqs = [int(x[:12]) for x in lines]
+        except ValueError:
+            return _fail(
+                report,
+                path.name,
+                expected or None,
+                f"a record of {path.name} has a bad sequence number",
+            )
+        digests = [sha(x).hexdigest().encode() for x in lines]
+        prevs = [x[13:77] for x in lines]
+        if expected == 0:
+            first_seq = seqs[0]
+            if seqs[0] == 1 and prevs[0] != GENESIS_B:
+                return _fail(report, path.name, 1, "record 1 does not start the chain")
+            if seqs[0] != 1:
+                if prevs[0] == GENESIS_B:
+                    return _fail(
+                        report, path.name, seqs[0], f"record {seqs[0]} claims to start the log"
+                    )
+                report.warnings.append(
+                    f"the log starts at record {seqs[0]} (older files were purged)"
+                )
+            expected = seqs[0]
+            prev_hash = prevs[0]
+        chained_ok = prevs[0] == prev_hash and prevs[1:] == digests[:-1]
+        seq_ok = seqs == list(range(expected, expected + len(lines)))
+        if not (chained_ok and seq_ok):
+            for i, (seq, prev) in enumerate(zip(seqs, prevs, strict=True)):
+                want = expected + i
+                x = lines[i]
+                if not (len(x) > PREFIX_LEN and x[12:13] == b" " and x[77:78] == b" "):
+                    return _fail(
+                        report,
+                        path.name,
+                        want,
+                        f"line {i + 1} of {path.name} is not a valid record",
+                    )
+                if seq != want:
+                    return _fail(
+                        report,
+                        path.name,
+                        min(seq, want),
+                        f"record {seq} found where record {want} was expected (deleted or reordered records)",
+                    )
+                if prev != (prev_hash if i == 0 else digests[i - 1]):
+                    return _fail(
+                        report,
+                        path.name,
+                        seq - 1,
+                        f"record {seq} does not chain to record {seq - 1} (record {seq - 1} was altered)",
+                    )
+        for i in special:
+            if i >= len(lines):
+                continue  # inside the torn tail
+            seq, prev_text, line = seqs[i], prevs[i].decode("ascii", "replace"), lines[i]
+            try:
+                _, _, body = _split(line)
+            except ValueError:
+                return _fail(report, path.name, seq, f"record {seq} is malformed")
+            if body.get("action") == "checkpoint":
+                try:
+                    signer = PublicIdentity.from_text(body["signer"])
+                    sigs = [base64.b64decode(x, validate=True) for x in body["sigs"]]
+                except Exception:
+                    return _fail(report, path.name, seq, f"checkpoint {seq} is malformed")
+                if signer.fingerprint not in allowed or not signer._verify(
+                    _checkpoint_message(seq, prev_text, body), sigs
+                ):
+                    return _fail(
+                        report,
+                        path.name,
+                        seq,
+                        f"checkpoint {seq} is not signed by the expected identity",
+                    )
+                report.checkpoints += 1
+                signed.add(seq)
+            elif body.get("action") == "purge":
+                try:
+                    purged_through = (int(body["through_seq"]), str(body["through_hash"]))
+                except (ValueError, KeyError, TypeError):
+                    return _fail(report, path.name, seq, f"purge record {seq} is malformed")
+        if head is not None and seqs[0] <= head[0] <= seqs[-1]:
+            if digests[head[0] - seqs[0]] != head[1].encode():
+                return _fail(
+                    report,
+                    "HEAD",
+                    head[0],
+                    f"record {head[0]} differs from the checkpoint HEAD names (log rewritten)",
+                )
+            head_seen = True
+        prev_hash = digests[-1]
+        expected = seqs[-1] + 1
+        report.records += len(lines)
+    if report.records and purged_through is not None and first_seq != purged_through[0] + 1:
+        return _fail(
+            report,
+            "(first file)",
+            first_seq,
+            f"the oldest remaining record is {first_seq}, but the purge record says files through {purged_through[0]} were removed",
+        )
+    if head is not None:
+        if not head_seen:
+            return _fail(
+                report,
+                "HEAD",
+                expected,
+                f"the log was truncated: checkpoint {head[0]} named by HEAD is missing (the log ends at {expected - 1})",
+            )
+        if head[0] not in signed:
+            return _fail(
+                report,
+                "HEAD",
+                head[0],
+                f"HEAD names record {head[0]}, which is not a signed checkpoint",
+            )
     elif report.records:
-        return fail("HEAD", None, "HEAD is missing: nothing proves this identity wrote the log")
+        return _fail(
+            report, "HEAD", None, "HEAD is missing: nothing proves this identity wrote the log"
+        )
+    return report
+
+
+def _fail(report: VerifyReport, where: str, seq: int | None, problem: str) -> VerifyReport:
+    report.ok = False
+    report.first_broken = seq
+    report.problem = problem
+    report.file = where
     return report
 
 

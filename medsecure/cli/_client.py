@@ -344,3 +344,123 @@ def quarantine(home: str | None, as_json: bool) -> None:
     else:
         for q in items:
             click.echo(f"#{q.id} {q.received_at:%Y-%m-%d %H:%M}: {q.reason}")
+
+
+@cli.command()
+@click.argument("message_id")
+@_home_option
+@_json_option
+def status(message_id: str, home: str | None, as_json: bool) -> None:
+    """Show each recipient's status of a sent message (receipts included)."""
+    with _client(home) as client:
+        try:
+            statuses = client.status(message_id)
+        except KeyError as exc:
+            raise CliError(f"no message {message_id!r} in the outbox") from exc
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        **_status_dict(s),
+                        "receipts": list(s.receipts),
+                        "late_receipts": list(s.late_receipts),
+                        "reason": s.reason,
+                    }
+                    for s in statuses
+                ]
+            )
+        )
+        return
+    for s in statuses:
+        extra = f" (reason: {s.reason})" if s.reason else ""
+        late = f" — late receipts: {', '.join(s.late_receipts)}" if s.late_receipts else ""
+        click.echo(f"{s.recipient}: {s.status}{extra}{late}")
+
+
+@cli.group()
+def audit() -> None:
+    """Check and export the tamper-evident audit log of a home."""
+
+
+def _home_public(root: Path, key: str | None) -> Any:
+    if key:
+        return _load_public(key)
+    from .._identity import Identity
+
+    return Identity.load(root / "identity.key", passphrase=_passphrase(confirm=False)).public
+
+
+@audit.command(name="verify")
+@_home_option
+@click.option("--key", help="Public key that signs the checkpoints (default: the home's identity).")
+@_json_option
+def audit_verify(home: str | None, key: str | None, as_json: bool) -> None:
+    """Verify the chain and the signed checkpoints; report the first broken record."""
+    from ..audit import verify
+
+    root = _home(home)
+    report = verify(root / "audit", public=_home_public(root, key))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "records": report.records,
+                    "checkpoints": report.checkpoints,
+                    "first_broken": report.first_broken,
+                    "problem": report.problem,
+                    "file": report.file,
+                    "torn_tail": report.torn_tail,
+                    "warnings": report.warnings,
+                }
+            )
+        )
+    else:
+        for w in report.warnings:
+            click.echo(f"warning: {w}", err=True)
+        if report.ok:
+            click.echo(f"ok: {report.records} records, {report.checkpoints} signed checkpoints")
+    if not report.ok:
+        raise CliError(
+            f"audit log broken at record {report.first_broken} ({report.file}): {report.problem}"
+        )
+
+
+def _date(value: str | None) -> Any:
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise CliError(f"bad date {value!r}: use YYYY-MM-DD or an ISO 8601 time") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@audit.command(name="export")
+@_home_option
+@click.option("--since", help="Only records from this date/time (ISO 8601).")
+@click.option("--until", help="Only records up to this date/time (ISO 8601).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout."
+)
+def audit_export(
+    home: str | None, since: str | None, until: str | None, fmt: str, output: str | None
+) -> None:
+    """Export records for a compliance officer (never any health data: there is none)."""
+    from ..audit import export
+
+    root = _home(home)
+    if not (root / "audit").is_dir():
+        raise CliError(f"{str(root)!r} has no audit log")
+    if output:
+        with open(output, "w", newline="", encoding="utf-8") as out:
+            n = export(root / "audit", out, since=_date(since), until=_date(until), fmt=fmt)
+    else:
+        n = export(root / "audit", sys.stdout, since=_date(since), until=_date(until), fmt=fmt)
+    click.echo(f"{n} record(s)", err=True)

@@ -172,7 +172,22 @@ def test_default_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_status_and_audit_commands(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "r.txt"
     doc.write_text("résultat")
-    proc = run(["send", str(doc), "--to", "rpps:10000000019", "--receipt", "delivered", "--receipt", "read", "--home", "alice", "--json"], homes)
+    proc = run(
+        [
+            "send",
+            str(doc),
+            "--to",
+            "rpps:10000000019",
+            "--receipt",
+            "delivered",
+            "--receipt",
+            "read",
+            "--home",
+            "alice",
+            "--json",
+        ],
+        homes,
+    )
     assert proc.returncode == 0, proc.stderr
     mid = json.loads(proc.stdout)["message_id"]
     assert run(["receive", "--home", "bob", "-o", str(tmp_path / "in")], homes).returncode == 0
@@ -180,11 +195,27 @@ def test_status_and_audit_commands(homes: Path, tmp_path: Path) -> None:
     (st,) = json.loads(run(["status", mid, "--home", "alice", "--json"], homes).stdout)
     assert st["status"] == "delivered" and st["receipts"] == ["delivered"]
     assert "delivered" in run(["status", mid, "--home", "alice"], homes).stdout
-    assert "no message" in one_error_line(run(["status", "01ZZZZZZZZZZZZZZZZZZZZZZZZ", "--home", "alice"], homes))
+    assert "no message" in one_error_line(
+        run(["status", "01ZZZZZZZZZZZZZZZZZZZZZZZZ", "--home", "alice"], homes)
+    )
     proc = run(["audit", "verify", "--home", "alice"], homes)
     assert proc.returncode == 0 and proc.stdout.startswith("ok: "), proc.stderr
     out = tmp_path / "audit.csv"
-    proc = run(["audit", "export", "--home", "alice", "--format", "csv", "--since", "2020-01-01", "-o", str(out)], homes)
+    proc = run(
+        [
+            "audit",
+            "export",
+            "--home",
+            "alice",
+            "--format",
+            "csv",
+            "--since",
+            "2020-01-01",
+            "-o",
+            str(out),
+        ],
+        homes,
+    )
     assert proc.returncode == 0 and out.read_text().startswith("seq,ts,action")
     proc = run(["audit", "export", "--home", "bob"], homes)
     records = [json.loads(x) for x in proc.stdout.splitlines()]
@@ -194,4 +225,6 @@ def test_status_and_audit_commands(homes: Path, tmp_path: Path) -> None:
     lines = log.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"action":"', b'"action":"x', 1)
     log.write_bytes(b"".join(lines))
-    assert "audit log broken at record 2" in one_error_line(run(["audit", "verify", "--home", "alice"], homes))
+    assert "audit log broken at record 2" in one_error_line(
+        run(["audit", "verify", "--home", "alice"], homes)
+    )

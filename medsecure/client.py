@@ -331,6 +331,7 @@ class Client:
         on_status: Callable[[StatusEvent], None] | None = None,
         send_read_receipts: bool = True,
         audit_checkpoint_every: int = 256,
+        audit_retention_days: int = 183,
     ) -> None:
         if not isinstance(identity, Identity):
             raise TypeError("identity must be an Identity")
@@ -365,11 +366,15 @@ class Client:
             identity=identity,
             actor_id=self.me,
             checkpoint_every=audit_checkpoint_every,
+            retention_days=audit_retention_days,
         )
         self.store.recover()
 
     # -- context manager --------------------------------------------------------------------
     def close(self) -> None:
+        """Checkpoint the audit log (and apply its retention), then close the store."""
+        with contextlib.suppress(MedsecureError):
+            self.audit.purge()
         self.audit.close()
         self.store.close()
 
@@ -495,7 +500,7 @@ class Client:
         plans: list[tuple[str, list[Endpoint]]] = []
         try:
             for p in practitioners:
-                for k in self.trust.trusted_keys(p):
+                for k in self._trusted_keys(p):
                     if k not in keys:
                         keys.append(k)
                 plans.append((p.idnps, self._endpoints(p)))
@@ -593,6 +598,34 @@ class Client:
                 )
             )
         return SendResult(message_id, tuple(self._statuses(message_id)))
+
+    def _trusted_keys(self, p: Practitioner) -> list[PublicIdentity]:
+        """The practitioner's keys the policy accepts; key pinning and rotations are audited."""
+        accepted: list[PublicIdentity] = []
+        first_error: TrustError | None = None
+        for entry in p.keys:
+            try:
+                decision = self.trust.check(p, entry.public)
+            except TrustError as exc:
+                first_error = first_error or exc
+                continue
+            self._audit_trust(decision)
+            accepted.append(entry.public)
+        if not accepted:
+            if first_error is not None:
+                raise first_error
+            return self.trust.trusted_keys(p)  # raises the policy's own "no key" error
+        return accepted
+
+    def _audit_trust(self, decision: Any) -> None:
+        if decision.newly_pinned or decision.reason in ("rotation", "new-authority-statement"):
+            self.audit.append(
+                "trust",
+                counterparty=decision.idnps,
+                key=decision.key.fingerprint,
+                result=decision.reason,
+                authority=decision.authority,
+            )
 
     def _statuses(self, message_id: str) -> list[RecipientStatus]:
         got: dict[str, list[Any]] = {}
@@ -960,7 +993,7 @@ class Client:
             )
             return
         try:
-            self.trust.check(sender, opened.sender)
+            self._audit_trust(self.trust.check(sender, opened.sender))
         except TrustError as exc:
             self._quarantine(
                 row,

@@ -275,7 +275,7 @@ def test_audit_trail_has_no_health_data(
         ]
         assert "checkpoint" in actions
     alice_actions = b"".join(p.read_bytes() for p in (alice.home / "audit").glob("audit-*.jsonl"))
-    for action in (b'"send"', b'"deliver"', b'"receipt"'):
+    for action in (b'"send"', b'"deliver"', b'"receipt"', b'"trust"'):
         assert b'"action":' + action in alice_actions
     bob_actions = b"".join(p.read_bytes() for p in (bob.home / "audit").glob("audit-*.jsonl"))
     for action in (b'"receive"', b'"receipt-send"', b'"read"', b'"ack"'):

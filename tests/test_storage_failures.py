@@ -13,7 +13,6 @@ from clientkit import client, entry, party
 
 import medsecure as m
 
-
 # Mounting needs root: CI runs as root (and must then run these); elsewhere they are skipped.
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -188,6 +189,7 @@ def default_client() -> Client:
         if client is None:
             client = client_from_home(home)
             _default[home] = client
+            atexit.register(client.close)  # final audit checkpoint when the program ends
         return client
 
 

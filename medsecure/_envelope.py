@@ -67,6 +67,16 @@ def _pool() -> ThreadPoolExecutor:
     return _HASH_POOL
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the executor but not its threads: work submitted there would wait
+    # forever. Start a fresh pool on first use in the child instead.
+    global _HASH_POOL
+    _HASH_POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _sha256(data: Any) -> bytes:
     h = hashes.Hash(hashes.SHA256())
     h.update(data)

@@ -45,6 +45,14 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _SYNC_POOL
 
 
+def _forget_pool_after_fork() -> None:
+    global _SYNC_POOL
+    _SYNC_POOL = None  # the child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 class DurableWriter:
     """A binary file wrapper whose data is flushed to disk progressively, then fully by
     :meth:`sync`. Only ``write`` is intercepted; everything else goes to the file."""

@@ -509,3 +509,27 @@ def test_property_garbage_after_magic(junk: bytes) -> None:
 
 
 _IDENT = Identity.generate("classic")
+
+
+def test_streaming_works_in_a_forked_child(alice: Identity, bob: Identity) -> None:
+    """The hashing and sync thread pools are recreated after fork (no deadlock in children)."""
+    data = os.urandom(4 * CS + 5)
+    seal(data, sender=alice, recipients=[bob.public], chunk_size=CS)  # parent's pool is running
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            env = seal(data, sender=alice, recipients=[bob.public], chunk_size=CS)
+            ok = unseal(env, identity=bob).data == data
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung")

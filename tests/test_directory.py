@@ -239,3 +239,14 @@ def test_chain_merges_sources(alice: Identity) -> None:
         chain.lookup("cabinet@medecin.mssante.fr")
     with pytest.raises(ValueError):
         ChainDirectory([])
+
+
+def test_hostile_directory_files(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(DirectoryError, match="not valid JSON"):
+        FileDirectory(deep)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"format": "medsecure-directory", "x": "\xe9"}')
+    with pytest.raises(DirectoryError, match="not valid JSON"):
+        FileDirectory(latin)

@@ -277,3 +277,9 @@ def test_cached_fhir_directory_offline(server: AnnuaireServer, sleeps: Sleeps, t
     p = cache.lookup("rpps:10000005479")
     assert p.stale and p.family_name == "MARTIN"
     cache.close()
+
+
+def test_hostile_json_nesting(fhir: FhirDirectory, server: AnnuaireServer) -> None:
+    server.inject(200, {}, b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(DirectoryError, match="not JSON"):
+        fhir.lookup("rpps:10000005479")

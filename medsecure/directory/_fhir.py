@@ -361,7 +361,7 @@ class FhirDirectory(Directory):
     def _json(self, resp: httpx.Response) -> dict[str, Any]:
         try:
             doc = resp.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # invalid JSON, bad encoding, hostile nesting
             raise DirectoryError("malformed FHIR response: not JSON") from exc
         if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
             raise DirectoryError("malformed FHIR response: not a Bundle")

@@ -152,8 +152,9 @@ class FileDirectory(MemoryDirectory):
             raise DirectoryError(
                 f"directory file {name!r} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
             ) from exc
-        except ValueError as exc:
-            raise DirectoryError(f"directory file {name!r} is not valid CBOR") from exc
+        except (ValueError, RecursionError) as exc:
+            kind = "CBOR" if self._cbor else "JSON (bad encoding or nesting)"
+            raise DirectoryError(f"directory file {name!r} is not valid {kind}") from exc
         if not isinstance(doc, dict) or doc.get("format") != "medsecure-directory":
             raise DirectoryError(f"{name!r} is not a medsecure directory file")
         if doc.get("version") != FILE_FORMAT_VERSION:

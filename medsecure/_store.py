@@ -75,7 +75,9 @@ CREATE TABLE IF NOT EXISTS inbox (
     sender_key TEXT,
     reason TEXT,
     read_at REAL,
-    receipts TEXT
+    receipts TEXT,
+    claimer INTEGER,
+    claimed_at REAL
 );
 CREATE TABLE IF NOT EXISTS receipts (
     message_id TEXT NOT NULL,

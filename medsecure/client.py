@@ -950,6 +950,36 @@ class Client:
             "quarantine", inbox=row_id, message_id=message_id, result="quarantined", answer=reason
         )
 
+    def _claim(self, row: Any) -> bool:
+        """Take a fetched envelope for verification (compare-and-swap on the claim), so that
+        several clients on one home never open the same envelope at once. A claim left by a
+        process that died is taken over; so is one older than ten minutes."""
+        if row["status"] == "verifying":
+            alive = True
+            try:
+                os.kill(int(row["claimer"]), 0)
+            except (ProcessLookupError, TypeError, ValueError):
+                alive = False
+            except PermissionError:
+                pass
+            stale = (row["claimed_at"] or 0) < self._clock() - 600
+            if alive and not stale:
+                return False
+        with self.store.transaction(durable=False) as db:
+            cur = db.execute(
+                "UPDATE inbox SET status = 'verifying', claimer = ?, claimed_at = ? WHERE id = ? AND status = ?"
+                " AND claimer IS ? AND claimed_at IS ?",
+                (
+                    os.getpid(),
+                    self._clock(),
+                    row["id"],
+                    row["status"],
+                    row["claimer"],
+                    row["claimed_at"],
+                ),
+            )
+            return cur.rowcount == 1
+
     def _verify(self, row: Any) -> None:
         env_path = self.store.inbox_dir / row["envelope"]
         plain_name = f"{row['id']}.msg"
@@ -988,6 +1018,10 @@ class Client:
             return
         except DirectoryUnavailable:
             plain_path.unlink(missing_ok=True)
+            with self.store.transaction(durable=False) as db:
+                db.execute(
+                    "UPDATE inbox SET status = 'fetched', claimer = NULL WHERE id = ?", (row["id"],)
+                )
             log.info(
                 "directory unavailable: incoming envelope %d will be verified later", row["id"]
             )
@@ -1013,32 +1047,36 @@ class Client:
             return
         if self._handle_special(row, manifest, opened.sender, sender, plain_path):
             return
-        dup = self.store.query(
-            "SELECT id FROM inbox WHERE message_id = ? AND id != ?",
-            (manifest.message_id, row["id"]),
-        )
-        if dup:
-            plain_path.unlink(missing_ok=True)
-            env_path.unlink(missing_ok=True)
-            with self.store.transaction() as db:
+        # Check and claim the message id in one write transaction: two processes verifying
+        # copies of the same message concurrently cannot both record it.
+        with self.store.transaction() as db:
+            dup = db.execute(
+                "SELECT id FROM inbox WHERE message_id = ? AND id != ?",
+                (manifest.message_id, row["id"]),
+            ).fetchall()
+            if dup:
                 db.execute(
                     "UPDATE inbox SET status = 'duplicate', plaintext = NULL WHERE id = ?",
                     (row["id"],),
                 )
+            else:
+                db.execute(
+                    "UPDATE inbox SET status = 'received', message_id = ?, sender_idnps = ?, plaintext = ?,"
+                    " sender = ?, sender_key = ?, receipts = ? WHERE id = ?",
+                    (
+                        manifest.message_id,
+                        sender.idnps,
+                        plain_name,
+                        sender.model_dump_json(),
+                        str(opened.sender),
+                        ",".join(manifest.receipts),
+                        row["id"],
+                    ),
+                )
+        if dup:
+            plain_path.unlink(missing_ok=True)
+            env_path.unlink(missing_ok=True)
             return
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE inbox SET status = 'received', message_id = ?, sender_idnps = ?, plaintext = ?, sender = ?, sender_key = ?, receipts = ? WHERE id = ?",
-                (
-                    manifest.message_id,
-                    sender.idnps,
-                    plain_name,
-                    sender.model_dump_json(),
-                    str(opened.sender),
-                    ",".join(manifest.receipts),
-                    row["id"],
-                ),
-            )
         self._on_received(row, manifest, sender)
 
     def _handle_special(
@@ -1255,10 +1293,28 @@ class Client:
                     budget = max(0, budget - got)
                     if budget == 0:
                         break
-            pending = self.store.query("SELECT * FROM inbox WHERE status = 'fetched' ORDER BY id")
+            done = 0
             with self.audit.batch():
-                for row in pending[:limit] if limit is not None else pending:
-                    self._verify(row)
+                for row in self.store.query(
+                    "SELECT * FROM inbox WHERE status IN ('fetched', 'verifying') ORDER BY id"
+                ):
+                    if limit is not None and done >= limit:
+                        break
+                    if self._claim(row):
+                        try:
+                            self._verify(row)
+                        except BaseException:
+                            with (
+                                contextlib.suppress(MedsecureError),
+                                self.store.transaction(durable=False) as db,
+                            ):
+                                db.execute(
+                                    "UPDATE inbox SET status = 'fetched', claimer = NULL, claimed_at = NULL"
+                                    " WHERE id = ? AND status = 'verifying'",
+                                    (row["id"],),
+                                )
+                            raise
+                        done += 1
             return [
                 self._message(r)
                 for r in self.store.query(

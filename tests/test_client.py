@@ -426,3 +426,48 @@ def test_mock_transport_for_users_tests(
         ca.send(m.Document(content=b"to myself"), to=alice.ref)
         (msg,) = ca.receive()
         assert msg.documents[0].read() == b"to myself"
+
+
+def test_two_processes_receiving_on_one_home(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    """Two clients on the same home and drop folder, receiving at once: each message once."""
+    import threading
+
+    alice, bob, directory = world
+    with client(alice, directory, authority) as ca:
+        sent = {
+            ca.send(m.Document(content=f"doc {i}".encode()), to=bob.ref).message_id
+            for i in range(40)
+        }
+    readers = [client(bob, directory, authority) for _ in range(2)]
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(c: m.Client) -> None:
+        try:
+            for _ in range(20):
+                for msg in c.receive(limit=5):
+                    with lock:
+                        if msg.message_id not in seen:
+                            seen.append(msg.message_id)
+                    msg.ack()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in readers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in readers:
+        c.close()
+    assert not errors, errors
+    assert set(seen) == sent
+    with client(bob, directory, authority) as cb:
+        rows = cb.store.query(
+            "SELECT message_id FROM inbox WHERE message_id IS NOT NULL AND status IN ('received', 'acked')"
+        )
+    ids = [r["message_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 40

@@ -1,0 +1,73 @@
+"""Property tests: parsers of untrusted input raise only their documented error types."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import medsecure as m
+from medsecure import _cbor, _message, identifiers
+from medsecure.trust import Statement
+
+CBORISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.binary(max_size=40)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.integers(0, 15) | st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_manifest_parser_raises_only_envelope_error(data: bytes) -> None:
+    with pytest.raises(m.EnvelopeError):
+        _message.parse_manifest(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CBORISH)
+def test_manifest_parser_on_structured_garbage(value: object) -> None:
+    try:
+        encoded = _cbor.encode(value)
+    except Exception:
+        return
+    with contextlib.suppress(m.EnvelopeError):
+        _message.parse_manifest(encoded)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.builds(lambda v: _cbor.encode(v), CBORISH))
+def test_public_identity_and_statement_parsers(data: bytes) -> None:
+    with pytest.raises(m.IdentityError):
+        m.PublicIdentity.from_bytes(data)
+    with pytest.raises(m.TrustError):
+        Statement.parse(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=40))
+def test_identifier_and_address_parsers_raise_value_error(text: str) -> None:
+    for parser in (
+        identifiers.parse,
+        identifiers.parse_address,
+        m.PublicIdentity.from_text,
+        Statement.parse,
+    ):
+        with contextlib.suppress(ValueError, m.MedsecureError):
+            parser(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30), st.sampled_from([identifiers.INS_NIR, identifiers.INS_TEST_NIR]))
+def test_ins_raises_value_error(matricule: str, oid: str) -> None:
+    with contextlib.suppress(ValueError):
+        m.INS(matricule, oid=oid)

@@ -820,9 +820,12 @@ class Client:
         if status in (SENT, FAILED):
             self._event(message_id, recipient, status, detail=error)
 
-    def flush(self, *, force: bool = False) -> list[RecipientStatus]:
+    def flush(
+        self, *, force: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> list[RecipientStatus]:
         """Attempt every queued delivery that is due (all of them with ``force=True``), after
-        marking expired the recipients whose deadline passed."""
+        marking expired the recipients whose deadline passed. ``progress(done, total)`` is called
+        after each attempt (for progress bars)."""
         self.expire()
         if force:
             rows = self.store.query(
@@ -834,7 +837,10 @@ class Client:
                 (QUEUED, self._clock()),
             )
         with self.audit.batch():
-            self._deliver(rows)
+            for done, row in enumerate(rows, 1):
+                self._deliver_one(row)
+                if progress is not None:
+                    progress(done, len(rows))
         ids = list(dict.fromkeys(r["message_id"] for r in rows))
         return [s for mid in ids for s in self._statuses(mid)]
 

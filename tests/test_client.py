@@ -471,3 +471,30 @@ def test_two_processes_receiving_on_one_home(
         )
     ids = [r["message_id"] for r in rows]
     assert len(ids) == len(set(ids)) == 40
+
+
+def test_flush_reports_progress(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    alice, bob, directory = world
+    down = [True]
+
+    def handler(d: Delivery) -> None:
+        if down[0]:
+            raise m.TransportUnavailable("down")
+
+    with m.Client(
+        alice.identity,
+        directory,
+        m.MockTransport(handler),
+        alice.home,
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    ) as ca:
+        for _ in range(3):
+            ca.send(m.Document(content=b"x"), to=bob.ref)
+        down[0] = False
+        calls: list[tuple[int, int]] = []
+        statuses = ca.flush(force=True, progress=lambda done, total: calls.append((done, total)))
+        assert calls == [(1, 3), (2, 3), (3, 3)]
+        assert [s.status for s in statuses] == ["sent"] * 3

@@ -311,7 +311,16 @@ def outbox(home: str | None, as_json: bool) -> None:
 def flush(force: bool, home: str | None, as_json: bool) -> None:
     """Deliver what is pending in the outbox."""
     with _client(home) as client:
-        statuses = client.flush(force=force)
+        if sys.stderr.isatty():
+            with click.progressbar(length=1, label="delivering", file=sys.stderr) as bar:
+
+                def step(done: int, total: int) -> None:
+                    bar.length = total
+                    bar.update(1)
+
+                statuses = client.flush(force=force, progress=step)
+        else:
+            statuses = client.flush(force=force)
     if as_json:
         click.echo(json.dumps([_status_dict(s) for s in statuses]))
     else:

@@ -288,6 +288,11 @@ class FhirDirectory(Directory):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         self.base_url = base_url.rstrip("/") + "/"
         self._origin = (parts.scheme, parts.netloc)
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "FhirDirectory over plain http to %s: the API key and answers travel unencrypted",
+                parts.hostname,
+            )
         self._api_key = api_key
         self._own_client = client is None
         self._client = client or httpx.Client(timeout=timeout)

@@ -74,7 +74,8 @@ def _forget_pool_after_fork() -> None:
     _HASH_POOL = None
 
 
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; there is no fork on Windows
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _sha256(data: Any) -> bytes:

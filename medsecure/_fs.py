@@ -20,7 +20,10 @@ __all__ = ["atomic_output", "atomic_write", "fsync_dir"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that renames and creations inside it are durable."""
+    """fsync a directory so that renames and creations inside it are durable (POSIX; Windows
+    makes renames durable with the file system's own journal and cannot open folders)."""
+    if os.name == "nt":  # pragma: no cover - platform specific
+        return
     fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -50,7 +53,8 @@ def _forget_pool_after_fork() -> None:
     _SYNC_POOL = None  # the child has none of the parent's threads
 
 
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX; there is no fork on Windows
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 class DurableWriter:
@@ -97,7 +101,8 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterato
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".medsecure-", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, mode)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             writer = DurableWriter(fh)
             try:

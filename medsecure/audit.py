@@ -34,7 +34,11 @@ import base64
 import contextlib
 import csv
 import datetime as dt
-import fcntl
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one writer per home is assumed there
+    fcntl = None  # type: ignore[assignment]
 import hashlib
 import json
 import os
@@ -176,6 +180,9 @@ class AuditLog:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         with self._lock:
+            if fcntl is None:  # pragma: no cover - platform specific
+                yield
+                return
             fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_EX)
             try:
                 yield

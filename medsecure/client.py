@@ -577,27 +577,40 @@ class Client:
                 path.unlink()
             raise
         log.info("message %s accepted for %d recipient(s)", message_id, len(plans))
-        with self.audit.batch():
-            self.audit.append(
-                "send" if manifest.kind == "message" else "receipt-send",
-                message_id=message_id,
-                envelope_id=eid,
-                counterparty=[idnps for idnps, _ in plans],
-                keys=[k.fingerprint for k in keys],
-                documents=len(docs),
-                size=size,
-                receipts=list(manifest.receipts) or None,
-                patients=list(patients) or None,
-                of=(manifest.extra or {}).get("of"),
-                result=(manifest.extra or {}).get("status"),
-            )
-            self._deliver(
-                self.store.query(
-                    "SELECT * FROM deliveries WHERE message_id = ? AND status = ?",
-                    (message_id, QUEUED),
+        # From here on the message is accepted: a failure of the audit log or of a delivery's
+        # bookkeeping must not make the caller believe the send failed (and send it again).
+        try:
+            with self.audit.batch():
+                self.audit.append(
+                    "send" if manifest.kind == "message" else "receipt-send",
+                    message_id=message_id,
+                    envelope_id=eid,
+                    counterparty=[idnps for idnps, _ in plans],
+                    keys=[k.fingerprint for k in keys],
+                    documents=len(docs),
+                    size=size,
+                    receipts=list(manifest.receipts) or None,
+                    patients=list(patients) or None,
+                    of=(manifest.extra or {}).get("of"),
+                    result=(manifest.extra or {}).get("status"),
                 )
+                self._deliver(
+                    self.store.query(
+                        "SELECT * FROM deliveries WHERE message_id = ? AND status = ?",
+                        (message_id, QUEUED),
+                    )
+                )
+            return SendResult(message_id, tuple(self._statuses(message_id)))
+        except MedsecureError as exc:
+            log.error(
+                "message %s is accepted but its delivery attempt failed (%s); flush() retries it",
+                message_id,
+                exc,
             )
-        return SendResult(message_id, tuple(self._statuses(message_id)))
+            return SendResult(
+                message_id,
+                tuple(RecipientStatus(idnps, QUEUED, error=str(exc)) for idnps, _ in plans),
+            )
 
     def _trusted_keys(self, p: Practitioner) -> list[PublicIdentity]:
         """The practitioner's keys the policy accepts; key pinning and rotations are audited."""

@@ -498,3 +498,29 @@ def test_flush_reports_progress(
         statuses = ca.flush(force=True, progress=lambda done, total: calls.append((done, total)))
         assert calls == [(1, 3), (2, 3), (3, 3)]
         assert [s.status for s in statuses] == ["sent"] * 3
+
+
+def test_accepted_message_is_not_reported_as_failed(
+    world: tuple[Party, Party, m.MemoryDirectory],
+    authority: m.Identity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once in the outbox, a failing audit log or bookkeeping must not make send() raise (the
+    caller would send again): the message stays queued and flush() completes it."""
+    alice, bob, directory = world
+    with client(alice, directory, authority) as ca:
+
+        def broken(*args: object, **kwargs: object) -> int:
+            raise m.StorageError("audit disk full")
+
+        monkeypatch.setattr(ca.audit, "append", broken)
+        r = ca.send(m.Document(content=b"x"), to=bob.ref)
+        assert [s.status for s in r.recipients] == ["queued"] and "audit disk full" in (
+            r.recipients[0].error or ""
+        )
+        monkeypatch.undo()
+        assert [e.message_id for e in ca.outbox()] == [r.message_id]
+        (st,) = ca.flush(force=True)
+        assert st.status == "sent"
+    with client(bob, directory, authority) as cb:
+        assert [x.message_id for x in cb.receive()] == [r.message_id]

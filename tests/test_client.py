@@ -509,9 +509,12 @@ def test_accepted_message_is_not_reported_as_failed(
     caller would send again): the message stays queued and flush() completes it."""
     alice, bob, directory = world
     with client(alice, directory, authority) as ca:
+        real = ca.audit.append
 
-        def broken(*args: object, **kwargs: object) -> int:
-            raise m.StorageError("audit disk full")
+        def broken(action: str, **kwargs: object) -> int:
+            if action in ("send", "deliver"):  # after the outbox commit
+                raise m.StorageError("audit disk full")
+            return real(action, **kwargs)
 
         monkeypatch.setattr(ca.audit, "append", broken)
         r = ca.send(m.Document(content=b"x"), to=bob.ref)

@@ -203,7 +203,8 @@ class Document:
         """A document streamed from ``path``; ``filename`` defaults to the file's name."""
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"{str(p)!r} is not a readable file")
+            # the path is not repeated: a document's file name may name the patient
+            raise ValueError("the document is not a readable file (missing, or a folder)")
         meta.setdefault("filename", p.name)
         return cls(path=p, **meta)
 

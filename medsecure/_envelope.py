@@ -674,7 +674,8 @@ def unseal_stream(
             with atomic_output(Path(dst), mode=0o600) as fh:
                 result = _unseal_into(src, fh, identity, expected_sender, max_recipients)
         except OSError as exc:
-            raise StorageError(f"cannot write {os.fspath(dst)!r}: {exc.strerror or exc}") from exc
+            # the path is not repeated: a document's file name may name the patient
+            raise StorageError(f"cannot write the output file: {exc.strerror or exc}") from exc
         return result
     return _unseal_into(src, dst, identity, expected_sender, max_recipients)
 

@@ -91,11 +91,12 @@ def _open_input(path: str) -> IO[bytes]:
     try:
         return Path(path).open("rb")
     except FileNotFoundError as exc:
-        raise CliError(f"{path!r} does not exist") from exc
+        # document paths are not repeated in messages: a file name may name the patient
+        raise CliError("the input file does not exist") from exc
     except IsADirectoryError as exc:
-        raise CliError(f"{path!r} is a folder, not a file") from exc
+        raise CliError("the input file is a folder") from exc
     except OSError as exc:
-        raise CliError(f"cannot read {path!r}: {exc.strerror}") from exc
+        raise CliError(f"cannot read the input file: {exc.strerror}") from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -233,9 +234,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code or 0)
     except (CliError, MedsecureError, ValueError) as exc:
         return _fail(str(exc), 1)
-    except OSError as exc:
-        name = f" {exc.filename!r}" if exc.filename else ""
-        return _fail(f"{exc.strerror or exc}{name}", 1)
+    except OSError as exc:  # the file name is not repeated: it may name a patient
+        return _fail(f"{exc.strerror or type(exc).__name__}", 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as exc:  # never a traceback, even for a bug of ours

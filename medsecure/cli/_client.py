@@ -167,11 +167,11 @@ def send_cmd(
 ) -> None:
     """Send FILES end to end encrypted to the recipients."""
     docs = []
-    for f in files:
+    for i, f in enumerate(files, 1):
         try:
             docs.append(Document.from_path(f))
         except ValueError as exc:
-            raise CliError(str(exc)) from exc
+            raise CliError(f"file #{i} of the command line: {exc}") from exc
     with _client(home) as client, _bar(sum(d.size for d in docs), "sealing") as update:
         result = client.send(
             docs, to=list(to), subject=subject, body=body, receipts=receipts, progress=update

@@ -122,12 +122,20 @@ def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     assert "no practitioner matches" in one_error_line(
         run(["send", str(doc), "--to", "rpps:10000000027", "--home", "alice"], homes)
     )
-    assert "not a readable file" in one_error_line(
+    line = one_error_line(
         run(
-            ["send", str(tmp_path / "missing.pdf"), "--to", "rpps:10000000019", "--home", "alice"],
+            [
+                "send",
+                str(tmp_path / "IRM_DUPONT_Jean.pdf"),
+                "--to",
+                "rpps:10000000019",
+                "--home",
+                "alice",
+            ],
             homes,
         )
     )
+    assert "not a readable file" in line and "DUPONT" not in line  # no patient name in errors
     assert "not a medsecure home" in one_error_line(
         run(["outbox", "--home", str(tmp_path / "nohome")], homes)
     )

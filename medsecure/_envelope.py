@@ -102,6 +102,16 @@ def _trailer_plain_length(sender_suite: str) -> int:
     return len(_cbor.encode([bytes(n) for n in lengths]))
 
 
+def _chunk_size_ok(value: object) -> bool:
+    """docs/format.md §3: a power of two between 2^14 and 2^22."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and F.MIN_CHUNK_SIZE <= value <= F.MAX_CHUNK_SIZE
+        and not value & (value - 1)
+    )
+
+
 def _header_budget(max_recipients: int) -> int:
     return F.HEADER_FIXED_BUDGET + max_recipients * F.HEADER_PER_RECIPIENT_BUDGET
 
@@ -303,11 +313,7 @@ def _check_seal_args(
         raise ValueError("at least one recipient is required")
     if len(listed) > max_recipients:
         raise ValueError(f"too many recipients: {len(listed)} > max_recipients={max_recipients}")
-    if (
-        not isinstance(chunk_size, int)
-        or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE
-        or chunk_size & (chunk_size - 1)
-    ):
+    if not _chunk_size_ok(chunk_size):
         raise ValueError(
             f"chunk_size must be a power of two in [{F.MIN_CHUNK_SIZE}, {F.MAX_CHUNK_SIZE}]"
         )
@@ -483,12 +489,7 @@ def _open_header(
         raise EnvelopeError("unsupported medsecure envelope version")
     if suite not in F.SUITES:
         raise EnvelopeError("malformed envelope header: unknown suite")
-    if (
-        not isinstance(chunk_size, int)
-        or isinstance(chunk_size, bool)
-        or not F.MIN_CHUNK_SIZE <= chunk_size <= F.MAX_CHUNK_SIZE
-        or chunk_size & (chunk_size - 1)
-    ):
+    if not _chunk_size_ok(chunk_size):
         raise EnvelopeError("malformed envelope header: bad chunk size")
     if not (isinstance(salt, bytes) and len(salt) == F.SALT_BYTES):
         raise EnvelopeError("malformed envelope header: bad salt")

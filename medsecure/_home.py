@@ -30,7 +30,7 @@ from ._identity import Identity, PublicIdentity
 from .client import Client, SendResult, default_home
 from .directory import CachedDirectory, ChainDirectory, Directory, FhirDirectory, FileDirectory
 from .identifiers import parse
-from .models import Practitioner
+from .models import Endpoint, KeyEntry, Practitioner
 from .transports import FileTransport
 from .trust import AuthorityPolicy, PinStore, TrustPolicy, UnsafeTrustOnFirstUse
 
@@ -160,8 +160,8 @@ def init_home(
         idnps=idnps,
         family_name=family_name,
         given_name=given_name,
-        keys=({"public": identity.public},),  # type: ignore[arg-type]
-        endpoints=({"kind": "drop", "path": str(box.resolve())},),  # type: ignore[arg-type]
+        keys=(KeyEntry(public=identity.public),),
+        endpoints=(Endpoint(kind="drop", path=str(box.resolve())),),
     )
     FileDirectory(root / "directory.json").add(own)
     cfg = {

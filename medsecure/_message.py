@@ -47,14 +47,6 @@ def new_message_id(now: dt.datetime) -> str:
     return "".join(reversed(chars))
 
 
-def message_id_time(message_id: str) -> dt.datetime:
-    """The creation time encoded in a message id."""
-    value = 0
-    for ch in message_id:
-        value = value * 32 + _CROCKFORD.index(ch)
-    return dt.datetime.fromtimestamp((value >> 80) / 1000, dt.UTC)
-
-
 @dataclass(frozen=True)
 class Manifest:
     """The authenticated description of a message."""

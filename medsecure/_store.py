@@ -150,6 +150,8 @@ class Store:
             raise StorageError(
                 f"cannot create the medsecure home {str(home)!r}: {exc.strerror}"
             ) from exc
+        if _read_only(home):
+            raise StorageError(f"the medsecure home {str(home)!r} is read-only")
         try:
             self.db = sqlite3.connect(
                 str(home / "medsecure.sqlite"),

@@ -36,7 +36,7 @@ import random
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -65,7 +65,7 @@ from .directory._base import normalize_ref
 from .identifiers import parse
 from .models import Code, Endpoint, Patient, Practitioner
 from .transports import Transport
-from .trust import TrustPolicy
+from .trust import TrustDecision, TrustPolicy
 
 __all__ = [
     "Client",
@@ -614,23 +614,12 @@ class Client:
 
     def _trusted_keys(self, p: Practitioner) -> list[PublicIdentity]:
         """The practitioner's keys the policy accepts; key pinning and rotations are audited."""
-        accepted: list[PublicIdentity] = []
-        first_error: TrustError | None = None
-        for entry in p.keys:
-            try:
-                decision = self.trust.check(p, entry.public)
-            except TrustError as exc:
-                first_error = first_error or exc
-                continue
+        decisions = self.trust.decisions(p)
+        for decision in decisions:
             self._audit_trust(decision)
-            accepted.append(entry.public)
-        if not accepted:
-            if first_error is not None:
-                raise first_error
-            return self.trust.trusted_keys(p)  # raises the policy's own "no key" error
-        return accepted
+        return [d.key for d in decisions]
 
-    def _audit_trust(self, decision: Any) -> None:
+    def _audit_trust(self, decision: TrustDecision) -> None:
         if decision.newly_pinned or decision.reason in ("rotation", "new-authority-statement"):
             self.audit.append(
                 "trust",
@@ -1396,6 +1385,3 @@ class Client:
                 "SELECT * FROM inbox WHERE status = 'quarantined' ORDER BY id"
             )
         ]
-
-    def _iter_rows(self) -> Iterator[Any]:  # pragma: no cover - debugging aid
-        yield from self.store.query("SELECT * FROM inbox")

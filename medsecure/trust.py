@@ -515,24 +515,29 @@ class TrustPolicy(abc.ABC):
     def _is_authority(self, issuer: PublicIdentity) -> bool:
         return False
 
-    def trusted_keys(
+    def decisions(
         self, practitioner: Practitioner, *, now: dt.datetime | None = None
-    ) -> list[PublicIdentity]:
-        """The practitioner's keys this policy accepts; raises the first refusal if none is."""
-        accepted: list[PublicIdentity] = []
+    ) -> list[TrustDecision]:
+        """One decision per accepted key of the practitioner; raises the first refusal if no
+        key is accepted."""
+        accepted: list[TrustDecision] = []
         first_error: TrustError | None = None
         for entry in practitioner.keys:
             try:
-                self.check(practitioner, entry.public, now=now)
+                accepted.append(self.check(practitioner, entry.public, now=now))
             except TrustError as exc:
                 first_error = first_error or exc
-                continue
-            accepted.append(entry.public)
         if not accepted:
             if first_error is not None:
                 raise first_error
             raise UntrustedKey(f"{practitioner.idnps} has no end-to-end key in the directory")
         return accepted
+
+    def trusted_keys(
+        self, practitioner: Practitioner, *, now: dt.datetime | None = None
+    ) -> list[PublicIdentity]:
+        """The practitioner's keys this policy accepts; raises the first refusal if none is."""
+        return [d.key for d in self.decisions(practitioner, now=now)]
 
 
 class AuthorityPolicy(TrustPolicy):

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from . import _cbor
 from ._document import Document
 from ._errors import EnvelopeError, StorageError
+from .identifiers import parse
 
 __all__ = ["Manifest", "MessageReader", "new_message_id", "parse_manifest"]
 
@@ -127,6 +128,12 @@ def parse_manifest(raw: bytes) -> Manifest:
             raise EnvelopeError("malformed message: bad text field")
     if not isinstance(f[5], list) or not all(isinstance(x, str) for x in f[5]):
         raise EnvelopeError("malformed message: bad recipients")
+    if 4 in f:
+        try:
+            if not parse(f[4]).is_professional:
+                raise ValueError("not a professional")
+        except ValueError as exc:
+            raise EnvelopeError("malformed message: the sender's identifier is malformed") from exc
     docs = f[9]
     if not isinstance(docs, list) or len(docs) > MAX_DOCUMENTS:
         raise EnvelopeError("malformed message: bad documents")

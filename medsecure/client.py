@@ -1000,19 +1000,14 @@ class Client:
             self._quarantine(row, f"envelope refused: {exc}")
             return
         except FileNotFoundError:
-            with self.store.transaction() as db:
-                db.execute(
-                    "UPDATE inbox SET status = 'quarantined', reason = ? WHERE id = ?",
-                    ("envelope file missing", row["id"]),
-                )
+            self._quarantine(row, "envelope file missing")
             return
         try:
             with plain_path.open("rb") as fh:
-                manifest, offset = read_manifest(fh, opened.size)
+                manifest, _ = read_manifest(fh, opened.size)
         except EnvelopeError as exc:
             self._quarantine(row, f"message refused: {exc}")
             return
-        del offset
         if manifest.sender_idnps is None:
             self._quarantine(row, "the sender did not identify themselves", manifest.message_id)
             return

@@ -527,3 +527,38 @@ def test_accepted_message_is_not_reported_as_failed(
         assert st.status == "sent"
     with client(bob, directory, authority) as cb:
         assert [x.message_id for x in cb.receive()] == [r.message_id]
+
+
+def test_malformed_sender_identifier_is_quarantined(
+    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+) -> None:
+    """A signed message whose manifest names a malformed sender must not break receive()."""
+    import datetime as dt
+    import struct
+
+    from medsecure._message import Manifest, new_message_id
+
+    alice, bob, directory = world
+    now = dt.datetime.now(dt.UTC)
+    manifest = Manifest(
+        message_id=new_message_id(now),
+        created=now,
+        sender_idnps="not-an-idnps",
+        recipients=(),
+        subject=None,
+        body="x",
+        in_reply_to=None,
+        documents=(),
+    )
+    raw = manifest.encode()
+    env = m.seal(
+        b"MEDSECM\x01" + struct.pack(">I", len(raw)) + raw,
+        sender=alice.identity,
+        recipients=[bob.identity.public],
+    )
+    (bob.box / "new" / f"{manifest.message_id}.msec").write_bytes(env)
+    with client(bob, directory, authority) as cb:
+        assert cb.receive() == []
+        (q,) = cb.quarantine()
+        assert "malformed" in q.reason
+        assert cb.receive() == []  # and it stays handled

@@ -7,11 +7,11 @@ checked on construction. Untrusted JSON goes through ``Model.model_validate_json
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -112,8 +112,8 @@ class KeyEntry(_Model):
     """A practitioner's public key with its validity and the signed statements that vouch for it."""
 
     public: PublicIdentityField
-    not_before: dt.datetime | None = None
-    not_after: dt.datetime | None = None
+    not_before: AwareDatetime | None = None
+    not_after: AwareDatetime | None = None
     statements: tuple[str, ...] = ()
     """Signed statements (base64 text, see docs/trust.md) binding or rotating this key."""
 

@@ -91,3 +91,13 @@ def test_organization_and_patient_round_trip() -> None:
     assert again == patient and again.ins.birth_date == dt.date(1979, 3, 2)
     with pytest.raises(ValidationError):
         Patient.from_json('{"ins": {"matricule": "279035121518988"}}')
+
+
+def test_key_validity_must_be_timezone_aware(alice: Identity) -> None:
+    # a naive time would make every later trust decision fail; refuse it when the entry is read
+    with pytest.raises(ValidationError, match="timezone"):
+        KeyEntry(public=alice.public, not_after=dt.datetime(2030, 1, 1))
+    ok = KeyEntry.from_json(
+        KeyEntry(public=alice.public, not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC)).to_json()
+    )
+    assert ok.not_after is not None and ok.not_after.tzinfo is not None

@@ -90,7 +90,7 @@ class PublicIdentity:
     Values are immutable and compare equal when their canonical encodings are equal.
     """
 
-    __slots__ = ("_ed25519", "_encoded", "_fp", "_mldsa", "_mlkem", "_suite", "_x25519")
+    __slots__ = ("_ed25519", "_encoded", "_fp", "_fp_text", "_mldsa", "_mlkem", "_suite", "_x25519")
     _suite: str
     _x25519: x25519.X25519PublicKey
     _ed25519: ed25519.Ed25519PublicKey
@@ -98,6 +98,7 @@ class PublicIdentity:
     _mldsa: mldsa.MLDSA65PublicKey | None
     _encoded: bytes
     _fp: bytes
+    _fp_text: str
 
     def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
         raise TypeError("use Identity.public, PublicIdentity.from_bytes or from_text")
@@ -129,6 +130,7 @@ class PublicIdentity:
             fields[6] = mldsa_pub.public_bytes_raw()
         self._encoded = _cbor.encode(fields)
         self._fp = _sha256(F.LABEL_FINGERPRINT, self._encoded)
+        self._fp_text = _fingerprint_text(self._fp)
         return self
 
     # -- properties -------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class PublicIdentity:
     @property
     def fingerprint(self) -> str:
         """A stable text fingerprint (``ms1…``) of every public key, for people to compare."""
-        return _fingerprint_text(self._fp)
+        return self._fp_text
 
     @property
     def fingerprint_bytes(self) -> bytes:

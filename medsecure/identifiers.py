@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 __all__ = [
@@ -246,7 +246,7 @@ def ins_key(first13: str) -> int:
     return 97 - int(digits) % 97
 
 
-@pydantic_dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(hide_input_in_errors=True))
 class INS:
     """A patient's Identifiant National de Santé (NIR or NIA) with its identity traits.
 
@@ -322,7 +322,8 @@ class MSSanteAddress:
 
     def __post_init__(self) -> None:
         if not self.local or len(self.local) > 64 or not _LOCAL_RE.fullmatch(self.local):
-            raise ValueError(f"malformed MSSanté address: bad local part {self.local!r}")
+            # the local part is not quoted: for a patient mailbox it is the INS
+            raise ValueError("malformed MSSanté address: bad local part (before the '@')")
         labels = self.domain.split(".")
         if len(self.domain) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
             raise ValueError(f"malformed MSSanté address: bad domain {self.domain!r}")
@@ -355,6 +356,6 @@ def parse_address(text: str) -> MSSanteAddress:
     if raw.lower().startswith("mailto:"):
         raw = raw[7:]
     if raw.count("@") != 1:
-        raise ValueError(f"malformed MSSanté address {text!r}: expected one '@'")
+        raise ValueError("malformed MSSanté address: expected one '@'")
     local, domain = raw.rsplit("@", 1)
     return MSSanteAddress(local.lower(), domain.lower().rstrip("."))

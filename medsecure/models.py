@@ -79,7 +79,10 @@ Address = Annotated[str, AfterValidator(_address)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    # hide_input_in_errors: a validation error must never quote an INS, a name or an address
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", str_strip_whitespace=True, hide_input_in_errors=True
+    )
 
     def to_json(self) -> str:
         """Serialize to JSON (the inverse of :meth:`from_json`)."""

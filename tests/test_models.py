@@ -101,3 +101,18 @@ def test_key_validity_must_be_timezone_aware(alice: Identity) -> None:
         KeyEntry(public=alice.public, not_after=dt.datetime(2030, 1, 1, tzinfo=dt.UTC)).to_json()
     )
     assert ok.not_after is not None and ok.not_after.tzinfo is not None
+
+
+def test_validation_errors_never_quote_patient_data() -> None:
+    for attempt in (
+        lambda: INS("279035121518988"),
+        lambda: Patient.from_json(
+            '{"ins": {"matricule": "279035121518988", "birth_name": "DUPONT"}}'
+        ),
+        lambda: Patient.from_json(
+            '{"ins": {"matricule": "279035121518989"}, "family_name": ["DUPONT"]}'
+        ),
+    ):
+        with pytest.raises(ValueError) as info:
+            attempt()
+        assert "279035121518988" not in str(info.value) and "DUPONT" not in str(info.value)

@@ -5,6 +5,8 @@ Every error medsecure raises on purpose is a :class:`MedsecureError`::
     MedsecureError
     ├── EnvelopeError ── NotARecipient, SenderMismatch
     ├── IdentityError
+    ├── ConfigError
+    ├── UnknownMessage
     ├── DirectoryError ── PractitionerNotFound, AmbiguousPractitioner, DirectoryUnavailable
     ├── TrustError ── KeyChanged, UntrustedKey, RevokedKey
     ├── TransportError ── DeliveryRejected (permanent), TransportUnavailable (transient)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "AmbiguousPractitioner",
+    "ConfigError",
     "DeliveryRejected",
     "DirectoryError",
     "DirectoryUnavailable",
@@ -37,6 +40,7 @@ __all__ = [
     "TransportError",
     "TransportUnavailable",
     "TrustError",
+    "UnknownMessage",
     "UntrustedKey",
 ]
 
@@ -59,6 +63,14 @@ class SenderMismatch(EnvelopeError):
 
 class IdentityError(MedsecureError):
     """A key file or a public identity cannot be read, decrypted or validated."""
+
+
+class ConfigError(MedsecureError):
+    """A home folder's configuration is missing or invalid."""
+
+
+class UnknownMessage(MedsecureError, LookupError):
+    """No message with this id is known (``Client.status`` of an id the outbox does not hold)."""
 
 
 class DirectoryError(MedsecureError):

@@ -23,11 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._client import Client, default_home
 from ._document import Document
-from ._errors import MedsecureError
+from ._errors import ConfigError, MedsecureError
 from ._fs import atomic_write
 from ._identity import Identity, PublicIdentity
-from .client import Client, SendResult, default_home
+from ._results import SendResult
 from .directory import CachedDirectory, ChainDirectory, Directory, FhirDirectory, FileDirectory
 from .identifiers import parse
 from .models import Endpoint, KeyEntry, Practitioner
@@ -37,10 +38,6 @@ from .trust import AuthorityPolicy, PinStore, TrustPolicy, UnsafeTrustOnFirstUse
 __all__ = ["ConfigError", "client_from_home", "default_client", "init_home", "send"]
 
 PASSPHRASE_ENV = "MEDSECURE_PASSPHRASE"  # noqa: S105 - the variable's name
-
-
-class ConfigError(MedsecureError):
-    """The home folder's configuration is missing or invalid."""
 
 
 def _config(home: Path) -> dict[str, Any]:

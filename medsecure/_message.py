@@ -90,63 +90,150 @@ class Manifest:
         return sum(int(d["size"]) for d in self.documents)
 
 
+# Bounds on what a manifest may carry (docs/format.md §10). Anything outside them is a
+# malformed message, refused before any field is used.
+MAX_RECIPIENTS = 1000
+MAX_SUBJECT = 1000
+MAX_SHORT = 128  # identifiers, authors, ids of replaced documents, in-reply-to
+MAX_FILENAME = 255
+MAX_TITLE = 1000
+MAX_SIZE = 1 << 53
+MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant datetime can hold
+MEDIA_TYPE_RE = re.compile(
+    r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}(\s*;[\x20-\x7e]*)?"
+)
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+RECEIPT_STATUSES = ("delivered", "read", "rejected")
+
+
+def _bad(what: str) -> EnvelopeError:
+    return EnvelopeError(f"malformed message: {what}")
+
+
+def _text(value: Any, limit: int, what: str, *, single_line: bool = True) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise _bad(what)
+    if "\x00" in value or (single_line and any(c in value for c in "\r\n")):
+        raise _bad(what)
+    return value
+
+
+def _int(value: Any, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _bad(what)
+    return value
+
+
 def _check_doc(entry: Any) -> dict[str, Any]:
+    """Validate one document entry completely: every field a reader may use is of its type and
+    within its bounds (a patient and a document type are validated as models)."""
+    from .models import Code, Patient  # the models load pydantic: only when a message is read
+
     if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
-        raise EnvelopeError("malformed message: bad document entry")
-    size = entry.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise EnvelopeError("malformed message: bad document size")
-    for name in ("id", "media_type"):
-        if not isinstance(entry.get(name), str):
-            raise EnvelopeError("malformed message: bad document entry")
-    for name in ("filename", "title", "author", "replaces", "created"):
-        if name in entry and not isinstance(entry[name], str):
-            raise EnvelopeError("malformed message: bad document entry")
-    fname = entry.get("filename")
-    if fname is not None and (
-        "/" in fname or "\\" in fname or fname in (".", "..") or "\x00" in fname
-    ):
-        raise EnvelopeError("malformed message: unsafe file name")
+        raise _bad("bad document entry")
+    _int(entry.get("size"), 0, MAX_SIZE, "bad document size")
+    _text(entry.get("id"), MAX_SHORT, "bad document entry")
+    media_type = _text(entry.get("media_type"), 255, "bad media type")
+    if not MEDIA_TYPE_RE.fullmatch(media_type.lower()):
+        raise _bad("bad media type")
+    if "title" in entry:
+        _text(entry["title"], MAX_TITLE, "bad document title", single_line=False)
+    for name in ("author", "replaces"):
+        if name in entry:
+            _text(entry[name], MAX_SHORT, "bad document entry")
+    if "filename" in entry:
+        fname = _text(entry["filename"], MAX_FILENAME, "unsafe file name")
+        if (
+            "/" in fname
+            or "\\" in fname
+            or fname in ("", ".", "..")
+            or any(ord(c) < 32 or ord(c) == 127 for c in fname)
+        ):
+            raise _bad("unsafe file name")
+    if entry.get("confidentiality", "N") not in ("N", "R", "V"):
+        raise _bad("bad confidentiality")
+    if "created" in entry:
+        try:
+            created = dt.datetime.fromisoformat(_text(entry["created"], 64, "bad document date"))
+        except ValueError as exc:
+            raise _bad("bad document date") from exc
+        if created.tzinfo is None:
+            raise _bad("bad document date")
+    try:
+        if "patient" in entry:
+            Patient.model_validate(entry["patient"])
+        if "document_type" in entry:
+            Code.model_validate(entry["document_type"])
+    except ValueError as exc:  # pydantic's ValidationError; it never quotes the input here
+        raise _bad("bad patient or document type") from exc
     return entry
 
 
+def _check_receipt(extra: Any) -> dict[str, Any]:
+    if not isinstance(extra, dict):
+        raise _bad("bad receipt")
+    if extra.get("status") not in RECEIPT_STATUSES:
+        raise _bad("bad receipt status")
+    if not isinstance(extra.get("of"), str) or not MESSAGE_ID_RE.fullmatch(extra["of"]):
+        raise _bad("bad receipt reference")
+    if not isinstance(extra.get("envelope"), str) or not _HEX64_RE.fullmatch(extra["envelope"]):
+        raise _bad("bad receipt reference")
+    _int(extra.get("at"), 0, MAX_TIME_MS, "bad receipt time")
+    if "reason" in extra:
+        reason = _text(extra["reason"], 64, "bad rejection reason")
+        if not re.fullmatch(r"[a-z0-9-]{1,64}", reason):
+            raise _bad("bad rejection reason")
+    return extra
+
+
 def parse_manifest(raw: bytes) -> Manifest:
-    """Validate a decoded manifest (raises EnvelopeError with a structural message)."""
+    """Validate a decoded manifest completely (raises EnvelopeError with a structural message):
+    after this, every field is of its type and within its bounds."""
     f = _cbor.decode(raw, error=EnvelopeError, what="message manifest")
     if not isinstance(f, dict) or f.get(1) != 1:
-        raise EnvelopeError("malformed message: unsupported manifest")
+        raise _bad("unsupported manifest")
     allowed = set(range(1, 13))
     if not {1, 2, 3, 5, 9, 10, 11} <= set(f) <= allowed:
-        raise EnvelopeError("malformed message: unexpected manifest fields")
+        raise _bad("unexpected manifest fields")
     mid = f[2]
     if not isinstance(mid, str) or not MESSAGE_ID_RE.fullmatch(mid):
-        raise EnvelopeError("malformed message: bad message id")
-    if not isinstance(f[3], int) or isinstance(f[3], bool) or not 0 <= f[3] < 1 << 48:
-        raise EnvelopeError("malformed message: bad creation time")
-    for key in (4, 6, 7, 8):
-        if key in f and not isinstance(f[key], str):
-            raise EnvelopeError("malformed message: bad text field")
-    if not isinstance(f[5], list) or not all(isinstance(x, str) for x in f[5]):
-        raise EnvelopeError("malformed message: bad recipients")
+        raise _bad("bad message id")
+    created_ms = _int(f[3], 0, MAX_TIME_MS, "bad creation time")
+    if 6 in f:
+        _text(f[6], MAX_SUBJECT, "bad subject")
+    if 7 in f:
+        _text(f[7], MAX_MANIFEST, "bad body", single_line=False)
+    if 8 in f:
+        _text(f[8], MAX_SHORT, "bad in-reply-to")
+    if (
+        not isinstance(f[5], list)
+        or len(f[5]) > MAX_RECIPIENTS
+        or not all(isinstance(x, str) and len(x) <= MAX_SHORT for x in f[5])
+    ):
+        raise _bad("bad recipients")
     if 4 in f:
         try:
-            if not parse(f[4]).is_professional:
+            if not isinstance(f[4], str) or not parse(f[4]).is_professional:
                 raise ValueError("not a professional")
         except ValueError as exc:
-            raise EnvelopeError("malformed message: the sender's identifier is malformed") from exc
+            raise _bad("the sender's identifier is malformed") from exc
     docs = f[9]
     if not isinstance(docs, list) or len(docs) > MAX_DOCUMENTS:
-        raise EnvelopeError("malformed message: bad documents")
+        raise _bad("bad documents")
     if not isinstance(f[10], list) or not all(r in ("delivered", "read") for r in f[10]):
-        raise EnvelopeError("malformed message: bad receipt request")
+        raise _bad("bad receipt request")
     if f[11] not in ("message", "receipt"):
-        raise EnvelopeError("malformed message: unknown kind")
+        raise _bad("unknown kind")
     extra = f.get(12)
-    if extra is not None and not isinstance(extra, dict):
-        raise EnvelopeError("malformed message: bad extra")
+    if f[11] == "receipt":
+        extra = _check_receipt(extra)
+        if docs:
+            raise _bad("a receipt carries no documents")
+    elif extra is not None and not isinstance(extra, dict):
+        raise _bad("bad extra")
     return Manifest(
         message_id=mid,
-        created=dt.datetime.fromtimestamp(f[3] / 1000, dt.UTC),
+        created=dt.datetime.fromtimestamp(created_ms / 1000, dt.UTC),
         sender_idnps=f.get(4),
         recipients=tuple(f[5]),
         subject=f.get(6),

@@ -28,17 +28,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ._errors import StorageError
+from ._sqlite import Database
 
 __all__ = ["Store"]
 
-SCHEMA = """
+# Version 1: the tables as the first releases created them.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS outbox (
     message_id TEXT PRIMARY KEY,
     created REAL NOT NULL,
@@ -107,6 +107,76 @@ CREATE INDEX IF NOT EXISTS inbox_envelope ON inbox (envelope_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Version 2: a message is identified by its verified sender *and* its message id (a sender
+# cannot make another sender's message vanish by reusing its id), so the inbox loses its
+# UNIQUE(message_id); verification attempts are counted (a transient failure is retried a
+# bounded number of times); receipts to send are queued durably per received message
+# (receipts_out), and what a transport offered that is not an envelope is reported once.
+INBOX_V2 = """
+CREATE TABLE inbox_v2 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    envelope_id TEXT NOT NULL,
+    message_id TEXT,
+    kind TEXT,
+    status TEXT NOT NULL,
+    sender_idnps TEXT,
+    received_at REAL NOT NULL,
+    envelope TEXT,
+    plaintext TEXT,
+    sender TEXT,
+    sender_key TEXT,
+    reason TEXT,
+    read_at REAL,
+    receipts TEXT,
+    claimer INTEGER,
+    claimed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO inbox_v2 (id, envelope_id, message_id, kind, status, sender_idnps, received_at,
+    envelope, plaintext, sender, sender_key, reason, read_at, receipts, claimer, claimed_at)
+  SELECT id, envelope_id, message_id,
+    CASE WHEN status IN ('receipt', 'receipt-ignored') THEN 'receipt' ELSE 'message' END,
+    status, sender_idnps, received_at, envelope, plaintext, sender, sender_key, reason,
+    read_at, receipts, claimer, claimed_at FROM inbox;
+DROP TABLE inbox;
+ALTER TABLE inbox_v2 RENAME TO inbox;
+CREATE INDEX inbox_envelope ON inbox (envelope_id);
+CREATE INDEX inbox_message ON inbox (sender_idnps, message_id);
+CREATE INDEX inbox_status ON inbox (status);
+CREATE TABLE receipts_out (
+    inbox_id INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    state TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (inbox_id, status)
+);
+INSERT OR IGNORE INTO receipts_out (inbox_id, status, reason, state, at)
+  SELECT i.id, s.status, NULL, 'sent', s.at FROM sent_receipts s
+  JOIN inbox i ON i.message_id = s.message_id;
+DROP TABLE sent_receipts;
+CREATE TABLE ignored (
+    source TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (source, handle)
+);
+ALTER TABLE receipts ADD COLUMN source TEXT NOT NULL DEFAULT 'signed';
+"""
+
+
+def _script(sql: str) -> Any:
+    def step(db: sqlite3.Connection) -> None:
+        for statement in sql.split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+    return step
+
+
+MIGRATIONS = (_script(SCHEMA_V1), _script(INBOX_V2))
+
 
 def _read_only(path: Path) -> bool:
     try:
@@ -117,24 +187,7 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def _explain(exc: sqlite3.Error) -> str:
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
-        return "the medsecure database is locked by another process (try again)"
-    if "readonly" in text or "read-only" in text:
-        return "the medsecure home is read-only"
-    if "full" in text:
-        return "the disk holding the medsecure home is full"
-    if "disk i/o" in text:
-        return "disk I/O error in the medsecure home (disk full or failing?)"
-    if "unable to open" in text:
-        return "cannot open the medsecure database (is the home missing or read-only?)"
-    if "malformed" in text or "not a database" in text:
-        return "the medsecure database is damaged"
-    return f"database error: {exc}"
-
-
-class Store:
+class Store(Database):
     """SQLite state under ``home`` (``medsecure.sqlite``), plus its envelope folders."""
 
     def __init__(self, home: Path, *, busy_timeout: float = 10.0) -> None:
@@ -142,7 +195,6 @@ class Store:
         self.outbox_dir = home / "outbox"
         self.inbox_dir = home / "inbox"
         self.quarantine_dir = home / "quarantine"
-        self._lock = threading.RLock()
         try:
             for d in (home, self.outbox_dir, self.inbox_dir, self.quarantine_dir):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -152,50 +204,12 @@ class Store:
             ) from exc
         if _read_only(home):
             raise StorageError(f"the medsecure home {str(home)!r} is read-only")
-        try:
-            self.db = sqlite3.connect(
-                str(home / "medsecure.sqlite"),
-                timeout=busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StorageError(_explain(exc)) from exc
-        with contextlib.suppress(OSError):
-            os.chmod(home / "medsecure.sqlite", 0o600)
-
-    @contextlib.contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction; ``durable=False`` commits with synchronous=NORMAL."""
-        with self._lock:
-            try:
-                if not durable:
-                    self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self.db
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        self.db.execute("ROLLBACK")
-                    raise
-                finally:
-                    if not durable:
-                        self.db.execute("PRAGMA synchronous=FULL")
-            except sqlite3.Error as exc:
-                raise StorageError(_explain(exc)) from exc
-
-    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            try:
-                return self.db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StorageError(_explain(exc)) from exc
+        super().__init__(
+            home / "medsecure.sqlite",
+            migrations=MIGRATIONS,
+            busy_timeout=busy_timeout,
+            what="the medsecure database",
+        )
 
     def recover(self, *, min_age: float = 600.0) -> int:
         """Remove what a crash may have left: temporary files and envelopes no row references,
@@ -215,14 +229,10 @@ class Store:
             for entry in entries:
                 if entry.name.startswith(".medsecure-") or entry.name not in known:
                     with contextlib.suppress(OSError):
-                        if entry.stat().st_mtime < cutoff:
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                             os.unlink(entry.path)
                             removed += 1
         return removed
-
-    def close(self) -> None:
-        with self._lock, contextlib.suppress(sqlite3.Error):
-            self.db.close()
 
     @staticmethod
     def now() -> float:

@@ -125,10 +125,23 @@ class KeyEntry(_Model):
         return self.public.fingerprint
 
 
-class Endpoint(_Model):
-    """Where medsecure envelopes for a practitioner are delivered."""
+#: Fields a known endpoint kind needs; other kinds are open (a transport that serves them
+#: says so with ``Transport.kinds`` / ``Transport.accepts``).
+ENDPOINT_FIELDS: dict[str, tuple[str, ...]] = {
+    "relay": ("url", "mailbox"),
+    "mail": ("address",),
+    "drop": ("path",),
+}
 
-    kind: Literal["relay", "mail", "drop"]
+
+class Endpoint(_Model):
+    """Where medsecure envelopes for a practitioner are delivered.
+
+    ``kind`` is open: ``relay``, ``mail`` and ``drop`` are the kinds medsecure ships transports
+    for (and checks the fields of); any other lowercase name is accepted for transports of
+    one's own."""
+
+    kind: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
     url: str | None = None
     """Relay base URL (``relay``)."""
     mailbox: str | None = None
@@ -142,7 +155,7 @@ class Endpoint(_Model):
 
     @model_validator(mode="after")
     def _complete(self) -> Endpoint:
-        needed = {"relay": ("url", "mailbox"), "mail": ("address",), "drop": ("path",)}[self.kind]
+        needed = ENDPOINT_FIELDS.get(self.kind, ())
         missing = [f for f in needed if getattr(self, f) is None]
         if missing:
             raise ValueError(f"a {self.kind} endpoint needs {', '.join(missing)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,7 @@ def test_transient_failures_are_retried_with_backoff(
         assert st.status == "sent" and st.attempts == 4 and st.error is None
         assert len(mock.deliveries) == 1 and mock.deliveries[0].message_id == r.message_id
         assert ca.status(r.message_id)[0].status == "sent"
-        with pytest.raises(KeyError):
+        with pytest.raises(m.UnknownMessage):
             ca.status("01ZZZZZZZZZZZZZZZZZZZZZZZZ")
 
 
@@ -285,7 +286,24 @@ def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> Non
         me=alice.idnps,
     ) as ca:
         ca.send(m.Document(content=b"x"), to=bob.ref)
-    assert mock.deliveries[0].endpoint.kind == "mail"  # priority 0 first; mail before drop
+    # priority 0 first; between equal priorities, one transport serving both keeps the
+    # directory's order (drop, then mail)
+    assert mock.deliveries[0].endpoint.kind == "drop"
+
+    class MailOnly(m.MockTransport):
+        kinds = frozenset({"mail"})
+
+    mail = MailOnly()
+    with m.Client(
+        alice.identity,
+        directory,
+        [mail, m.MockTransport()],  # transports are tried in the order given
+        tmp_path / "h3",
+        trust=m.AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    ) as ca:
+        (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
+    assert st.endpoint == "mail" and len(mail.deliveries) == 1
     with m.Client(
         alice.identity,
         directory,
@@ -372,12 +390,30 @@ def test_directory_outage_defers_verification(
             return super().lookup(ref)
 
     flaky = Down(directory.all())
-    with client(alice, directory, authority) as ca, client(bob, flaky, authority) as cb:
+    now = [time.time()]
+    with (
+        client(alice, directory, authority) as ca,
+        client(bob, flaky, authority, clock=lambda: now[0], max_verify_attempts=3) as cb,
+    ):
         ca.send(m.Document(content=b"x"), to=bob.ref)
         flaky.up = False
         assert cb.receive() == [] and cb.quarantine() == []
+        assert cb.receive() == []  # not retried before its backoff (30 s) has passed
+        now[0] += 31
         flaky.up = True
         assert len(cb.receive()) == 1
+        # an outage that lasts is retried a bounded number of times, then quarantined
+        ca.send(m.Document(content=b"y"), to=bob.ref)
+        flaky.up = False
+        for _ in range(3):
+            assert len(cb.receive()) == 1  # the first message is still there; no raise
+            now[0] += 3600
+        (q,) = cb.quarantine()
+        assert "directory is unavailable" in q.reason and "3 attempts" in q.reason
+        # once the cause is gone, the envelope can be released and is received
+        flaky.up = True
+        assert cb.release(q.id) and not cb.release(q.id)
+        assert len(cb.receive()) == 2 and cb.quarantine() == []
 
 
 def test_large_document_streams_from_disk(

@@ -38,9 +38,13 @@ def test_layout_and_names(tmp_path: Path) -> None:
     t.acknowledge(item)
     t.acknowledge(item)  # twice is fine
     assert t.list() == []
-    # foreign files are ignored; bad ids refused
+    # foreign files are offered as unsupported (reported once by the client, left alone);
+    # bad ids refused
     (box / "new" / "notes.txt").write_text("x")
-    assert t.list() == []
+    (foreign,) = t.list()
+    assert foreign.kind == "unsupported" and foreign.message_id is None
+    with pytest.raises(ValueError):
+        t.fetch(foreign)
     with pytest.raises(ValueError):
         t.deliver(
             m.Endpoint(kind="drop", path=str(box)), io.BytesIO(b"x"), message_id="../../etc", size=1

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from conftest import FAST_KDF
 
-import medsecure
 from medsecure import Identity, IdentityError, PublicIdentity, _cbor
 from medsecure import _format as F
 
@@ -228,18 +227,3 @@ def test_save_is_atomic_over_existing_file(tmp_path: Path, alice: Identity, bob:
     bob.save(path, passphrase="pw", **FAST_KDF)
     assert Identity.load(path, passphrase="pw").public == bob.public
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]
-
-
-def test_public_api_is_curated() -> None:
-    names = medsecure.__all__
-    assert names == sorted(names)
-    public = {n for n in dir(medsecure) if not n.startswith("_")}
-    # every public attribute that is not a submodule is listed
-    import types
-
-    missing = {
-        n for n in public - set(names) if not isinstance(getattr(medsecure, n), types.ModuleType)
-    }
-    assert not missing
-    for n in names:
-        assert hasattr(medsecure, n)

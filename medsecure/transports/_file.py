@@ -1,10 +1,19 @@
 """A drop-folder transport laid out like Maildir (shared folder, USB key, synchronised folder).
 
 Each mailbox folder has ``tmp/`` and ``new/``. A writer creates ``tmp/<message id>.<random>``,
-writes and fsyncs it, renames it to ``new/<message id>.msec`` and fsyncs ``new/``: readers only
-ever look in ``new/``, so they never see a partial file, and the rename is atomic, so
-concurrent writers and readers are safe. Re-delivering the same message replaces the file with
-identical bytes (idempotent). File names carry only the message id — never patient data.
+writes and fsyncs it, links it to ``new/<message id>.msec`` and fsyncs ``new/``: readers only
+ever look in ``new/``, so they never see a partial file, and the link is atomic, so
+concurrent writers and readers are safe. A waiting file is never replaced: a message id is the
+sender's choice, so a second envelope under the same id (another sender's, or a re-delivery)
+gets ``new/<message id>.<random>.msec`` and the receiving inbox tells them apart (a
+re-delivery of the same envelope is dropped as a duplicate). File names carry only the message
+id — never patient data.
+
+Anyone who can write the folder can put anything in ``new/``. A reader takes only regular files
+whose name is a message id: it looks without following links (``lstat``), opens with
+``O_NOFOLLOW | O_NONBLOCK`` (a FIFO never blocks it, a symbolic link swapped in after the check
+is refused), checks the open descriptor with ``fstat``, and links or copies from what it opened.
+Anything else is offered to the client as ``unsupported`` — reported once and left alone.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +33,17 @@ from typing import BinaryIO, ClassVar
 from .._errors import DeliveryRejected, StorageError, TransportError, TransportUnavailable
 from .._fs import fsync_dir
 from ..models import Endpoint
-from ._base import Incoming, Transport
+from ._base import Incoming, Transport, UnsupportedItem
 
 __all__ = ["FileTransport"]
 
-_NAME_RE = re.compile(r"([0-9A-HJKMNP-TV-Z]{26})\.msec")
+# <message id>.msec, or <message id>.<16 hex>.msec when another envelope with the same
+# message id is already waiting (the id is the sender's choice: it never replaces a file)
+_NAME_RE = re.compile(r"([0-9A-HJKMNP-TV-Z]{26})(?:\.[0-9a-f]{16})?\.msec")
+_ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _STALE_TMP_SECONDS = 36 * 3600  # Maildir's advice for abandoned tmp/ files
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _TRANSIENT = {
     errno.ENOSPC,
     errno.EDQUOT,
@@ -38,6 +53,26 @@ _TRANSIENT = {
     errno.ESTALE,
     errno.ENOTCONN,
 }
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (the same inode, or equal content)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b, follow_symlinks=False)
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        if not stat.S_ISREG(sb.st_mode) or sa.st_size != sb.st_size:
+            return False
+        fd = os.open(b, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        with a.open("rb") as fa, os.fdopen(fd, "rb") as fb:
+            while True:
+                x, y = fa.read(1 << 20), fb.read(1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except OSError:
+        return False
 
 
 class FileTransport(Transport):
@@ -64,7 +99,7 @@ class FileTransport(Transport):
     ) -> None:
         if endpoint.kind != "drop" or not endpoint.path:
             raise DeliveryRejected(f"FileTransport cannot deliver to a {endpoint.kind} endpoint")
-        if not _NAME_RE.fullmatch(message_id + ".msec"):
+        if not _ID_RE.fullmatch(message_id):
             raise ValueError("malformed message id")
         box = Path(endpoint.path)
         if not box.is_dir():
@@ -84,7 +119,7 @@ class FileTransport(Transport):
                         tmp.unlink()
                     raise
             try:
-                os.replace(tmp, box / "new" / f"{message_id}.msec")
+                self._publish(tmp, box / "new", message_id)
             except BaseException:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -95,6 +130,33 @@ class FileTransport(Transport):
             if exc.errno in _TRANSIENT:
                 raise TransportUnavailable(f"cannot write to {where}: {exc.strerror}") from exc
             raise DeliveryRejected(f"cannot write to {where}: {exc.strerror}") from exc
+
+    @staticmethod
+    def _publish(tmp: Path, new: Path, message_id: str) -> None:
+        """Move ``tmp`` into ``new/`` without ever replacing a waiting file: a message id is
+        chosen by its sender, so another sender reusing it must not make an envelope vanish.
+        A second envelope with the same id gets a unique name (the inbox deduplicates a
+        re-delivery of the same envelope by its envelope id)."""
+        final = new / f"{message_id}.msec"
+        try:
+            os.link(tmp, final)  # fails if the name exists: no replacement
+        except FileExistsError:
+            if _same_content(tmp, final):
+                tmp.unlink()  # the same envelope delivered again: idempotent
+                return
+            os.replace(tmp, new / f"{message_id}.{secrets.token_hex(8)}.msec")
+            return
+        except OSError:
+            # a file system without hard links (FAT, some network shares): check, then rename
+            if final.exists():
+                if _same_content(tmp, final):
+                    tmp.unlink()
+                    return
+                final = new / f"{message_id}.{secrets.token_hex(8)}.msec"
+            os.replace(tmp, final)
+            return
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
     @staticmethod
     def _link(envelope: BinaryIO, tmp: Path) -> bool:
@@ -109,30 +171,96 @@ class FileTransport(Transport):
             return False  # another file system, or links not supported: copy
         return True
 
-    def local_path(self, item: Incoming) -> Path:
-        """Where a waiting envelope lies (lets a receiver link instead of copying)."""
-        return self._path(item)
+    @property
+    def name(self) -> str:
+        return f"drop:{self.root}"
 
     def list(self) -> Sequence[Incoming]:
         new = self.root / "new"
         try:
-            names = sorted(os.listdir(new))
+            entries = sorted(os.scandir(new), key=lambda e: e.name)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise TransportError(f"cannot list {str(new)!r}: {exc.strerror}") from exc
         self._clean_tmp()
         out = []
-        for name in names:
-            m = _NAME_RE.fullmatch(name)
-            if m is None:
-                continue
+        for entry in entries:
+            m = _NAME_RE.fullmatch(entry.name)
             try:
-                size = (new / name).stat().st_size
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # taken by a concurrent reader
-            out.append(Incoming(handle=name, message_id=m.group(1), size=size))
+            except OSError:
+                continue
+            if m is None or not stat.S_ISREG(st.st_mode):
+                problem = (
+                    "not a medsecure envelope name"
+                    if m is None
+                    else "not a regular file (a link, a FIFO, a device or a folder)"
+                )
+                # the handle is the folder entry's name: it is reported, never opened
+                out.append(
+                    Incoming(
+                        handle=entry.name, message_id=None, kind="unsupported", problem=problem
+                    )
+                )
+                continue
+            out.append(Incoming(handle=entry.name, message_id=m.group(1), size=st.st_size))
         return out
+
+    def take(self, item: Incoming, target: Path) -> None:
+        """Link (same file system) or copy a waiting regular file to ``target``, from the
+        descriptor opened without following links and without blocking."""
+        path = self._path(item)
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as exc:
+            raise TransportUnavailable("the envelope was taken by another reader") from exc
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+                raise UnsupportedItem(
+                    "not a regular file (a link, a FIFO, a device or a folder)"
+                ) from exc
+            raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
+            if self._link_same(path, target, st):
+                return
+            out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(os.dup(fd), "rb") as src, os.fdopen(out_fd, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    target.unlink()
+                raise
+        except OSError as exc:
+            raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _link_same(path: Path, target: Path, opened: os.stat_result) -> bool:
+        """Hard-link ``path`` to ``target`` if it is still the file that was opened (its
+        sender fsynced it); False means "copy from the descriptor instead"."""
+        try:
+            os.link(path, target, follow_symlinks=False)
+        except OSError:
+            return False  # another file system, links unsupported, or gone: copy
+        try:
+            linked = os.lstat(target)
+        except OSError:
+            linked = None
+        if linked is not None and (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino):
+            return True
+        with contextlib.suppress(OSError):
+            target.unlink()  # swapped after it was opened: copy what was opened
+        return False
 
     def _clean_tmp(self) -> None:
         tmp = self.root / "tmp"
@@ -144,17 +272,29 @@ class FileTransport(Transport):
                         os.unlink(entry.path)
 
     def _path(self, item: Incoming) -> Path:
-        if not _NAME_RE.fullmatch(item.handle):
+        if item.kind != "envelope" or not _NAME_RE.fullmatch(item.handle):
             raise ValueError("not an item of this transport")
         return self.root / "new" / item.handle
 
     def fetch(self, item: Incoming) -> BinaryIO:
+        path = self._path(item)
         try:
-            return self._path(item).open("rb")
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
             raise TransportUnavailable("the envelope was taken by another reader") from exc
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO):
+                raise UnsupportedItem(
+                    "not a regular file (a link, a FIFO, a device or a folder)"
+                ) from exc
             raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def acknowledge(self, item: Incoming) -> None:
         path = self._path(item)

@@ -1,0 +1,619 @@
+"""The outbox: a sealed message waits on disk until every recipient has it or has failed.
+
+Theory of operation
+-------------------
+*Accepted means on disk.* :meth:`Outbox.seal` writes the envelope to ``outbox/<id>.msec``
+(temporary name, fsync, rename, fsync of the folder); :meth:`Outbox.accept` commits the message
+row and one delivery row per recipient — its endpoints in the order they will be tried — in one
+durable transaction. Only then is delivery attempted.
+
+The rules are pure functions, so that every driver (``Client``, ``AsyncClient``) applies the
+same ones:
+
+* :func:`route` — a recipient's endpoints that a configured transport accepts, by their
+  ``priority`` (lower first), ties broken by the order of the transports given to the client.
+* :func:`after_attempt` — what one delivery attempt's outcome means: ``sent``; a permanent
+  refusal (:class:`~medsecure.DeliveryRejected`) moves to the next endpoint at once, or fails
+  when there is none; a transient one (:class:`~medsecure.TransportUnavailable`, or anything
+  unexpected from a transport) is retried later with exponential backoff and jitter, and fails
+  after ``max_attempts``.
+* receipts and delivery reports fold into each recipient's status (:mod:`._receipts`).
+
+Delivery statuses of a recipient: ``queued`` → ``sent`` | ``failed``; ``expired`` when a deadline
+passes without a ``delivered`` receipt. Status updates after an attempt are committed with
+``synchronous=NORMAL``: losing one to a power cut only means delivering again, which every
+transport makes idempotent and every inbox deduplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import random
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _receipts as receipts
+from ._document import Document
+from ._envelope import envelope_id, seal_stream
+from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError
+from ._fs import atomic_output
+from ._identity import Identity, PublicIdentity
+from ._message import Manifest, MessageReader
+from ._results import OutboxEntry, RecipientStatus, StatusEvent
+from ._store import Store
+from .audit import AuditLog
+from .models import Endpoint, Practitioner
+from .transports import DeliveryReport, Transport
+
+__all__ = ["Attempt", "Outbox", "RetryPolicy", "after_attempt", "route"]
+
+log = logging.getLogger("medsecure.outbox")
+
+QUEUED, SENT, FAILED, EXPIRED = "queued", "sent", "failed", "expired"
+
+
+def route(practitioner: Practitioner, transports: Sequence[Transport]) -> list[Endpoint]:
+    """The practitioner's endpoints some transport accepts, in the order they are tried:
+    ``priority`` first (lower first), then the order of ``transports``. Raises TransportError
+    when none is reachable."""
+
+    def rank(endpoint: Endpoint) -> int | None:
+        for i, t in enumerate(transports):
+            if t.accepts(endpoint):
+                return i
+        return None
+
+    usable = [
+        (e.priority, r, n, e)
+        for n, e in enumerate(practitioner.endpoints)
+        if (r := rank(e)) is not None
+    ]
+    if not usable:
+        kinds = sorted({e.kind for e in practitioner.endpoints}) or ["none"]
+        raise TransportError(
+            f"no configured transport can reach {practitioner.idnps} "
+            f"(its endpoints: {', '.join(kinds)})"
+        )
+    return [e for _, _, _, e in sorted(usable, key=lambda x: x[:3])]
+
+
+def transport_for(endpoint: Endpoint, transports: Sequence[Transport]) -> Transport:
+    """The first transport that accepts ``endpoint``."""
+    for t in transports:
+        if t.accepts(endpoint):
+            return t
+    raise DeliveryRejected(f"no configured transport for a {endpoint.kind} endpoint")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient delivery failures are retried: exponential backoff with jitter."""
+
+    max_attempts: int = 20
+    base: float = 30.0
+    cap: float = 6 * 3600.0
+
+    def backoff(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (full jitter over the upper
+        half, so clients that failed together do not retry together)."""
+        ceiling = min(self.cap, self.base * 2 ** max(0, attempts - 1))
+        return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What to do after one delivery attempt."""
+
+    status: str
+    """``sent``, ``failed``, or ``queued`` (retry later, or at once when :attr:`again`)."""
+    index: int
+    """The endpoint to use next."""
+    next_attempt: float
+    error: str | None
+    again: bool = False
+    """Try :attr:`index` now (a permanent refusal moved to the next endpoint)."""
+
+
+def after_attempt(
+    policy: RetryPolicy,
+    *,
+    error: BaseException | None,
+    index: int,
+    endpoints: int,
+    attempts: int,
+    now: float,
+) -> Attempt:
+    """The rule for one attempt's outcome (see the module docstring)."""
+    if error is None:
+        return Attempt(SENT, index, now, None)
+    if isinstance(error, FileNotFoundError):
+        return Attempt(FAILED, index, now, "the sealed envelope is missing from the outbox")
+    if isinstance(error, DeliveryRejected):
+        if index + 1 < endpoints:
+            return Attempt(QUEUED, index + 1, now, str(error), again=True)
+        return Attempt(FAILED, index, now, str(error))
+    if isinstance(error, MedsecureError):
+        text = str(error)
+    elif isinstance(error, OSError):
+        text = f"I/O error: {error.strerror or type(error).__name__}"
+    else:  # a transport let a foreign exception escape: a bug there, retried as transient
+        text = f"unexpected {type(error).__name__} in the transport"
+    if attempts >= policy.max_attempts:
+        return Attempt(FAILED, index, now, f"gave up after {attempts} attempts: {text}")
+    return Attempt(QUEUED, index, now + policy.backoff(attempts), text)
+
+
+def _ts(value: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+class Outbox:
+    """The sending side of a client: the outbox rows and sealed envelopes, and the rules above
+    applied to them. Status events are recorded and handed to ``on_status``."""
+
+    def __init__(
+        self,
+        store: Store,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], float],
+        policy: RetryPolicy,
+        on_status: Callable[[StatusEvent], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.clock = clock
+        self.policy = policy
+        self.on_status = on_status
+        self._unnotified: list[StatusEvent] = []
+
+    # -- accepting -------------------------------------------------------------------------
+    def seal(
+        self,
+        manifest: Manifest,
+        docs: Sequence[Document],
+        *,
+        identity: Identity,
+        keys: Sequence[PublicIdentity],
+        allow_classic: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[str, int, str]:
+        """Seal the message into the outbox folder, durably; return (file name, size,
+        envelope id). Nothing is promised yet: :meth:`accept` does that."""
+        name = f"{manifest.message_id}.msec"
+        path = self.store.outbox_dir / name
+        try:
+            with (
+                MessageReader(manifest, docs, progress=progress) as src,
+                # 0644: the envelope is encrypted; drop folders may hard-link it for other users
+                atomic_output(path, mode=0o644) as out,
+            ):
+                seal_stream(
+                    src,  # type: ignore[arg-type]
+                    out,
+                    sender=identity,
+                    recipients=keys,
+                    allow_classic=allow_classic,
+                )
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                eid = envelope_id(fh)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return name, size, eid
+
+    def accept(
+        self,
+        manifest: Manifest,
+        sealed: tuple[str, int, str],
+        plans: Sequence[tuple[str, Sequence[Endpoint]]],
+        *,
+        deadline: float | None = None,
+    ) -> None:
+        """Promise the sealed message: commit it and its delivery plan in one durable
+        transaction (or remove the sealed file and raise)."""
+        name, size, eid = sealed
+        now = self.clock()
+        try:
+            with self.store.transaction() as db:
+                db.execute(
+                    "INSERT INTO outbox (message_id, created, envelope, size, envelope_id,"
+                    " receipts, deadline, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        manifest.message_id,
+                        now,
+                        name,
+                        size,
+                        eid,
+                        ",".join(manifest.receipts),
+                        deadline,
+                        manifest.kind,
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO deliveries (message_id, recipient, endpoints, endpoint_index,"
+                    " status, attempts, next_attempt, last_error, updated)"
+                    " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?)",
+                    [
+                        (
+                            manifest.message_id,
+                            idnps,
+                            json.dumps(
+                                [e.model_dump(mode="json", exclude_defaults=True) for e in eps]
+                            ),
+                            QUEUED,
+                            now,
+                            now,
+                        )
+                        for idnps, eps in plans
+                    ],
+                )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                (self.store.outbox_dir / name).unlink()
+            raise
+
+    # -- delivering ------------------------------------------------------------------------
+    def due(self, *, message_id: str | None = None, force: bool = False) -> list[sqlite3.Row]:
+        """Queued deliveries whose time has come (all of them with ``force``), or those of one
+        message."""
+        if message_id is not None:
+            return self.store.query(
+                "SELECT * FROM deliveries WHERE message_id = ? AND status = ?",
+                (message_id, QUEUED),
+            )
+        if force:
+            return self.store.query(
+                "SELECT * FROM deliveries WHERE status = ? ORDER BY message_id", (QUEUED,)
+            )
+        return self.store.query(
+            "SELECT * FROM deliveries WHERE status = ? AND next_attempt <= ? ORDER BY message_id",
+            (QUEUED, self.clock()),
+        )
+
+    def plan_of(self, row: sqlite3.Row) -> tuple[list[Endpoint], Path, int]:
+        """A delivery row's endpoints, sealed file and size."""
+        endpoints = [Endpoint.model_validate(e) for e in json.loads(row["endpoints"])]
+        env = self.store.query(
+            "SELECT envelope, size FROM outbox WHERE message_id = ?", (row["message_id"],)
+        )
+        return endpoints, self.store.outbox_dir / env[0]["envelope"], int(env[0]["size"])
+
+    def deliver(self, row: sqlite3.Row, transports: Sequence[Transport]) -> None:
+        """Attempt one queued delivery (the synchronous driver of :func:`after_attempt`)."""
+        endpoints, path, size = self.plan_of(row)
+        index, attempts = int(row["endpoint_index"]), int(row["attempts"])
+        while True:
+            attempts += 1
+            error: BaseException | None = None
+            try:
+                transport = transport_for(endpoints[index], transports)
+                with path.open("rb") as fh:
+                    transport.deliver(endpoints[index], fh, message_id=row["message_id"], size=size)
+            except Exception as exc:  # classified by after_attempt
+                error = exc
+            step = after_attempt(
+                self.policy,
+                error=error,
+                index=index,
+                endpoints=len(endpoints),
+                attempts=attempts,
+                now=self.clock(),
+            )
+            if step.again:
+                log.info(
+                    "message %s: %s endpoint refused, trying the next one",
+                    row["message_id"],
+                    endpoints[index].kind,
+                )
+                index = step.index
+                continue
+            self.record(row, step, attempts, endpoints[step.index].kind)
+            return
+
+    def record(self, row: sqlite3.Row, step: Attempt, attempts: int, kind: str) -> None:
+        """Store an attempt's outcome (shared by every driver)."""
+        message_id, recipient = row["message_id"], row["recipient"]
+        with self.store.transaction(durable=False) as db:
+            db.execute(
+                "UPDATE deliveries SET status = ?, attempts = ?, endpoint_index = ?,"
+                " next_attempt = ?, last_error = ?, updated = ?"
+                " WHERE message_id = ? AND recipient = ? AND status = ?",
+                (
+                    step.status,
+                    attempts,
+                    step.index,
+                    step.next_attempt,
+                    step.error,
+                    self.clock(),
+                    message_id,
+                    recipient,
+                    QUEUED,
+                ),
+            )
+        self.audit.append(
+            "deliver",
+            message_id=message_id,
+            counterparty=recipient,
+            endpoint=kind,
+            attempt=attempts,
+            result=step.status,
+            answer=step.error,
+        )
+        if step.status == FAILED:
+            log.warning("message %s to %s failed: %s", message_id, recipient, step.error)
+        if step.status in (SENT, FAILED):
+            self.event(message_id, recipient, step.status, detail=step.error)
+
+    # -- statuses --------------------------------------------------------------------------
+    def statuses(self, message_id: str) -> list[RecipientStatus]:
+        got: dict[str, list[sqlite3.Row]] = {}
+        for r in self.store.query(
+            "SELECT * FROM receipts WHERE message_id = ? ORDER BY at", (message_id,)
+        ):
+            got.setdefault(r["recipient"], []).append(r)
+        out = []
+        for r in self.store.query(
+            "SELECT * FROM deliveries WHERE message_id = ? ORDER BY recipient", (message_id,)
+        ):
+            eps = json.loads(r["endpoints"])
+            kind = eps[min(r["endpoint_index"], len(eps) - 1)]["kind"] if eps else None
+            folded = receipts.fold(r["status"], got.get(r["recipient"], []))
+            out.append(
+                RecipientStatus(
+                    r["recipient"],
+                    folded.status,
+                    kind,
+                    r["attempts"],
+                    r["last_error"],
+                    receipts=folded.on_time,
+                    late_receipts=folded.late,
+                    reason=folded.reason,
+                )
+            )
+        return out
+
+    def entries(self) -> list[OutboxEntry]:
+        return [
+            OutboxEntry(
+                r["message_id"], _ts(r["created"]), r["size"], tuple(self.statuses(r["message_id"]))
+            )
+            for r in self.store.query(
+                "SELECT * FROM outbox WHERE kind = 'message' ORDER BY created, message_id"
+            )
+        ]
+
+    def expire(self) -> list[RecipientStatus]:
+        """Mark ``expired`` every recipient whose deadline passed without a receipt."""
+        now = self.clock()
+        rows = self.store.query(
+            "SELECT d.message_id, d.recipient FROM deliveries d"
+            " JOIN outbox o ON o.message_id = d.message_id"
+            " WHERE o.deadline IS NOT NULL AND o.deadline < ? AND d.status IN (?, ?)"
+            " AND NOT EXISTS (SELECT 1 FROM receipts r WHERE r.message_id = d.message_id"
+            " AND r.recipient = d.recipient AND r.status IN ('delivered', 'read', 'rejected'))",
+            (now, QUEUED, SENT),
+        )
+        if not rows:
+            return []
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET status = ?, updated = ? WHERE message_id = ? AND recipient = ?",
+                [(EXPIRED, now, r["message_id"], r["recipient"]) for r in rows],
+            )
+        with self.audit.batch():
+            for r in rows:
+                self.audit.append(
+                    "expire",
+                    message_id=r["message_id"],
+                    counterparty=r["recipient"],
+                    result=EXPIRED,
+                )
+        for r in rows:
+            self.event(r["message_id"], r["recipient"], EXPIRED)
+        return [
+            s for mid in dict.fromkeys(r["message_id"] for r in rows) for s in self.statuses(mid)
+        ]
+
+    # -- receipts and reports --------------------------------------------------------------
+    def apply_receipt(self, db: sqlite3.Connection, manifest: Manifest, signer: str) -> str | None:
+        """Apply a verified receipt inside the inbox's transaction ``db``; return why it is
+        ignored, or None. Its status event is handed to ``on_status`` by :meth:`notify`."""
+        extra = manifest.extra or {}
+        of = extra.get("of")
+        sent = db.execute("SELECT * FROM outbox WHERE message_id = ?", (of,)).fetchone()
+        delivery = (
+            db.execute(
+                "SELECT * FROM deliveries WHERE message_id = ? AND recipient = ?", (of, signer)
+            ).fetchone()
+            if sent is not None
+            else None
+        )
+        problem = receipts.check(extra, sender_idnps=signer, sent=sent, delivery=delivery)
+        if problem is not None:
+            return problem
+        assert delivery is not None
+        status, reason = str(extra["status"]), extra.get("reason")
+        late = receipts.is_late(delivery["status"])
+        fresh = (
+            db.execute(
+                "INSERT OR IGNORE INTO receipts (message_id, recipient, status, at, reason, late,"
+                " source) VALUES (?, ?, ?, ?, ?, ?, 'signed')",
+                (of, signer, status, manifest.created.timestamp(), reason, int(late)),
+            ).rowcount
+            > 0
+        )
+        if fresh:
+            self.audit.append(
+                "receipt",
+                message_id=of,
+                envelope_id=extra.get("envelope"),
+                counterparty=signer,
+                result=status,
+                late=late or None,
+                answer=reason,
+            )
+            if late:
+                log.warning(
+                    "late %s receipt for %s from %s (already %s)",
+                    status,
+                    of,
+                    signer,
+                    delivery["status"],
+                )
+            self._event_in(db, str(of), signer, status, late=late, detail=reason)
+        return None
+
+    def apply_report(self, report: DeliveryReport) -> bool:
+        """Fold a transport's delivery report (a mail DSN or MDN) into the outbox. Reports are
+        unsigned hints: one about an unknown message or recipient is ignored; ``failed`` ends
+        a delivery that is still ``queued`` or ``sent``; ``delivered``/``read`` are recorded
+        like receipts (late when the delivery already ended). True when it changed anything."""
+        rows = self.store.query(
+            "SELECT * FROM deliveries WHERE message_id = ?", (report.message_id,)
+        )
+        if report.recipient is not None:
+            rows = [
+                r
+                for r in rows
+                if any(
+                    e.get("address", "").lower() == report.recipient.lower()
+                    for e in json.loads(r["endpoints"])
+                )
+                or r["recipient"] == report.recipient
+            ]
+        if len(rows) != 1:
+            self.audit.append(
+                "report-ignored",
+                message_id=report.message_id,
+                result=report.status,
+                answer=f"{report.source} report for an unknown message or recipient",
+            )
+            return False
+        row = rows[0]
+        changed = False
+        with self.store.transaction(durable=False) as db:
+            if report.status == "failed" and row["status"] in (QUEUED, SENT):
+                changed = (
+                    db.execute(
+                        "UPDATE deliveries SET status = ?, last_error = ?, updated = ?"
+                        " WHERE message_id = ? AND recipient = ? AND status = ?",
+                        (
+                            FAILED,
+                            f"{report.source}: {report.reason or 'delivery failed'}",
+                            self.clock(),
+                            row["message_id"],
+                            row["recipient"],
+                            row["status"],
+                        ),
+                    ).rowcount
+                    == 1
+                )
+                if changed:
+                    self._event_in(
+                        db, row["message_id"], row["recipient"], FAILED, detail=report.reason
+                    )
+            elif report.status in ("delivered", "read"):
+                late = receipts.is_late(row["status"])
+                changed = (
+                    db.execute(
+                        "INSERT OR IGNORE INTO receipts (message_id, recipient, status, at,"
+                        " reason, late, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            row["message_id"],
+                            row["recipient"],
+                            report.status,
+                            self.clock(),
+                            None,
+                            int(late),
+                            report.source,
+                        ),
+                    ).rowcount
+                    > 0
+                )
+                if changed:
+                    self._event_in(
+                        db, row["message_id"], row["recipient"], report.status, late=late
+                    )
+        self.audit.append(
+            "report",
+            message_id=row["message_id"],
+            counterparty=row["recipient"],
+            result=report.status,
+            answer=report.source,
+        )
+        self.notify()
+        return changed
+
+    # -- events ----------------------------------------------------------------------------
+    def _event_in(
+        self,
+        db: sqlite3.Connection,
+        message_id: str,
+        recipient: str,
+        status: str,
+        *,
+        late: bool = False,
+        detail: str | None = None,
+    ) -> None:
+        at = self.clock()
+        cur = db.execute(
+            "INSERT INTO events (message_id, recipient, status, at, late, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (message_id, recipient, status, at, int(late), detail),
+        )
+        self._unnotified.append(
+            StatusEvent(
+                int(cur.lastrowid or 0), message_id, recipient, status, _ts(at), late, detail
+            )
+        )
+
+    def event(
+        self,
+        message_id: str,
+        recipient: str,
+        status: str,
+        *,
+        late: bool = False,
+        detail: str | None = None,
+    ) -> None:
+        """Record a status change and hand it to ``on_status``."""
+        with self.store.transaction(durable=False) as db:
+            self._event_in(db, message_id, recipient, status, late=late, detail=detail)
+        self.notify()
+
+    def notify(self) -> None:
+        """Hand recorded events to ``on_status`` (after their transaction committed)."""
+        events, self._unnotified = self._unnotified, []
+        if self.on_status is None:
+            return
+        for event in events:
+            try:
+                self.on_status(event)
+            except Exception:  # the application's callback must not break delivery
+                log.exception("on_status callback failed")
+
+    def events(self, *, after: int = 0) -> list[StatusEvent]:
+        return [
+            StatusEvent(
+                r["id"],
+                r["message_id"],
+                r["recipient"],
+                r["status"],
+                _ts(r["at"]),
+                bool(r["late"]),
+                r["detail"],
+            )
+            for r in self.store.query("SELECT * FROM events WHERE id > ? ORDER BY id", (after,))
+        ]

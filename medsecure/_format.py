@@ -64,7 +64,8 @@ HPKE_WRAPPED_BYTES: Final = {
 }
 
 # --- §7: key files ------------------------------------------------------------------------------
-KEYFILE_MAGIC: Final = b"MEDSECK\x01"
+KEYFILE_MAGIC: Final = b"MEDSECK\x01"  # version 1: no public key in the header (read only)
+KEYFILE_MAGIC_V2: Final = b"MEDSECK\x02"  # version 2: the public identity in the header
 KDF_ARGON2ID: Final = "argon2id"
 # Defaults: RFC 9106 §4 second recommended option (64 MiB, t=3, p=4).
 KDF_DEFAULT_ITERATIONS: Final = 3

@@ -12,12 +12,12 @@ An :class:`Identity` holds two kinds of key pairs, all generated and used throug
 Its :class:`PublicIdentity` has one canonical byte encoding (canonical CBOR, docs/format.md §6).
 The fingerprint is a SHA-256 of that encoding, so two people comparing fingerprints compare every
 public key at once. Public identities read from outside are validated on import: exact field set,
-exact lengths, canonical encoding, X25519 points that are not of low order, ML-KEM keys that pass
-the FIPS 203 modulus check (``cryptography`` performs it on import; a test pins that).
+exact lengths, canonical encoding, X25519 points that are not of low order, Ed25519 keys that are
+canonically encoded and not of small order, ML-KEM keys that pass the FIPS 203 modulus check
+(``cryptography`` performs it on import; a test pins that).
 
-Key files (docs/format.md §7) are encrypted with AES-256-GCM under a key derived from the
-passphrase with Argon2id; the KDF parameters are authenticated and bounded on reading, so a hostile
-file cannot make loading take minutes or gigabytes. Files are written atomically with mode 0600.
+This module does no I/O. Key files (docs/format.md §7) are read and written by
+:mod:`medsecure._keyfile`; :meth:`Identity.save` and :meth:`Identity.load` delegate to it.
 """
 
 from __future__ import annotations
@@ -26,27 +26,63 @@ import base64
 import functools
 import hmac
 import os
-import struct
-import unicodedata
-from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from . import _cbor
 from . import _format as F
 from ._errors import IdentityError
-from ._fs import atomic_write
 
 __all__ = ["Identity", "PublicIdentity"]
 
 # A fixed, valid scalar used only to detect low-order X25519 points: for such a point every
 # scalar gives the all-zero shared secret, which ``cryptography`` refuses with ValueError.
 _LOW_ORDER_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+# Ed25519 public keys a verifier must refuse, checked on the encoding's bytes (no curve
+# arithmetic: ``cryptography`` exposes none, and none is needed).
+#
+# * Non-canonical encodings (RFC 8032 §5.1.3, decoding step 1: "If the resulting value is >= p,
+#   decoding fails"): the 255-bit y coordinate must be below p = 2^255 - 19. OpenSSL reduces
+#   such a y modulo p instead, so 2^255 - 18 is accepted as another spelling of the identity.
+# * The 8 points of small order (the torsion subgroup of edwards25519), listed as canonical
+#   encodings in Chalkias, Garillot and Nikolaenko, "Taming the many EdDSAs" (SSR 2020,
+#   IACR ePrint 2020/1244), and in libsodium's blocklist. With such a key A, [k]A is often the
+#   identity, and then the verification equation [S]B = R + [k]A holds for R = [S]B, which anyone
+#   can compute: a forgery for any message succeeds with probability 1 (A the identity) down to
+#   1/8 (order 8) per attempt. Anyone can "sign" as that key. The check compares y only (the
+#   sign bit is masked) because the two points sharing a y coordinate have the same order; that
+#   also catches the encodings of x = 0 with the sign bit set, which RFC 8032 §5.1.3 step 4
+#   refuses ("If x = 0, and x_0 = 1, decoding fails").
+_ED25519_P = 2**255 - 19
+_Y_MASK = (1 << 255) - 1
+_ED25519_SMALL_ORDER = (
+    "0100000000000000000000000000000000000000000000000000000000000000",  # order 1 (identity)
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+    "0000000000000000000000000000000000000000000000000000000000000080",  # order 4
+    "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",  # order 8
+)
+_ED25519_SMALL_ORDER_Y = frozenset(
+    int.from_bytes(bytes.fromhex(h), "little") & _Y_MASK for h in _ED25519_SMALL_ORDER
+)
+
+
+def _ed25519_refusal(raw: bytes) -> str | None:
+    """Why the 32-byte Ed25519 public key ``raw`` is refused, or None if it is acceptable."""
+    y = int.from_bytes(raw, "little") & _Y_MASK
+    if y >= _ED25519_P:
+        return "non-canonical Ed25519 key"
+    if y in _ED25519_SMALL_ORDER_Y:
+        return "Ed25519 key of small order"
+    return None
+
 
 _HPKE_SUITES = {
     F.SUITE_HYBRID: hpke.Suite(
@@ -186,6 +222,9 @@ class PublicIdentity:
             _LOW_ORDER_PROBE.exchange(x_pub)
         except ValueError as exc:
             raise IdentityError("invalid public identity: X25519 key is a low-order point") from exc
+        refusal = _ed25519_refusal(fields[4])
+        if refusal is not None:
+            raise IdentityError(f"invalid public identity: {refusal}")
         try:
             ed_pub = ed25519.Ed25519PublicKey.from_public_bytes(fields[4])
         except ValueError as exc:
@@ -384,7 +423,7 @@ class Identity:
             fields[6] = self._mldsa.private_bytes_raw()
         return fields
 
-    # -- key files --------------------------------------------------------------------------
+    # -- key files (docs/format.md §7; the file format and its I/O are in _keyfile) ------
     def save(
         self,
         path: str | os.PathLike[str],
@@ -397,93 +436,39 @@ class Identity:
         """Write this identity to ``path``, encrypted under ``passphrase`` (mode 0600, atomic).
 
         The KDF is Argon2id; the defaults follow RFC 9106 §4. Parameters outside the bounds
-        that :meth:`load` accepts are refused here too.
+        that :meth:`load` accepts are refused here too. The file also holds the public identity
+        in clear (authenticated), so that ``medsecure._keyfile.read_public`` can read it without
+        the passphrase.
         """
-        secret = _passphrase_bytes(passphrase)
-        _check_kdf(kdf_iterations, kdf_memory_kib, kdf_lanes, error=ValueError)
-        salt = os.urandom(16)
-        nonce = os.urandom(F.NONCE_BYTES)
-        params = _cbor.encode(
-            {
-                1: F.KDF_ARGON2ID,
-                2: salt,
-                3: kdf_iterations,
-                4: kdf_memory_kib,
-                5: kdf_lanes,
-                6: nonce,
-            }
-        )
-        prefix = F.KEYFILE_MAGIC + struct.pack(">H", len(params)) + params
-        key = _derive(secret, salt, kdf_iterations, kdf_memory_kib, kdf_lanes)
-        ciphertext = AESGCM(key).encrypt(
-            nonce, _cbor.encode(self._seeds()), F.LABEL_KEYFILE_AAD + prefix
-        )
-        try:
-            atomic_write(path, prefix + ciphertext, mode=0o600)
-        except OSError as exc:
-            raise IdentityError(
-                f"cannot write key file {os.fspath(path)!r}: {exc.strerror}"
-            ) from exc
+        from . import _keyfile  # the core imports no I/O module at import time
+
+        kdf = _keyfile.KdfParams(kdf_iterations, kdf_memory_kib, kdf_lanes)
+        _keyfile.write(self, path, passphrase=passphrase, kdf=kdf)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, passphrase: str | bytes) -> Identity:
-        """Read and decrypt a key file written by :meth:`save`.
+        """Read and decrypt a key file written by :meth:`save` (either format version).
 
         Raises :class:`IdentityError` for a missing, unreadable, truncated, damaged or foreign
-        file and for a wrong passphrase.
+        file, for an empty or wrong passphrase, and for a file whose clear public key is not the
+        one its secret key gives.
         """
-        secret = _passphrase_bytes(passphrase)
-        name = os.fspath(path)
-        try:
-            with Path(path).open("rb") as fh:
-                blob = fh.read(F.KEYFILE_MAX_BYTES + 1)
-        except FileNotFoundError as exc:
-            raise IdentityError(f"key file {name!r} does not exist") from exc
-        except OSError as exc:
-            raise IdentityError(f"cannot read key file {name!r}: {exc.strerror}") from exc
-        if len(blob) > F.KEYFILE_MAX_BYTES:
-            raise IdentityError(f"{name!r} is not a medsecure key file (too large)")
-        if not blob.startswith(F.KEYFILE_MAGIC):
-            raise IdentityError(f"{name!r} is not a medsecure key file")
-        head = len(F.KEYFILE_MAGIC)
-        if len(blob) < head + 2:
-            raise IdentityError(f"key file {name!r} is truncated")
-        (plen,) = struct.unpack(">H", blob[head : head + 2])
-        if len(blob) < head + 2 + plen + F.TAG_BYTES:
-            raise IdentityError(f"key file {name!r} is truncated")
-        prefix = blob[: head + 2 + plen]
-        params = _cbor.decode(
-            blob[head + 2 : head + 2 + plen], error=IdentityError, what="key file"
-        )
-        if not isinstance(params, dict) or set(params) != {1, 2, 3, 4, 5, 6}:
-            raise IdentityError(f"key file {name!r} is damaged (bad parameters)")
-        alg, salt, iterations, memory, lanes, nonce = (params[k] for k in range(1, 7))
-        if alg != F.KDF_ARGON2ID or not isinstance(salt, bytes) or not isinstance(nonce, bytes):
-            raise IdentityError(f"key file {name!r} uses an unsupported KDF")
-        if not (16 <= len(salt) <= 64) or len(nonce) != F.NONCE_BYTES:
-            raise IdentityError(f"key file {name!r} is damaged (bad parameters)")
-        _check_kdf(iterations, memory, lanes, error=IdentityError)
-        key = _derive(secret, salt, iterations, memory, lanes)
-        try:
-            plain = AESGCM(key).decrypt(nonce, blob[len(prefix) :], F.LABEL_KEYFILE_AAD + prefix)
-        except InvalidTag as exc:
-            raise IdentityError(
-                f"cannot decrypt key file {name!r}: wrong passphrase or damaged file"
-            ) from exc
-        seeds = _cbor.decode(plain, error=IdentityError, what="key file contents")
-        return cls._from_seed_map(seeds, name)
+        from . import _keyfile
+
+        return _keyfile.read(path, passphrase=passphrase)
 
     @classmethod
-    def _from_seed_map(cls, seeds: Any, name: str) -> Identity:
+    def _from_seed_map(cls, seeds: Any) -> Identity:
+        """Rebuild an identity from the secret map of a key file (the inverse of ``_seeds``)."""
         if not isinstance(seeds, dict) or seeds.get(1) != F.FORMAT_VERSION:
-            raise IdentityError(f"key file {name!r} has an unsupported version")
+            raise IdentityError("unsupported secret key version")
         suite = seeds.get(2)
         want = {1, 2, 3, 4} | ({5, 6} if suite == F.SUITE_HYBRID else set())
         if suite not in F.SUITES or set(seeds) != want:
-            raise IdentityError(f"key file {name!r} is damaged (bad contents)")
+            raise IdentityError("bad secret key contents")
         sizes = {3: 32, 4: 32, 5: 64, 6: 32}
         if any(not isinstance(seeds[k], bytes) or len(seeds[k]) != sizes[k] for k in want - {1, 2}):
-            raise IdentityError(f"key file {name!r} is damaged (bad key sizes)")
+            raise IdentityError("bad secret key sizes")
         return cls._from_seeds(
             suite,
             x25519_seed=seeds[3],
@@ -496,39 +481,6 @@ class Identity:
 @functools.lru_cache(maxsize=512)
 def _parse_cached(data: bytes) -> PublicIdentity:
     return PublicIdentity.from_bytes(data)
-
-
-def _passphrase_bytes(passphrase: str | bytes) -> bytes:
-    if isinstance(passphrase, str):
-        # NFC so that the same typed passphrase gives the same bytes on every platform.
-        secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
-    elif isinstance(passphrase, (bytes, bytearray)):
-        secret = bytes(passphrase)
-    else:
-        raise TypeError("passphrase must be str or bytes")
-    if not secret:
-        raise ValueError("the passphrase must not be empty")
-    return secret
-
-
-def _check_kdf(iterations: Any, memory: Any, lanes: Any, *, error: type[Exception]) -> None:
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (iterations, memory, lanes))
-    if (
-        not ints
-        or not 1 <= iterations <= F.KDF_MAX_ITERATIONS
-        or not 1 <= lanes <= F.KDF_MAX_LANES
-        or not F.KDF_MIN_MEMORY_KIB <= memory <= F.KDF_MAX_MEMORY_KIB
-    ):
-        raise error(
-            "KDF parameters out of bounds: iterations 1.."
-            f"{F.KDF_MAX_ITERATIONS}, lanes 1..{F.KDF_MAX_LANES}, memory "
-            f"{F.KDF_MIN_MEMORY_KIB}..{F.KDF_MAX_MEMORY_KIB} KiB"
-        )
-
-
-def _derive(secret: bytes, salt: bytes, iterations: int, memory: int, lanes: int) -> bytes:
-    kdf = Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes, memory_cost=memory)
-    return kdf.derive(secret)
 
 
 def hpke_suite(suite: str) -> Any:

@@ -7,22 +7,22 @@ import logging
 from pathlib import Path
 
 import pytest
+from clientkit import party
 
-from medsecure import (
+import medsecure as m
+from medsecure import Identity, KeyChanged, RevokedKey, TrustError, UntrustedKey
+from medsecure.models import KeyEntry, Practitioner
+from medsecure.trust import (
     AuthorityPolicy,
-    Identity,
-    KeyChanged,
-    KeyEntry,
     PinStore,
-    Practitioner,
-    RevokedKey,
     Statement,
-    TrustError,
+    TrustPolicy,
     UnsafeAcceptAll,
     UnsafeTrustOnFirstUse,
-    UntrustedKey,
+    sign_binding,
+    sign_revocation,
+    sign_rotation,
 )
-from medsecure.trust import sign_binding, sign_revocation, sign_rotation
 
 IDNPS = "810000005479"
 T0 = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
@@ -231,3 +231,164 @@ def test_naive_datetimes_are_refused(authority: Identity, bob: Identity) -> None
         AuthorityPolicy([authority.public]).check(
             prac(entry(bob)), bob.public, now=dt.datetime(2026, 1, 1)
         )
+
+
+# --------------------------------------------------------------------------------------------
+# issue 8: only keys the directory lists; no rotation by a revoked key
+# --------------------------------------------------------------------------------------------
+
+
+def test_tofu_refuses_a_key_the_directory_does_not_list(
+    rogue: Identity, bob: Identity, carol: Identity
+) -> None:
+    """A stranger presenting a fresh key under Bob's name is refused and pins nothing, so the
+    real Bob (whose key the directory lists) is still accepted on first use afterwards."""
+    pins = PinStore()
+    tofu = UnsafeTrustOnFirstUse(pins)
+    bob_prac = prac(entry(bob))
+    with pytest.raises(UntrustedKey, match="not listed by the directory"):
+        tofu.check(bob_prac, rogue.public, now=T0)
+    assert pins.pinned(IDNPS) == {}
+    decision = tofu.check(bob_prac, bob.public, now=T0)
+    assert decision.reason == "first-use" and decision.newly_pinned
+    assert set(pins.pinned(IDNPS)) == {bob.fingerprint}
+    # a key listed for someone else is not listed for Bob
+    with pytest.raises(UntrustedKey, match="not listed"):
+        tofu.check(bob_prac, carol.public, now=T0)
+    # and a rotation signed by the pinned key does not help a key the directory does not list
+    rotation = sign_rotation(bob, idnps=IDNPS, new_key=rogue.public, issued_at=T0)
+    with pytest.raises(UntrustedKey, match="not listed"):
+        tofu.check(prac(entry(bob, rotation)), rogue.public, now=T0)
+    assert set(pins.pinned(IDNPS)) == {bob.fingerprint}
+
+
+def _policies(authority: Identity) -> list[TrustPolicy]:
+    return [
+        AuthorityPolicy([authority.public]),
+        AuthorityPolicy([authority.public], pins=PinStore()),
+        UnsafeTrustOnFirstUse(PinStore()),
+        UnsafeAcceptAll(),
+    ]
+
+
+def test_no_policy_accepts_a_key_the_directory_does_not_list(
+    authority: Identity, rogue: Identity, bob: Identity
+) -> None:
+    """ARCHITECTURE.md: "even an unsafe policy never accepts a key the directory does not list".
+    Even an authority binding for the key, carried in one of the practitioner's entries, does not
+    stand in for the directory listing it."""
+    listed_bob = prac(entry(bob, binding(authority, bob), binding(authority, rogue)))
+    for policy in _policies(authority):
+        with pytest.raises(UntrustedKey, match="not listed by the directory"):
+            policy.check(listed_bob, rogue.public, now=T0 + DAY)
+        if policy.pins is not None:
+            assert policy.pins.pinned(IDNPS) == {}
+        assert policy.trusted_keys(listed_bob, now=T0 + DAY) == [bob.public]
+
+
+def test_check_cannot_be_overridden_by_a_policy() -> None:
+    """The shared rules live in a final check(); mypy refuses an override (typing.final)."""
+    assert getattr(TrustPolicy.check, "__final__", False)
+    assert getattr(TrustPolicy.decisions, "__final__", False)
+
+
+def test_rotation_signed_by_a_revoked_key_is_ignored(bob: Identity, carol: Identity) -> None:
+    """Whoever holds a revoked key (that is why it was revoked) cannot hand trust to a new key
+    with a rotation statement, whether the revocation is in the directory or learnt out of
+    band, and whatever issue time the rotation claims."""
+    tofu = UnsafeTrustOnFirstUse(PinStore())
+    tofu.check(prac(entry(bob)), bob.public, now=T0)
+    revoked = sign_revocation(bob, idnps=IDNPS, key=bob.public, issued_at=T0 + DAY)
+    backdated = sign_rotation(bob, idnps=IDNPS, new_key=carol.public, issued_at=T0)
+    with pytest.raises(KeyChanged):
+        tofu.check(
+            prac(entry(bob, revoked), entry(carol, backdated)), carol.public, now=T0 + 2 * DAY
+        )
+    out_of_band = UnsafeTrustOnFirstUse(PinStore())
+    out_of_band.check(prac(entry(bob)), bob.public, now=T0)
+    out_of_band.add_revocation(revoked)
+    with pytest.raises(KeyChanged):
+        out_of_band.check(prac(entry(carol, backdated)), carol.public, now=T0 + 2 * DAY)
+    assert out_of_band.pins is not None
+    assert set(out_of_band.pins.pinned(IDNPS)) == {bob.fingerprint}
+    # the same rotation while the old key is not revoked still moves the pin
+    fresh = UnsafeTrustOnFirstUse(PinStore())
+    fresh.check(prac(entry(bob)), bob.public, now=T0)
+    assert fresh.check(prac(entry(carol, backdated)), carol.public, now=T0).reason == "rotation"
+
+
+def test_rotation_by_a_key_the_authority_revoked_is_ignored(
+    authority: Identity, bob: Identity, carol: Identity
+) -> None:
+    policy = AuthorityPolicy([authority.public], pins=PinStore())
+    now = T0 + DAY
+    policy.check(prac(entry(bob, binding(authority, bob))), bob.public, now=now)
+    # carol's key has an authority binding older than the pin: only a rotation could move it
+    old_binding = binding(authority, carol, issued=T0 - DAY)
+    rotation = sign_rotation(bob, idnps=IDNPS, new_key=carol.public, issued_at=now)
+    by_authority = sign_revocation(
+        authority, idnps=IDNPS, key=bob.public, reason="keyCompromise", issued_at=now
+    )
+    with pytest.raises(KeyChanged):
+        policy.check(prac(entry(carol, old_binding, rotation, by_authority)), carol.public, now=now)
+    # a revocation of the old key by a stranger does not block the rotation
+    stranger = sign_revocation(carol, idnps=IDNPS, key=bob.public, issued_at=now)
+    d = policy.check(prac(entry(carol, old_binding, rotation, stranger)), carol.public, now=now)
+    assert d.reason == "rotation"
+
+
+def test_client_under_tofu_quarantines_an_impostor_and_still_reaches_the_real_sender(
+    tmp_path: Path,
+) -> None:
+    """The receive path (client.py passes the envelope's key to ``trust.check``): a stranger
+    signing as Bob with a key of his own is quarantined and pins nothing; Bob's genuine message,
+    sent afterwards, is received and Bob's key pinned."""
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    directory = m.MemoryDirectory(
+        [
+            Practitioner(
+                idnps=p.idnps,
+                family_name=p.name.upper(),
+                keys=(KeyEntry(public=p.identity.public),),
+                endpoints=(m.Endpoint(kind="drop", path=str(p.box)),),
+            )
+            for p in (alice, bob)
+        ]
+    )
+    mallory = m.Client(
+        Identity.generate(),
+        directory,
+        m.FileTransport(bob.box),
+        tmp_path / "home-mallory",
+        trust=UnsafeAcceptAll(),
+        me=bob.idnps,
+    )
+    with mallory:
+        mallory.send(m.Document(content=b"fake results"), to=alice.ref)
+    pins = PinStore(tmp_path / "pins-alice.sqlite")
+    with m.Client(
+        alice.identity,
+        directory,
+        m.FileTransport(alice.box),
+        alice.home,
+        trust=UnsafeTrustOnFirstUse(pins),
+        me=alice.idnps,
+    ) as ca:
+        assert ca.receive() == []
+        (q,) = ca.quarantine()
+        assert "not listed by the directory" in q.reason
+        assert pins.pinned(bob.idnps) == {}
+        with m.Client(
+            bob.identity,
+            directory,
+            m.FileTransport(bob.box),
+            bob.home,
+            trust=UnsafeAcceptAll(),
+            me=bob.idnps,
+        ) as cb:
+            cb.send(m.Document(content=b"real results"), to=alice.ref)
+        (msg,) = ca.receive()
+        assert msg.sender_key == bob.identity.public
+        assert msg.documents[0].read() == b"real results"
+        assert set(pins.pinned(bob.idnps)) == {bob.identity.fingerprint}

@@ -143,6 +143,7 @@ class Client:
         self.send_read_receipts = send_read_receipts
         self._clock = clock or Store.now
         self._lock = threading.RLock()
+        self._closed = False
         self.store = Store(self.home, busy_timeout=busy_timeout)
         self.audit = AuditLog(
             self.home / "audit",
@@ -182,7 +183,11 @@ class Client:
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
-        """Checkpoint the audit log (and apply its retention), then close the store."""
+        """Checkpoint the audit log (and apply its retention), then close the store. A second
+        call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.audit.close()
         self.store.close()
 

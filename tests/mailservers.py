@@ -13,12 +13,18 @@ import base64
 import contextlib
 import datetime
 import hashlib
+import imaplib
 import ipaddress
+import os
+import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -415,6 +421,327 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# dovecot on loopback, with a throwaway configuration
+
+
+class DovecotUnavailable(Exception):
+    """dovecot is not installed or could not be started here (the reason is the message)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class Dovecot:
+    """``dovecot -F -c <conf>`` in a subprocess: its own base_dir, state and log in a temporary
+    folder, one passwd-file user whose Maildir is in that folder, IMAP with STARTTLS and IMAPS
+    with the test CA's certificate, listening on 127.0.0.1 only. Not a system service: nothing
+    outside the temporary folder is touched, and :meth:`stop` ends it."""
+
+    USER = "bob"
+    PASSWORD = "dovecot pass 1"
+    # dovecot checks an XOAUTH2 token as the user's password in a passwd-file passdb: the
+    # application user "app" has a token as its password.
+    APP_USER = "app"
+    TOKEN = "app-oauth-token-1"
+
+    def __init__(self, pki: Pki, binary: str | None = None, *, extra: str = "") -> None:
+        self.pki = pki
+        self.extra = extra
+        self.binary = binary or shutil.which("dovecot") or "/usr/sbin/dovecot"
+        self.root = Path(tempfile.mkdtemp(prefix="medsecure-dovecot-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = self.ssl_port = 0
+
+    @property
+    def maildir(self) -> Path:
+        """The user's Maildir (INBOX; sub-folders are ``.Name`` inside, Maildir++)."""
+        return self.root / "mail" / self.USER
+
+    def _config(self) -> str:
+        root = self.root
+        if os.geteuid() == 0:
+            # As root dovecot drops privileges: its own users for its processes, and an
+            # unprivileged uid for the mail (uid 0 may not own mail).
+            internal, login = "dovecot", "dovenull"
+            mail_uid, mail_gid = 65534, 65534
+        else:
+            import pwd
+
+            me = pwd.getpwuid(os.geteuid()).pw_name
+            internal = login = me
+            mail_uid, mail_gid = os.geteuid(), os.getegid()
+        (root / "passwd").write_text(
+            f"{self.USER}:{{PLAIN}}{self.PASSWORD}:{mail_uid}:{mail_gid}::{self.maildir}::\n"
+            f"{self.APP_USER}:{{PLAIN}}{self.TOKEN}:{mail_uid}:{mail_gid}::"
+            f"{root / 'mail' / self.APP_USER}::\n"
+        )
+        (root / "passwd").chmod(0o644)
+        for sub in ("mail", "state"):
+            (root / sub).mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(root / "mail", mail_uid, mail_gid)
+        dh = "/usr/share/dovecot/dh.pem"
+        return f"""
+instance_name = medsecure-test-{os.getpid()}-{root.name}
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+protocols = imap
+listen = {HOST}
+default_internal_user = {internal}
+default_login_user = {login}
+first_valid_uid = 1
+last_valid_uid = 0
+ssl = yes
+ssl_cert = <{self.pki.server_cert}
+ssl_key = <{self.pki.server_key}
+ssl_min_protocol = TLSv1.2
+{"ssl_dh = <" + dh if os.path.exists(dh) else ""}
+disable_plaintext_auth = yes
+auth_mechanisms = plain login xoauth2
+mail_location = maildir:~
+mail_fsync = always
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {root}/passwd
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {HOST}
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    address = {HOST}
+    port = {self.ssl_port}
+    ssl = yes
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service imap-login {{
+  chroot =
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0666
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+{self.extra}
+"""
+
+    def start(self) -> Dovecot:
+        if not os.path.exists(self.binary):
+            raise DovecotUnavailable("dovecot is not installed (apt-get install dovecot-imapd)")
+        os.chmod(self.root, 0o755)  # the unprivileged mail user must reach its Maildir
+        last = ""
+        for _ in range(3):  # a port taken between picking and binding: pick again
+            self.port, self.ssl_port = _free_port(), _free_port()
+            conf = self.root / "dovecot.conf"
+            conf.write_text(self._config())
+            self.proc = subprocess.Popen(
+                [self.binary, "-F", "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            if self._wait_ready():
+                return self
+            last = self._failure()
+            self.stop(keep_files=True)
+        raise DovecotUnavailable(f"dovecot did not start: {last}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection((HOST, self.port), timeout=2) as sock:
+                    if sock.recv(64).startswith(b"* OK"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    def _failure(self) -> str:
+        text = ""
+        if self.proc is not None and self.proc.poll() is not None and self.proc.stderr:
+            text = self.proc.stderr.read().decode(errors="replace")
+        log = self.root / "dovecot.log"
+        if log.exists():
+            text += log.read_text(errors="replace")[-2000:]
+        return text.strip()[-2000:] or "no output"
+
+    def log(self) -> str:
+        path = self.root / "dovecot.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, *, keep_files: bool = False) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+        if not keep_files:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Dovecot:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def imap_admin(server: Dovecot, user: str | None = None) -> imaplib.IMAP4_SSL:
+    """A plain imaplib session (the test's own, not the driver's) to set up and inspect."""
+    ctx = ssl.create_default_context(cafile=str(server.pki.ca))
+    imap = imaplib.IMAP4_SSL(HOST, server.ssl_port, ssl_context=ctx, timeout=30)
+    if user is None or user == server.USER:
+        imap.login(server.USER, server.PASSWORD)
+    else:
+        imap.login(user, server.TOKEN)
+    return imap
+
+
+def imap_append(server: Dovecot, data: bytes, folder: str = "INBOX", flags: str = "") -> None:
+    with imap_admin(server) as imap:
+        imap.create(folder)
+        typ, resp = imap.append(folder, flags or None, None, data)
+        assert typ == "OK", resp
+        imap.logout()
+
+
+class HostileImap:
+    """A TLS IMAP server on loopback that behaves until a FETCH, then announces a literal far
+    larger than asked for (and never sends it)."""
+
+    def __init__(self, pki: Pki, literal: int = 1 << 40) -> None:
+        self.ctx = pki.server_context()
+        self.literal = literal
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.sock.accept()
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                f = tls.makefile("rb")
+                tls.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hostile\r\n")
+                while True:
+                    line = f.readline()
+                    if not line:
+                        return
+                    tag, cmd = line.split(b" ", 2)[:2]
+                    cmd = cmd.strip().upper()
+                    if cmd == b"CAPABILITY":
+                        tls.sendall(
+                            b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n" + tag + b" OK done\r\n"
+                        )
+                    elif cmd == b"AUTHENTICATE":
+                        tls.sendall(b"+ \r\n")
+                        f.readline()
+                        tls.sendall(tag + b" OK logged in\r\n")
+                    elif cmd == b"SELECT":
+                        tls.sendall(
+                            b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n" + tag + b" OK done\r\n"
+                        )
+                    elif cmd == b"UID" and b"RFC822.SIZE" in line:
+                        tls.sendall(
+                            b"* 1 FETCH (UID 1 RFC822.SIZE 10 FLAGS ())\r\n" + tag + b" OK done\r\n"
+                        )
+                    elif cmd == b"UID":
+                        head = b"* 1 FETCH (UID 1 RFC822.SIZE 10 BODY[]<0> {%d}\r\n" % self.literal
+                        tls.sendall(head + b"x" * 1000)
+                        f.readline()  # wait until the client goes away
+                        return
+                    else:
+                        tls.sendall(tag + b" OK done\r\n")
+
+    def __enter__(self) -> HostileImap:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        self.thread.join(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# A DNS responder on loopback (RFC 6186 SRV answers)
+
+
+class DnsResponder:
+    """Answers SRV questions from a table over UDP on 127.0.0.1 with dnspython's message
+    codec; every other question gets NXDOMAIN. ``queries`` records the names asked."""
+
+    def __init__(self, records: dict[str, list[tuple[int, int, int, str]]]) -> None:
+        self.records = records
+        self.queries: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.rrset
+
+        while not self._stop.is_set():
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except (TimeoutError, OSError):
+                continue
+            query = dns.message.from_wire(wire)
+            question = query.question[0]
+            name = question.name.to_text()
+            self.queries.append(name)
+            response = dns.message.make_response(query)
+            answers = self.records.get(name.lower())
+            if answers is None or question.rdtype != dns.rdatatype.SRV:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            else:
+                texts = [f"{p} {w} {port} {target}" for p, w, port, target in answers]
+                response.answer.append(
+                    dns.rrset.from_text_list(question.name, 300, "IN", "SRV", texts)
+                )
+            self.sock.sendto(response.to_wire(), peer)
+
+    def __enter__(self) -> DnsResponder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        self.sock.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,14 +211,14 @@ def translate_os_errors(what: str, host: str) -> Iterator[None]:
     """Translate the socket-level errors common to both drivers."""
     try:
         yield
-    except (TransportError, TypeError, ValueError):
-        raise
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # before ValueError: SSLCertVerificationError is one
         if isinstance(exc, ssl.SSLCertVerificationError):
             raise tls_failure(host, exc) from exc
         raise TransportUnavailable(
             f"{what} {host}: TLS error {exc.reason or type(exc).__name__}"
         ) from exc
+    except (TransportError, TypeError, ValueError):
+        raise
     except TimeoutError as exc:
         raise TransportUnavailable(f"{what} {host}: timed out") from exc
     except socket.gaierror as exc:

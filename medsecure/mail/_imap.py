@@ -374,8 +374,9 @@ class ImapMailbox:
 
         ``after_uid`` lists only messages with a larger UID (the caller keeps the last UID it
         examined together with :attr:`uidvalidity`; when UIDVALIDITY changed, list from the
-        start). ``headers`` fills :attr:`MailItem.header` with the start of each header, in the
-        same round trip. At most ``limit`` items are returned.
+        start). At most ``limit`` items are returned (the oldest). ``headers`` fills
+        :attr:`MailItem.header` with the start of each header (``BODY.PEEK``: ``\\Seen`` stays
+        as it was), fetched for the returned items only.
         """
         if after_uid is not None and (not isinstance(after_uid, int) or after_uid < 0):
             raise ValueError("after_uid must be a non-negative int")
@@ -387,18 +388,15 @@ class ImapMailbox:
             if exists and exists[-1] == b"0":
                 return []
             start = (after_uid or 0) + 1
-            items = "(UID RFC822.SIZE FLAGS)"
-            if headers:
-                items = f"(UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]<0.{self._header_limit}>)"
-            imap.max_literal = self._header_limit if headers else 0
-            # Each response is one short line, plus the header part when asked for.
-            count = max(1, int(exists[-1])) if exists and exists[-1].isdigit() else 1 << 20
-            imap.budget = (1 << 20) + count * (200 + (self._header_limit if headers else 0))
-            typ, data = imap.uid("FETCH", f"{start}:*", items)
+            # One short line per message: the budget follows the folder's announced size.
+            count = int(exists[-1]) if exists and exists[-1].isdigit() else 1 << 20
+            imap.max_literal = 0
+            imap.budget = (1 << 20) + count * 200
+            typ, data = imap.uid("FETCH", f"{start}:*", "(UID RFC822.SIZE FLAGS)")
             if typ != "OK":
                 raise TransportError(f"IMAP server {self.server.host} refused to list the folder")
-            out: list[MailItem] = []
-            for text, literals in _responses(data):
+            found: dict[int, int | None] = {}
+            for text, _ in _responses(data):
                 uid_m, size_m = _UID_RE.search(text), _SIZE_RE.search(text)
                 if uid_m is None:
                     continue  # an unsolicited flag update of another session
@@ -408,15 +406,33 @@ class ImapMailbox:
                 flags_m = _FLAGS_RE.search(text)
                 if flags_m and b"\\DELETED" in flags_m.group(1).upper():
                     continue
-                out.append(
-                    MailItem(
-                        handle=f"imap:{self.uidvalidity}:{uid}",
-                        size=int(size_m.group(1)) if size_m else None,
-                        header=(literals[0] if literals else b"") if headers else None,
+                found[uid] = int(size_m.group(1)) if size_m else None
+            uids = sorted(found)[:limit]
+            # Headers only for the messages returned, in batches: memory is bounded by
+            # ``limit`` x ``header_limit``, not by the size of the folder.
+            heads: dict[int, bytes] = {}
+            for i in range(0, len(uids) if headers else 0, 100):
+                batch = uids[i : i + 100]
+                imap.max_literal = self._header_limit
+                imap.budget = (64 << 10) + len(batch) * (self._header_limit + 200)
+                spec = f"(UID BODY.PEEK[HEADER]<0.{self._header_limit}>)"
+                typ, data = imap.uid("FETCH", ",".join(map(str, batch)), spec)
+                if typ != "OK":
+                    raise TransportError(
+                        f"IMAP server {self.server.host} refused to read message headers"
                     )
+                for text, literals in _responses(data):
+                    uid_m = _UID_RE.search(text)
+                    if uid_m is not None and int(uid_m.group(1)) in found:
+                        heads[int(uid_m.group(1))] = literals[0] if literals else b""
+            return [
+                MailItem(
+                    handle=f"imap:{self.uidvalidity}:{uid}",
+                    size=found[uid],
+                    header=heads.get(uid, b"") if headers else None,
                 )
-            out.sort(key=lambda it: int(it.handle.rsplit(":", 1)[1]))
-            return out[:limit] if limit is not None else out
+                for uid in uids
+            ]
 
         return self._session(op, "list the folder")
 

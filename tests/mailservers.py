@@ -453,7 +453,12 @@ class Dovecot:
     def __init__(self, pki: Pki, binary: str | None = None, *, extra: str = "") -> None:
         self.pki = pki
         self.extra = extra
-        self.binary = binary or shutil.which("dovecot") or "/usr/sbin/dovecot"
+        self.binary = (
+            binary
+            or os.environ.get("MEDSECURE_TEST_DOVECOT")
+            or shutil.which("dovecot")
+            or "/usr/sbin/dovecot"
+        )
         self.root = Path(tempfile.mkdtemp(prefix="medsecure-dovecot-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = self.ssl_port = 0

@@ -206,22 +206,21 @@ def encode_params(params: Sequence[tuple[str, str]], *, charset: str = "utf-8") 
 
 def _continuations(name: str, encoded: str, charset: str) -> list[str]:
     prefix = f"{charset}''"
-    if len(encoded) + len(prefix) <= 60:
+    if len(name) + len(encoded) + len(prefix) + 2 <= 72:
         return [f"{name}*={prefix}{encoded}"]
-    pieces: list[str] = []
+    out: list[str] = []
     rest = encoded
+    i = 0
     while rest:
-        cut = min(60, len(rest))
+        head = f"{name}*{i}*=" + (prefix if i == 0 else "")
+        cut = min(max(72 - len(head), 12), len(rest))
         # never split a %XX escape
         pct = rest.rfind("%", max(0, cut - 2), cut)
         if pct != -1 and cut < len(rest):
             cut = pct
-        pieces.append(rest[:cut])
+        out.append(head + rest[:cut])
         rest = rest[cut:]
-    out = []
-    for i, piece in enumerate(pieces):
-        value = (prefix + piece) if i == 0 else piece
-        out.append(f"{name}*{i}*={value}")
+        i += 1
     return out
 
 

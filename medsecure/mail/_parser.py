@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import binascii
 import email.parser
-import email.policy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from email._policybase import Compat32
 from email.message import Message
 from email.utils import collapse_rfc2231_value
 from typing import BinaryIO, Protocol
@@ -236,12 +236,23 @@ class LeafResult:
     truncated: bool
 
 
+class _RawValues(Compat32):
+    """``compat32`` that hands back header values as stored: 8-bit bytes stay
+    surrogate-escaped (decoded later as UTF-8 or ISO-8859-1) instead of becoming U+FFFD."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value
+
+
+_POLICY = _RawValues()
+
+
 def parse_header_block(block: bytes) -> Message:
     """Split a header block into fields (``compat32``: lenient, never raises on content)."""
     for line in block.splitlines():
         if line and not _HEADER_LINE.match(line):
             raise MailFormatError("malformed header line (no field name)")
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    parser = email.parser.BytesHeaderParser(policy=_POLICY)
     try:
         return parser.parsebytes(block + b"\r\n")
     except (ValueError, TypeError, IndexError, LookupError) as exc:

@@ -129,6 +129,7 @@ def test_mdn_round_trip(
         message_id="mdn.1@chb.mssante.fr",
         reporting_ua="PFI CHB; medsecure",
         original_headers=original,
+        product_reference="NIL-7",
         **kwargs,  # type: ignore[arg-type]
     )
     raw = stream.read()
@@ -145,6 +146,7 @@ def test_mdn_round_trip(
     assert r.report_message_id == "mdn.1@chb.mssante.fr"
     parsed = parse_message(io.BytesIO(raw))
     assert parsed.in_reply_to == ("orig.1@medecin.mssante.fr",)
+    assert parsed.mssante.nil == "NIL-7"
     if code:
         assert f"processed/Error: {code}^" in (r.disposition or "")
         assert parsed.text is not None and code in parsed.text

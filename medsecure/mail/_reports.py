@@ -367,6 +367,7 @@ def build_mdn(
     text: str | None = None,
     original_headers: bytes | None = None,
     header_charset: str = "utf-8",
+    product_reference: str | None = None,
 ) -> MessageStream:
     """An MDN (RFC 8098 ``multipart/report; report-type=disposition-notification``).
 
@@ -377,6 +378,7 @@ def build_mdn(
     to a neutral one; the ANS subject forms (``[KO Intégration système !][code] XDM/1.0/DDM+…``)
     name the patient and are the caller's choice (see :func:`mssante_subject`).
     ``original_headers`` (the original's header block) becomes a ``text/rfc822-headers`` part.
+    ``product_reference`` adds ``X-MSS-NIL`` (MSSanté: on every message).
     """
     check_address(sender, "sender")
     check_address(to, "MDN recipient")
@@ -451,6 +453,8 @@ def build_mdn(
     ]
     if automatic:
         headers.append(raw_header_line("Auto-Submitted", "auto-replied"))
+    if product_reference is not None:
+        headers.append(raw_header_line("X-MSS-NIL", product_reference))
     shown = {
         "From": sender,
         "To": to,

@@ -85,6 +85,10 @@ def test_lookup_by_every_kind_of_ref(directory: Directory, alice: Identity) -> N
         directory.lookup("cabinet@medecin.mssante.fr")
     with pytest.raises(ValueError):
         directory.lookup("finess:540000010")
+    ins = "1800175123456"  # a patient's mailbox: its local part is the INS, never shown
+    with pytest.raises(ValueError, match="patient") as refused:
+        directory.lookup(f"{ins}{97 - int(ins) % 97:02d}@patient.mssante.fr")
+    assert ins not in str(refused.value)
     with pytest.raises(ValueError):
         directory.lookup("not an id")
     with pytest.raises(TypeError):

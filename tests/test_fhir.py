@@ -466,3 +466,15 @@ def test_https_through_the_deadline_transport(
                 FhirDirectory(srv.base_url, api_key="test-key", max_total_time=1.0).lookup(
                     "rpps:10000005479"
                 )
+
+
+def test_a_patient_mailbox_never_travels_to_the_directory(
+    fhir: FhirDirectory, server: AnnuaireServer
+) -> None:
+    ins = "1800175123456"  # the local part of a patient's mailbox is the INS
+    patient = f"{ins}{97 - int(ins) % 97:02d}@patient.mssante.fr"
+    with pytest.raises(ValueError, match="patient"):
+        fhir.lookup(patient)
+    with pytest.raises(ValueError, match="patient"):
+        fhir.lookup_many(["rpps:10000005479", patient])
+    assert server.requests == []

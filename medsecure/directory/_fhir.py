@@ -61,7 +61,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import ValidationError
 
-from .._errors import DirectoryError, DirectoryUnavailable, PractitionerNotFound
+from .._errors import DirectoryError, DirectoryUnavailable
 from ..identifiers import IDNPS_SYSTEM, IDNST_SYSTEM, RPPS_SYSTEM, Identifier, MSSanteAddress
 from ..models import Code, Mailbox, OrganizationRef, Practitioner
 from ._base import Directory, Ref, normalize_ref, search_matches, unique
@@ -673,12 +673,7 @@ class FhirDirectory(Directory):
                 matches = [p for p in found if any(m.address == str(parsed) for m in p.mailboxes)]
             else:
                 matches = [p for p in found if p.idnps == parsed.idnps]
-            try:
-                out[key] = unique(matches, key.split(":", 1)[1])
-            except PractitionerNotFound:
-                raise PractitionerNotFound(
-                    f"no practitioner matches {key.split(':', 1)[1]}"
-                ) from None
+            out[key] = unique(matches, key.split(":", 1)[1])
         return out
 
     def search(

@@ -215,6 +215,10 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        try:
+            self.audit.purge()  # retention; a crash at any point leaves a verifiable log
+        except MedsecureError as exc:
+            log.warning("audit retention not applied: %s", exc)
         self.audit.close()
         self.store.close()
 

@@ -534,7 +534,13 @@ class Client:
                         self._outbox.notify()
                     done += 1
             self._send_due_receipts()
-            return [self._message(r) for r in self._inbox.received()]
+            messages = []
+            for row in self._inbox.received():
+                try:
+                    messages.append(self._message(row))
+                except FileNotFoundError:
+                    continue  # acknowledged meanwhile by another client sharing this home
+            return messages
 
     def _take(self, limit: int | None) -> None:
         budget = limit

@@ -5,5 +5,15 @@ the same :class:`Transport` protocol."""
 from ._base import Incoming, Transport
 from ._file import FileTransport
 from ._mock import Delivery, MockTransport
+from ._relay import AsyncRelayTransport, RelayTransport, UploadState
 
-__all__ = ["Delivery", "FileTransport", "Incoming", "MockTransport", "Transport"]
+__all__ = [
+    "AsyncRelayTransport",
+    "Delivery",
+    "FileTransport",
+    "Incoming",
+    "MockTransport",
+    "RelayTransport",
+    "Transport",
+    "UploadState",
+]

@@ -241,3 +241,72 @@ class AsyncDriver:
 
 
 DRIVERS = {"sync": SyncDriver, "async": AsyncDriver}
+
+
+class RoundRobinProxy:
+    """A TCP load balancer on loopback (what a reverse proxy does in front of several relay
+    instances): each new connection goes to the next backend that accepts it."""
+
+    def __init__(self, ports: list[int]) -> None:
+        import threading
+
+        self.ports = ports
+        self.port = free_port()
+        self._next = 0
+        self._sock = socket.create_server(("127.0.0.1", self.port))
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _backend(self) -> socket.socket | None:
+        for _ in range(len(self.ports)):
+            port = self.ports[self._next % len(self.ports)]
+            self._next += 1
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=2)
+            except OSError:
+                continue
+        return None
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            backend = self._backend()
+            if backend is None:
+                client.close()
+                continue
+            backend.settimeout(None)
+            client.settimeout(None)
+            for a, b in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(5)

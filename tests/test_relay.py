@@ -24,10 +24,17 @@ from medsecure.transports import RelayTransport
 FAST = ("--rate", "1000", "--burst", "100000")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The relay on each backend: embedded (SQLite + files) and PostgreSQL."""
     root = tmp_path_factory.mktemp("relay")
-    with RelayServer(root / "server.log", data=root / "data", args=FAST) as srv:
+    if request.param == "sqlite":
+        srv = RelayServer(root / "server.log", data=root / "data", args=FAST)
+    else:
+        srv = RelayServer(
+            root / "server.log", database=request.getfixturevalue("pg").url, args=FAST
+        )
+    with srv:
         yield srv
 
 

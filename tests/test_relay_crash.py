@@ -139,10 +139,10 @@ def test_kill_9_during_a_download(tmp_path, alice):
         srv.stop()
 
 
-def deliver_all(url_of, senders, receivers, per_sender: int) -> dict[str, bytes]:
+def deliver_all(url_of, senders, receivers, per_sender: int, progress=None) -> dict[str, bytes]:
     """Every sender sends ``per_sender`` envelopes round-robin to the receivers, in parallel,
     re-delivering every seventh one (as an outbox does after a lost answer)."""
-    sent: dict[str, bytes] = {}
+    sent: dict[str, bytes] = progress if progress is not None else {}
     lock = threading.Lock()
     errors: list[BaseException] = []
 

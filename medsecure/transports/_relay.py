@@ -435,7 +435,7 @@ class RelayTransport(Transport):
             headers.update(extra or {})
             if body is not None:
                 headers["Content-Length"] = str(size)
-                headers["Content-Type"] = "application/octet-stream"
+                headers.setdefault("Content-Type", "application/octet-stream")
             request = self._client.build_request(
                 method, url, headers=headers, content=body() if body is not None else None
             )
@@ -715,7 +715,7 @@ class AsyncRelayTransport:
             headers.update(extra or {})
             if body is not None:
                 headers["Content-Length"] = str(size)
-                headers["Content-Type"] = "application/octet-stream"
+                headers.setdefault("Content-Type", "application/octet-stream")
             request = self._client.build_request(
                 method, url, headers=headers, content=body() if body is not None else None
             )

@@ -145,7 +145,7 @@ async def _small_body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Problem("envelope-too-large", "this request takes no body this large")
+            raise Problem("bad-request", "this request takes no body this large")
         chunks.append(chunk)
     return b"".join(chunks)
 

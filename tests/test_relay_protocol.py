@@ -286,3 +286,22 @@ def test_endpoints_from_a_directory_are_checked(alice):
                 message_id="bad",
                 size=0,
             )
+
+
+def test_a_hostile_relay_cannot_make_a_download_or_an_answer_unbounded(alice):
+    from medsecure.transports import Incoming
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            return httpx.Response(204)
+        if request.url.path.endswith("/messages"):
+            return httpx.Response(200, content=b"[" * (9 << 20))
+        # a body longer than listed, without Content-Length
+        return httpx.Response(200, content=iter([b"a" * 1000] * 50))
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with RelayTransport(alice, "http://relay.test", client=client) as t:
+        with pytest.raises(TransportError, match="too large"):
+            t.list()
+        with t.fetch(Incoming(handle=MID, message_id=MID, size=1500)) as fh:
+            assert fh.read() == b"a" * 1500

@@ -325,6 +325,16 @@ def _json(body: bytes) -> Any:
         raise TransportError("the relay's answer is not valid JSON") from exc
 
 
+def _decoded(response: httpx.Response, content: bytes) -> httpx.Response:
+    """A read answer (its content already decoded by httpx, so without Content-Encoding)."""
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(response.status_code, headers=headers, content=content)
+
+
 def _translate(exc: Exception) -> TransportUnavailable:
     return TransportUnavailable(f"relay unreachable: {type(exc).__name__}")
 
@@ -447,13 +457,17 @@ class RelayTransport(Transport):
                 if stream and response.status_code in ok:
                     return response
                 try:
-                    answer = response.read()
+                    answer = b""
+                    for part in response.iter_bytes(_CHUNK):
+                        answer += part
+                        if len(answer) > _MAX_JSON:
+                            raise TransportError("the relay's answer is too large")
                 except _TRANSIENT_HTTP as exc:
                     verdict = _Verdict("retry", None, _translate(exc))
                 else:
                     verdict = core.classify(response.status_code, response.headers, answer, ok)
                     if verdict.action == "ok":
-                        return response
+                        return _decoded(response, answer)
                 finally:
                     response.close()
             if verdict.action == "publish" and not republished:
@@ -517,7 +531,7 @@ class RelayTransport(Transport):
         return self._core.waiting(self._send("GET", url, ok=(200,)).content)
 
     def fetch(self, item: Incoming) -> BinaryIO:
-        return io.BufferedReader(_Download(self, self._core.item_url(item)), _CHUNK)
+        return io.BufferedReader(_Download(self, self._core.item_url(item), item.size), _CHUNK)
 
     def acknowledge(self, item: Incoming) -> None:
         with contextlib.suppress(DeliveryRejected):  # not-found: already acknowledged
@@ -556,10 +570,12 @@ class RelayTransport(Transport):
 class _Download(io.RawIOBase):
     """A streamed download that resumes with Range after a broken connection."""
 
-    def __init__(self, transport: RelayTransport, url: str) -> None:
+    def __init__(self, transport: RelayTransport, url: str, expected: int | None = None) -> None:
         self._t = transport
         self._url = url
         self._pos = 0
+        # the listed size bounds what a (hostile) relay can make us read
+        self._expected = expected
         self._size: int | None = None
         self._etag: str | None = None
         self._response: httpx.Response | None = None
@@ -582,7 +598,11 @@ class _Download(io.RawIOBase):
             raise TransportUnavailable("the relay could not resume the download")
         if self._size is None:
             length = response.headers.get("content-length", "")
-            self._size = int(length) if length.isdigit() else None
+            self._size = int(length) if length.isdigit() else self._expected
+            if self._expected is not None and self._size != self._expected:
+                self._size = None
+                response.close()
+                raise TransportUnavailable("the relay sent another size than it listed")
             self._etag = response.headers.get("etag")
         self._response = response
         self._chunks = response.iter_raw(_CHUNK)
@@ -596,7 +616,9 @@ class _Download(io.RawIOBase):
                 if self._chunks is None:
                     self._open()
                 assert self._chunks is not None
-                self._pending = next(self._chunks)
+                self._pending = next(self._chunks)[
+                    : self._size - self._pos if self._size is not None else None
+                ]
             except StopIteration:
                 self._drop()
                 if self._size is None:
@@ -727,13 +749,17 @@ class AsyncRelayTransport:
                 if stream and response.status_code in ok:
                     return response
                 try:
-                    answer = await response.aread()
+                    answer = b""
+                    async for part in response.aiter_bytes(_CHUNK):
+                        answer += part
+                        if len(answer) > _MAX_JSON:
+                            raise TransportError("the relay's answer is too large")
                 except _TRANSIENT_HTTP as exc:
                     verdict = _Verdict("retry", None, _translate(exc))
                 else:
                     verdict = core.classify(response.status_code, response.headers, answer, ok)
                     if verdict.action == "ok":
-                        return response
+                        return _decoded(response, answer)
                 finally:
                     await response.aclose()
             if verdict.action == "publish" and not republished:
@@ -808,7 +834,7 @@ class AsyncRelayTransport:
 
     def fetch(self, item: Incoming) -> AsyncDownload:
         """A resumable async reader of a waiting envelope (``async with``; ``await read(n)``)."""
-        return AsyncDownload(self, self._core.item_url(item))
+        return AsyncDownload(self, self._core.item_url(item), item.size)
 
     async def acknowledge(self, item: Incoming) -> None:
         """Remove an envelope the receiver has stored durably (by its message id)."""
@@ -853,10 +879,14 @@ class AsyncRelayTransport:
 class AsyncDownload:
     """The async twin of the sync transport's resumable download."""
 
-    def __init__(self, transport: AsyncRelayTransport, url: str) -> None:
+    def __init__(
+        self, transport: AsyncRelayTransport, url: str, expected: int | None = None
+    ) -> None:
         self._t = transport
         self._url = url
         self._pos = 0
+        # the listed size bounds what a (hostile) relay can make us read
+        self._expected = expected
         self._size: int | None = None
         self._etag: str | None = None
         self._response: httpx.Response | None = None
@@ -876,7 +906,11 @@ class AsyncDownload:
             raise TransportUnavailable("the relay could not resume the download")
         if self._size is None:
             length = response.headers.get("content-length", "")
-            self._size = int(length) if length.isdigit() else None
+            self._size = int(length) if length.isdigit() else self._expected
+            if self._expected is not None and self._size != self._expected:
+                self._size = None
+                await response.aclose()
+                raise TransportUnavailable("the relay sent another size than it listed")
             self._etag = response.headers.get("etag")
         self._response = response
         self._chunks = response.aiter_raw(_CHUNK)
@@ -890,7 +924,8 @@ class AsyncDownload:
                 if self._chunks is None:
                     await self._open()
                 assert self._chunks is not None
-                self._pending = await self._chunks.__anext__()
+                chunk = await self._chunks.__anext__()
+                self._pending = chunk[: self._size - self._pos if self._size is not None else None]
             except StopAsyncIteration:
                 await self._drop()
                 if self._size is None:

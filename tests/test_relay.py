@@ -433,3 +433,16 @@ def test_tls_with_a_test_ca(tmp_path, alice):
             (item,) = r.list()
             assert r.fetch(item).read() == b"over tls"
         client.close()
+
+
+def test_relay_commands_refuse_misuse_in_one_line(tmp_path):
+    for args in (
+        ("relay", "serve"),
+        ("relay", "serve", "--data", str(tmp_path), "--database", "postgresql://x/y"),
+        ("relay", "serve", "--data", str(tmp_path), "--tls-cert", "c.pem"),
+        ("relay", "sweep"),
+    ):
+        done = cli(*args)
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("medsecure: error:"), done.stderr

@@ -27,12 +27,14 @@ code line for line (a test suite runs against both).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -41,19 +43,26 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 import anyio
 import httpx
 
-from .._errors import DeliveryRejected, IdentityError, TransportError, TransportUnavailable
+from .._errors import (
+    DeliveryRejected,
+    IdentityError,
+    StorageError,
+    TransportError,
+    TransportUnavailable,
+)
 from .._identity import Identity
 from ..models import Endpoint
 from ..relay._bundle import MAX_BUNDLE_BYTES, KeyBundle, sign_bundle
 from ..relay._digest import EMPTY_DIGEST, StreamDigest
 from ..relay._problems import parse_problem
 from ..relay._signing import sign_request
-from ._base import Incoming, Transport
+from ._base import AsyncTransport, Incoming, Transport
 
 __all__ = ["AsyncRelayTransport", "RelayTransport", "UploadState"]
 
@@ -548,6 +557,16 @@ class RelayTransport(Transport):
         )
         return self._core.states(answer.content)
 
+    def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
+        """States of uploads to ``endpoint``'s relay and mailbox (see Transport.poll)."""
+        if endpoint.kind != "relay" or not endpoint.url or not message_ids:
+            return {}
+        return {
+            s.message_id: s.state
+            for s in self.upload_states(message_ids, url=endpoint.url)
+            if s.mailbox == endpoint.mailbox
+        }
+
     def find_keys(
         self,
         *,
@@ -656,7 +675,7 @@ class _Download(io.RawIOBase):
 # ==============================================================================================
 
 
-class AsyncRelayTransport:
+class AsyncRelayTransport(AsyncTransport):
     """The async twin of :class:`RelayTransport` on ``httpx.AsyncClient``: the same methods,
     awaitable; file reads and digests run off the event loop."""
 
@@ -836,6 +855,28 @@ class AsyncRelayTransport:
         """A resumable async reader of a waiting envelope (``async with``; ``await read(n)``)."""
         return AsyncDownload(self, self._core.item_url(item), item.size)
 
+    async def take(self, item: Incoming, target: Path) -> None:
+        """Download a waiting envelope (resumably) to ``target``: a new 0600 file, fsynced;
+        disk writes run off the event loop."""
+        fd = await asyncio.to_thread(
+            os.open, target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        out = os.fdopen(fd, "wb")
+        try:
+            async with self.fetch(item) as download:
+                async for chunk in download:
+                    await asyncio.to_thread(out.write, chunk)
+            await asyncio.to_thread(_flush_and_sync, out)
+        except OSError as exc:
+            out.close()
+            target.unlink(missing_ok=True)
+            raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
+        except BaseException:
+            out.close()
+            target.unlink(missing_ok=True)
+            raise
+        out.close()
+
     async def acknowledge(self, item: Incoming) -> None:
         """Remove an envelope the receiver has stored durably (by its message id)."""
         with contextlib.suppress(DeliveryRejected):
@@ -850,6 +891,16 @@ class AsyncRelayTransport:
             "GET", self._core.states_url(base, list(message_ids)), ok=(200,), base=base
         )
         return self._core.states(answer.content)
+
+    async def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
+        """See :meth:`RelayTransport.poll`."""
+        if endpoint.kind != "relay" or not endpoint.url or not message_ids:
+            return {}
+        return {
+            s.message_id: s.state
+            for s in await self.upload_states(message_ids, url=endpoint.url)
+            if s.mailbox == endpoint.mailbox
+        }
 
     async def find_keys(
         self,
@@ -874,6 +925,11 @@ class AsyncRelayTransport:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _flush_and_sync(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 class AsyncDownload:

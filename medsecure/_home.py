@@ -125,6 +125,16 @@ def _drop(home: Path, section: dict[str, Any]) -> Transport:
 register_transport("drop", _drop)
 
 
+def _mail(home: Path, section: dict[str, Any]) -> Transport:
+    # imported on use: the mail modules are an optional extra (dnspython for DNS discovery)
+    from .transports._mail import MailTransport
+
+    return MailTransport.from_config(section, base=home)
+
+
+register_transport("mail", _mail)
+
+
 def _transports(home: Path, cfg: dict[str, Any]) -> list[Transport]:
     sections = cfg.get("transports")
     if sections is None and isinstance(cfg.get("mailbox"), str):

@@ -223,3 +223,30 @@ def test_the_event_loop_stays_free_while_sealing(
 
     asyncio.run(main())
     assert ticks > 1  # the ticker ran while the send was in progress
+
+
+def test_close_applies_audit_retention(
+    world: Any, authority: m.Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medsecure.audit import AuditLog
+
+    alice, _, directory = world
+    calls: list[str] = []
+    real = AuditLog.purge
+
+    def spy(self: AuditLog, **kw: Any) -> list[str]:
+        calls.append("purge")
+        return real(self, **kw)
+
+    monkeypatch.setattr(AuditLog, "purge", spy)
+    client = m.Client(
+        alice.identity,
+        directory,
+        FileTransport(alice.box),
+        alice.home,
+        trust=AuthorityPolicy([authority.public]),
+        me=alice.idnps,
+    )
+    client.close()
+    client.close()  # idempotent
+    assert calls == ["purge"]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import medsecure as m
 from medsecure import _cbor, _message, identifiers
+from medsecure.identifiers import INS
 from medsecure.trust import Statement
 
 CBORISH = st.recursive(
@@ -70,4 +71,4 @@ def test_identifier_and_address_parsers_raise_value_error(text: str) -> None:
 @given(st.text(max_size=30), st.sampled_from([identifiers.INS_NIR, identifiers.INS_TEST_NIR]))
 def test_ins_raises_value_error(matricule: str, oid: str) -> None:
     with contextlib.suppress(ValueError):
-        m.INS(matricule, oid=oid)
+        INS(matricule, oid=oid)

@@ -1,6 +1,6 @@
 """Where :class:`CachedDirectory` keeps answers: dictionaries in memory, in front of an optional
-SQLite file. All the directory's SQLite code is here, in one place, to move into the shared
-SQLite helper when it exists.
+SQLite file (opened, migrated and written through medsecure's one SQLite helper,
+:class:`medsecure._sqlite.Database`).
 
 What is kept, and why it is split this way:
 
@@ -28,13 +28,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from .._errors import StorageError
+from .._sqlite import Database
 from ..models import Practitioner
 
 __all__ = ["CacheStore"]
 
 log = logging.getLogger("medsecure.directory")
 
-SCHEMA_VERSION = 1
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (idnps TEXT PRIMARY KEY, entry TEXT NOT NULL,"
     " fetched_at REAL NOT NULL)",
@@ -44,6 +44,29 @@ _SCHEMA = (
     " PRIMARY KEY (address, idnps)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS claims_by_idnps ON claims (idnps)",
 )
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        db.execute(statement)
+    old = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cache'"
+    ).fetchone()
+    if old:
+        # version 0 filed an entry under every address it claimed: keep only the rows filed
+        # under the entry's own IDNPS (the address rows are the flaw)
+        db.execute(
+            "INSERT OR IGNORE INTO entries SELECT idnps, entry, fetched_at FROM cache"
+            " WHERE key = 'idnps:' || idnps"
+        )
+        db.execute("DROP TABLE cache")
+        for idnps, entry in db.execute("SELECT idnps, entry FROM entries").fetchall():
+            with contextlib.suppress(ValidationError):
+                p = Practitioner.model_validate_json(entry)
+                db.executemany(
+                    "INSERT OR IGNORE INTO claims VALUES (?, ?)",
+                    [(a, idnps) for a in _claims(p)],
+                )
 
 
 def _claims(p: Practitioner) -> set[str]:
@@ -58,50 +81,11 @@ class CacheStore:
         self._entries: dict[str, tuple[Practitioner, float]] = {}
         self._addresses: dict[str, tuple[str, float]] = {}
         self._claims: dict[str, set[str]] = {}  # address -> IDNPS, of the entries in memory
-        self._db: sqlite3.Connection | None = None
+        self._db: Database | None = None
         if path is not None:
-            try:
-                self._db = sqlite3.connect(
-                    str(path), check_same_thread=False, timeout=10, isolation_level=None
-                )
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._migrate(self._db)
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot open the directory cache {str(path)!r}: {exc}") from exc
-
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version >= SCHEMA_VERSION:
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA:
-                db.execute(statement)
-            old = db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cache'"
-            ).fetchone()
-            if old:
-                # version 0 filed an entry under every address it claimed: keep only the rows
-                # filed under the entry's own IDNPS (the address rows are the flaw)
-                db.execute(
-                    "INSERT OR IGNORE INTO entries SELECT idnps, entry, fetched_at FROM cache"
-                    " WHERE key = 'idnps:' || idnps"
-                )
-                db.execute("DROP TABLE cache")
-                for idnps, entry in db.execute("SELECT idnps, entry FROM entries").fetchall():
-                    with contextlib.suppress(ValidationError):
-                        p = Practitioner.model_validate_json(entry)
-                        db.executemany(
-                            "INSERT OR IGNORE INTO claims VALUES (?, ?)",
-                            [(a, idnps) for a in _claims(p)],
-                        )
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+            # the cache is not worth a durable commit per answer: losing one only means asking
+            # the directory again
+            self._db = Database(Path(path), migrations=(_v1,), what="the directory cache")
 
     # -- reading ---------------------------------------------------------------------------
     def entry(self, idnps: str) -> tuple[Practitioner, float] | None:
@@ -157,9 +141,8 @@ class CacheStore:
         if self._db is None:
             return []
         try:
-            with self._lock:  # one connection, shared by threads: one statement at a time
-                return self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
+            return [tuple(r) for r in self._db.query(sql, args)]
+        except StorageError as exc:
             log.warning("directory cache unreadable: %s", exc)
             return []
 
@@ -229,15 +212,12 @@ class CacheStore:
         if self._db is None:
             return
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            for sql, rows in statements:
-                if rows:
-                    self._db.executemany(sql, rows)
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+            with self._db.transaction(durable=False) as db:
+                for sql, rows in statements:
+                    if rows:
+                        db.executemany(sql, rows)
+        except StorageError as exc:
             log.warning("directory cache not written: %s", exc)
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         """Close the SQLite file, if any."""

@@ -29,6 +29,7 @@ from ._mssante import (
     is_patient_mailbox,
     mssante_subject,
 )
+from ._options import MssanteOptions
 from ._parser import MailLimits, PartInfo
 from ._reports import DeliveryReport, FoldResult, build_mdn, fold_status
 from ._xdm import (
@@ -56,6 +57,7 @@ __all__ = [
     "MailPart",
     "MessageStream",
     "MssanteHeaders",
+    "MssanteOptions",
     "ParsedMessage",
     "PartInfo",
     "PatientMailboxForbidden",

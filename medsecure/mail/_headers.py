@@ -269,7 +269,7 @@ def decode_text(value: str | None) -> str | None:
         return " ".join(value.split()) if "\n" in value else value
     try:
         decoded = str(email.header.make_header(email.header.decode_header(value)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+    except (ValueError, LookupError, UnicodeError, email.errors.MessageError):
         return value
     return decoded
 

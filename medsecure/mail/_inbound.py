@@ -210,7 +210,7 @@ def parse_message(
         raw = text_buf.getvalue()
         try:
             text = raw.decode(text_charset or "utf-8")
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, UnicodeError, ValueError):  # unknown or garbled charset names too
             text = raw.decode("iso-8859-1")
 
     if reports:

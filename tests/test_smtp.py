@@ -361,6 +361,16 @@ def test_messages_reuse_one_connection(pki: Pki, server: SmtpServer) -> None:
     assert server.state.auth_seen == [("PLAIN", True)]
 
 
+def test_no_nagle_delay_on_the_connection(pki: Pki, server: SmtpServer) -> None:
+    # Commands and DATA are small writes each waiting for a reply: with Nagle's algorithm on,
+    # every one of them can wait for the peer's delayed ACK (about 40 ms on Linux), which
+    # capped a reused connection at a few dozen messages per second.
+    with SmtpSubmitter(settings(pki, server)) as sub:
+        submit(sub)
+        assert sub._smtp is not None and sub._smtp.sock is not None
+        assert sub._smtp.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 def test_reconnects_when_the_server_closed_the_connection(pki: Pki, server: SmtpServer) -> None:
     with SmtpSubmitter(settings(pki, server)) as sub:
         submit(sub)

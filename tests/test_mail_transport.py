@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from clientkit import NOW
-from mailkit import CDA, SAMPLES, SUBMISSION, cda_document, pdf_document
+from mailkit import CDA, PDF, SAMPLES, SUBMISSION, cda_document, pdf_document
 from mailservers import (
     HOST,
     Dovecot,
@@ -409,16 +409,26 @@ def world(
     authority = m.Identity.generate()
     dave = Party("dave", "810000005479", m.Identity.generate(), tmp_path / "home-dave")
     carol = Party("carol", "810000000019", m.Identity.generate(), tmp_path / "home-carol")
-    directory = MemoryDirectory([practitioner(authority, dave), practitioner(authority, carol)])
+    # erin has an MSSanté mailbox and no medsecure key
+    erin = Practitioner(
+        idnps="810000000027",
+        family_name="ERIN",
+        mailboxes=(Mailbox(address=addr("erin"), type="PER"),),
+    )
+    directory = MemoryDirectory(
+        [practitioner(authority, dave), practitioner(authority, carol), erin]
+    )
 
     def client(p: Party) -> m.Client:
+        transport = mail_transport(pki, smtp, fresh, p.user)
         return m.Client(
             p.identity,
             directory,
-            mail_transport(pki, smtp, fresh, p.user),
+            transport,
             p.home,
             trust=AuthorityPolicy([authority.public], pins=PinStore(tmp_path / f"{p.user}.pins")),
             me=p.idnps,
+            mssante=transport.mssante_options(submission=SUBMISSION),
         )
 
     with client(dave) as a, client(carol) as b:
@@ -456,6 +466,74 @@ def test_two_practitioners_exchange_a_message_and_its_signed_receipts(
     assert set(status.receipts) == {"delivered", "read"}
     assert folder(fresh, "dave") == []
     assert len(folder(fresh, "dave", "medsecure-processed")) == 2
+
+
+def test_a_practitioner_without_a_key_gets_an_xdm_message_and_answers_with_mdns(
+    world: tuple[m.Client, m.Client, Party, Party, MemoryDirectory],
+    smtp: SmtpServer,
+    fresh: Dovecot,
+    pki: Pki,
+) -> None:
+    a, _, dave, _, _ = world
+    cda = XdmDocument(
+        cda_document(),
+        class_code=m.models.Code(code="11", label="CR", system="1.2.250.1.213.1.1.4.1"),
+    )
+    result = a.send(
+        [cda, pdf_document()], to="idnps:810000000027", receipts=("read",), mssante_fallback=True
+    )
+    [status] = result.recipients
+    assert (status.status, status.endpoint) == ("sent", "mssante")
+    assert f"ENVID={result.message_id}" in smtp.state.messages[-1].mail_options
+
+    # erin reads it in an ordinary mail client: the documents and the IHE_XDM.ZIP are there
+    [(_, raw)] = folder(fresh, "erin")
+    sink: dict[str, io.BytesIO] = {}
+    parsed = parse_message(
+        io.BytesIO(raw),
+        attachment_sink=lambda info: sink.setdefault(info.filename or "?", io.BytesIO()),
+    )
+    assert parsed.message_id == f"{result.message_id}@{DOMAIN}"
+    assert parsed.disposition_notification_to == dave.address
+    assert parsed.mssante.nil == "NIL-TEST-0001" and parsed.mssante.codecda == ("11488-4",)
+    sink["IHE_XDM.ZIP"].seek(0)
+    package = parse_xdm_zip(sink["IHE_XDM.ZIP"])
+    assert len(package.entries) == 1
+    assert sink["Compte rendu échographie.pdf"].getvalue() == PDF
+
+    # her software answers "processed", then she opens it: "displayed"
+    with SmtpSubmitter(smtp_settings(pki, smtp, "erin")) as erin:
+        for n, disposition in enumerate(("processed", "displayed")):
+            mdn = build_mdn(
+                sender=addr("erin"),
+                to=dave.address,
+                original_message_id=parsed.message_id or "",
+                final_recipient=addr("erin"),
+                date=NOW,
+                message_id=f"mdn-{n}@{DOMAIN}",
+                disposition=disposition,  # type: ignore[arg-type]
+                automatic=disposition == "processed",
+                product_reference="NIL-OTHER",
+            )
+            erin.submit(mdn, sender=addr("erin"), recipients=[dave.address])  # type: ignore[arg-type]
+            a.receive()
+            [status] = a.status(result.message_id)
+            assert status.status == ("delivered" if disposition == "processed" else "read")
+    assert status.receipts == ("delivered", "read")
+    assert folder(fresh, "dave") == []
+
+    # an MDN with the ANS error form fails a later message, with the reason
+    second = a.send([cda], to="idnps:810000000027", mssante_fallback=True)
+    error = (SAMPLES / "mssante_mdn_error.eml").read_bytes()
+    error = error.replace(
+        b"199509192301.23456 @chb.mssante.fr", f"{second.message_id}@{DOMAIN}".encode()
+    )
+    error = error.replace(b"serviceY_auto@chb.mssante.fr", addr("erin").encode())
+    imap_append(fresh, error, user="dave")
+    a.receive()
+    [status] = a.status(second.message_id)
+    assert status.status == "failed"
+    assert status.error == "mdn: 902 Identifiant de patient inconnu"
 
 
 def _report(sample: str, **swap: str) -> bytes:

@@ -66,7 +66,7 @@ from .._errors import (
 )
 from .._format import ENVELOPE_MAGIC
 from .._message import MESSAGE_ID_RE
-from ..mail import MailLimits, build_e2e_message, parse_message
+from ..mail import MailLimits, MssanteOptions, build_e2e_message, parse_message
 from ..mail._config import MailItem, MailServer, discover
 from ..mail._headers import check_address
 from ..mail._imap import ImapMailbox
@@ -229,6 +229,16 @@ class MailTransport(Transport):
             self._submitter is not None
             and endpoint.kind in self.kinds
             and endpoint.address is not None
+        )
+
+    def mssante_options(self, **kwargs: Any) -> MssanteOptions:
+        """The client's MSSanté settings for this mailbox (``Client(mssante=…)``): this
+        address as the sender and the configured product reference; ``kwargs`` add the
+        other :class:`~medsecure.mail.MssanteOptions` fields (an XDM submission…)."""
+        if self.product_reference is None:
+            raise ValueError("the MSSanté profile needs product_reference (X-MSS-NIL)")
+        return MssanteOptions(
+            address=self.address, product_reference=self.product_reference, **kwargs
         )
 
     def close(self) -> None:

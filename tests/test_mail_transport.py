@@ -842,3 +842,41 @@ def test_200_mib_envelope_sent_and_received_in_bounded_memory(
     # produced while it is sent, fetched in 1 MiB parts and decoded while it is read
     assert send_peak < 8 << 20, f"send peak {send_peak}"
     assert take_peak < 16 << 20, f"take peak {take_peak}"
+
+
+def test_servers_from_dns_srv_records(pki: Pki) -> None:
+    """``discover``: a server section without a host takes it from the RFC 6186 records of
+    the address's domain (a DNS responder on loopback), only a target inside that domain."""
+    from mailservers import DnsResponder
+
+    records = {
+        "_submissions._tcp.medecin.mssante.fr.": [(0, 1, 465, "smtp.medecin.mssante.fr.")],
+        "_imaps._tcp.medecin.mssante.fr.": [(0, 1, 993, "imap.elsewhere.example.")],
+        "_imap._tcp.medecin.mssante.fr.": [(0, 1, 143, "imap.medecin.mssante.fr.")],
+    }
+    with DnsResponder(records) as dns:
+        section = {
+            "kind": "mail",
+            "address": addr("carol"),
+            "discover": {"nameserver": HOST, "port": dns.port},
+            "smtp": {"username": "carol", "password_env": "X", "ca_file": str(pki.ca)},
+            "imap": {"username": "carol", "password_env": "X", "ca_file": str(pki.ca)},
+        }
+        t = MailTransport.from_config(section)
+        assert t._submitter is not None and isinstance(t._box, m.mail._imap.ImapMailbox)
+        smtp_conf, imap_conf = t._submitter.server, t._box.server
+        assert (smtp_conf.host, smtp_conf.port, smtp_conf.security) == (
+            "smtp.medecin.mssante.fr",
+            465,
+            "tls",
+        )
+        # the IMAPS target lies outside the domain: the STARTTLS one inside it is taken
+        assert (imap_conf.host, imap_conf.port, imap_conf.security) == (
+            "imap.medecin.mssante.fr",
+            143,
+            "starttls",
+        )
+        with pytest.raises(m.ConfigError, match="no smtp server"):
+            MailTransport.from_config({**section, "address": "x@other.mssante.fr"})
+        with pytest.raises(m.ConfigError, match="host"):
+            MailTransport.from_config({**section, "discover": False})

@@ -572,7 +572,15 @@ class MailTransport(Transport):
         except ValueError as exc:
             raise ConfigError(f"the mail transport's address is malformed: {exc}") from exc
         auto = section.get("discover", False)
-        if not isinstance(auto, bool):
+        if isinstance(auto, dict):
+            ns = auto.get("nameserver")
+            port = auto.get("port", 53)
+            if set(auto) - {"nameserver", "port"} or not isinstance(ns, str):
+                raise ConfigError("'discover' is true, or {'nameserver': address, 'port': n}")
+            if isinstance(port, bool) or not isinstance(port, int):
+                raise ConfigError("'discover.port' is a port number")
+            auto = (ns, port)
+        elif not isinstance(auto, bool):
             raise ConfigError("'discover' is true or false")
         domain = address.rsplit("@", 1)[1]
         smtp = _server(section.get("smtp"), "smtp", domain, auto, base)
@@ -644,7 +652,11 @@ def _from_env(name: str, what: str) -> Callable[[], str]:
 
 
 def _server(
-    spec: object, protocol: str, domain: str, auto: bool, base: Path | None
+    spec: object,
+    protocol: str,
+    domain: str,
+    auto: bool | tuple[str, int],
+    base: Path | None,
 ) -> MailServer | None:
     """A :class:`MailServer` from a section's ``smtp`` / ``imap`` object (ConfigError if
     unusable); with ``discover`` and no ``host``, the host comes from RFC 6186 SRV records
@@ -675,9 +687,10 @@ def _server(
     if "host" not in fields:
         if not auto:
             raise ConfigError(f"'{protocol}' needs 'host' (or 'discover': true)")
+        nameserver = auto if isinstance(auto, tuple) else None
         found = [
             s
-            for s in discover(domain, protocols=(protocol,))  # type: ignore[arg-type]
+            for s in discover(domain, protocols=(protocol,), nameserver=nameserver)  # type: ignore[arg-type]
             if s.in_domain
         ]
         if not found:

@@ -12,12 +12,14 @@ import typing as _typing
 from ._base import AsyncTransport, DeliveryReport, Incoming, Transport, UnsupportedItem
 from ._file import FileTransport
 from ._mock import AsyncMockTransport, Delivery, MockTransport
+from ._relay import AsyncRelayTransport, RelayTransport, UploadState
 
 if _typing.TYPE_CHECKING:
     from ._mail import MailTransport
 
 __all__ = [
     "AsyncMockTransport",
+    "AsyncRelayTransport",
     "AsyncTransport",
     "Delivery",
     "DeliveryReport",
@@ -25,8 +27,10 @@ __all__ = [
     "Incoming",
     "MailTransport",
     "MockTransport",
+    "RelayTransport",
     "Transport",
     "UnsupportedItem",
+    "UploadState",
 ]
 
 _LAZY = {"MailTransport": "._mail"}

@@ -880,3 +880,44 @@ def test_servers_from_dns_srv_records(pki: Pki) -> None:
             MailTransport.from_config({**section, "address": "x@other.mssante.fr"})
         with pytest.raises(m.ConfigError, match="host"):
             MailTransport.from_config({**section, "discover": False})
+
+
+def test_config_section_from_command_line_settings(tmp_path: Path, pki: Pki) -> None:
+    """What ``medsecure init`` writes for its mail options, read back by the client."""
+    section = MailTransport.config_section(
+        "dr.martin@medecin.mssante.fr",
+        smtp="smtp.operator.example:587",
+        imap="imap.operator.example",
+        password_env="MY_MAIL_PW",
+        ca_file=pki.ca,
+        product_reference="NIL-TEST-0001",
+        mssante_fallback=True,
+    )
+    assert section["smtp"] == {
+        "host": "smtp.operator.example",
+        "port": 587,
+        "security": "starttls",
+        "username": "dr.martin@medecin.mssante.fr",
+        "password_env": "MY_MAIL_PW",
+        "ca_file": str(pki.ca),
+    }
+    assert section["imap"]["host"] == "imap.operator.example" and "port" not in section["imap"]
+    home = tmp_path / "home"
+    m.init_home(
+        home,
+        passphrase="pw",
+        me="810000005479",
+        transports=[section],
+        endpoints=[Endpoint(kind="mail", address="dr.martin@medecin.mssante.fr")],
+    )
+    with m.client_from_home(home, passphrase="pw") as client:
+        [mail] = [t for t in client.transports if isinstance(t, MailTransport)]
+        assert mail.address == "dr.martin@medecin.mssante.fr" and mail.mssante_fallback
+    for kwargs, match in [
+        ({"smtp": "s", "imap": "i", "maildir": "d"}, "not both"),
+        ({}, "SMTP server"),
+        ({"smtp": "s:x"}, "HOST:PORT"),
+        ({"smtp": "s", "mssante_fallback": True}, "X-MSS-NIL"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MailTransport.config_section("a@medecin.mssante.fr", **kwargs)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
-"""Transports move opaque envelope bytes: drop folders (:class:`FileTransport`), mail
-(:class:`MailTransport`: SMTP, IMAP or Maildir, the end-to-end and MSSanté profiles, DSN and MDN
-reports) and, for tests of the software that embeds medsecure, :class:`MockTransport`. The
-relay transport plugs into the same :class:`Transport` protocol.
+"""Transports move opaque envelope bytes: drop folders (:class:`FileTransport`), relays
+(:class:`RelayTransport`, :class:`AsyncRelayTransport`), mail (:class:`MailTransport`: SMTP, IMAP
+or Maildir, the end-to-end and MSSanté profiles, DSN and MDN reports) and, for tests of the
+software that embeds medsecure, :class:`MockTransport`.
 
 ``MailTransport`` is loaded on first use (``import medsecure.transports`` stays cheap).
 """

@@ -544,6 +544,58 @@ class MailTransport(Transport):
             self._known.pop(handle, None)
 
     # -- configuration ---------------------------------------------------------------------
+    @staticmethod
+    def config_section(
+        address: str,
+        *,
+        smtp: str | None = None,
+        imap: str | None = None,
+        maildir: str | os.PathLike[str] | None = None,
+        security: str = "starttls",
+        username: str | None = None,
+        password_env: str = "MEDSECURE_MAIL_PASSWORD",  # noqa: S107 - a variable name
+        ca_file: str | os.PathLike[str] | None = None,
+        discover: bool = False,
+        product_reference: str | None = None,
+        mssante_fallback: bool = False,
+    ) -> dict[str, Any]:
+        """A home configuration's mail section from command-line style settings (what
+        ``medsecure init --mail-address … --smtp HOST[:PORT] --imap HOST[:PORT]`` writes):
+        ``smtp`` / ``imap`` as ``HOST`` or ``HOST:PORT``, one ``security``, ``username`` and
+        password variable for both, paths made absolute. ValueError for a bad combination;
+        :meth:`from_config` validates the rest."""
+        if imap and maildir:
+            raise ValueError("give an IMAP server or a Maildir, not both")
+        if not smtp and not discover:
+            raise ValueError("the mail transport needs an SMTP server (HOST[:PORT]) or discover")
+        if mssante_fallback and not product_reference:
+            raise ValueError("the MSSanté fallback needs the product reference (X-MSS-NIL)")
+
+        def server(spec: str | None) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if spec:
+                host, sep, port = spec.rpartition(":") if spec.count(":") == 1 else ("", "", "")
+                if sep and not port.isdigit():
+                    raise ValueError("a server is HOST or HOST:PORT")
+                out = {"host": host, "port": int(port)} if sep else {"host": spec}
+            out.update(security=security, username=username or address, password_env=password_env)
+            if ca_file:
+                out["ca_file"] = str(Path(ca_file).expanduser().resolve())
+            return out
+
+        section: dict[str, Any] = {"kind": "mail", "address": address, "smtp": server(smtp)}
+        if maildir:
+            section["maildir"] = str(Path(maildir).expanduser().resolve())
+        elif imap or discover:
+            section["imap"] = server(imap)
+        if discover:
+            section["discover"] = True
+        if product_reference:
+            section["product_reference"] = product_reference
+        if mssante_fallback:
+            section["mssante_fallback"] = True
+        return section
+
     @classmethod
     def from_config(cls, section: Mapping[str, Any], *, base: Path | None = None) -> MailTransport:
         """Build a transport from a home configuration's ``{"kind": "mail", …}`` section

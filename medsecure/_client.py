@@ -42,6 +42,7 @@ from ._errors import (
     DirectoryUnavailable,
     MedsecureError,
     StorageError,
+    TransportError,
     TransportUnavailable,
     TrustError,
     UnknownMessage,
@@ -547,7 +548,12 @@ class Client:
     def _take(self, limit: int | None) -> None:
         budget = limit
         for t in self.transports:
-            got = self._inbox.take(t, budget, on_report=self._outbox.apply_report)
+            try:
+                got = self._inbox.take(t, budget, on_report=self._outbox.apply_report)
+            except TransportError as exc:
+                # one unreachable mailbox (an IMAP outage) does not keep the others unread
+                log.warning("could not read the %s mailbox: %s", t.name, exc)
+                continue
             if budget is not None:
                 budget = max(0, budget - got)
                 if budget == 0:

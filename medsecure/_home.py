@@ -139,6 +139,16 @@ register_transport("drop", _drop)
 register_transport("relay", _relay)
 
 
+def _mail(home: Path, section: dict[str, Any], identity: Identity) -> Transport:
+    # imported on use: the mail modules are an optional extra (dnspython for DNS discovery)
+    from .transports._mail import MailTransport
+
+    return MailTransport.from_config(section, base=home)
+
+
+register_transport("mail", _mail)
+
+
 def _transports(home: Path, cfg: dict[str, Any], identity: Identity) -> list[Transport]:
     sections = cfg.get("transports")
     if sections is None and isinstance(cfg.get("mailbox"), str):
@@ -186,13 +196,23 @@ def client_from_home(
     if not secret:
         raise ConfigError(f"the identity is encrypted: set {PASSPHRASE_ENV}")
     identity = Identity.load(_resolve(root, cfg.get("identity", "identity.key")), passphrase=secret)
+    transports = _transports(root, cfg, identity)
+    # the MSSanté profile's settings come from the first mail section that has a product
+    # reference (its fallback switch included)
+    mssante, fallback = None, False
+    for t in transports:
+        if getattr(t, "product_reference", None) and hasattr(t, "mssante_options"):
+            mssante, fallback = t.mssante_options(), bool(getattr(t, "mssante_fallback", False))
+            break
     return Client(
         identity,
         _directory(root, cfg),
-        _transports(root, cfg, identity),
+        transports,
         root,
         trust=_trust(root, cfg),
         me=cfg.get("me"),
+        mssante=mssante,
+        mssante_fallback=fallback,
     )
 
 

@@ -292,11 +292,13 @@ def test_init_says_how_keys_are_trusted_and_what_comes_next(tmp_path: Path) -> N
 
 def test_a_failed_init_leaves_nothing(tmp_path: Path) -> None:
     assert run(["keygen", "-o", "authority.key"], tmp_path).returncode == 0
+    assert run(["pubkey", "authority.key", "-o", "authority.pub"], tmp_path).returncode == 0
     (tmp_path / "a-file").write_text("")
-    base = ["init", "--authority", "authority.key.pub"]
+    base = ["init", "--authority", "authority.pub"]
     # an invalid identifier
-    one_error_line(run([*base, "--home", "new/home", "--me", "rpps:1"], tmp_path))
+    line = one_error_line(run([*base, "--home", "new/home", "--me", "rpps:1"], tmp_path))
     assert not (tmp_path / "new").exists()
+    assert "--me" in line
     # a mailbox that cannot be created (under a file): fails after the key was written
     line = one_error_line(
         run(

@@ -266,12 +266,18 @@ def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -
     )
     proc = run([*add, "--statement", "bob.revocation"], work)
     assert proc.returncode == 0, proc.stderr
-    assert "1 statement(s)" in proc.stderr
     (key,) = _entry(work, "keys.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
     assert len(key["statements"]) == 1
-    # adding it again changes nothing
+    assert "1 statement(s)" in proc.stderr
+    # adding it again, with its key, changes nothing
     assert run([*add, "--statement", "bob.revocation", "--key", "bob.pub"], work).returncode == 0
     (key,) = _entry(work, "keys.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    assert len(key["statements"]) == 1
+    # a key already listed, re-added with a statement: still one key entry, with the statement
+    other = ["directory", "add", "--directory", "other.json", "--idnps", "rpps:10000000019"]
+    assert run([*other, "--key", "bob.pub"], work).returncode == 0
+    assert run([*other, "--key", "bob.pub", "--statement", "bob.revocation"], work).returncode == 0
+    (key,) = _entry(work, "other.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
     assert len(key["statements"]) == 1
     # a statement about a key the entry does not list, or about someone else: refused, loudly
     line = one_error_line(

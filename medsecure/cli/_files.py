@@ -165,8 +165,9 @@ def output(
             except OSError as exc:
                 raise CliError(f"{flag}: cannot create the output: {reason(exc)}") from exc
         with os.fdopen(fd, "wb") as fh:
-            with about(flag, "create the output"):
-                os.fchmod(fd, mode)
+            if hasattr(os, "fchmod"):  # POSIX; mkstemp's file is already private elsewhere
+                with about(flag, "create the output"):
+                    os.fchmod(fd, mode)
             yield _Writer(fh, flag)  # type: ignore[misc]
             with about(flag, "write the output"):
                 fh.flush()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
-from typing import IO, Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import IO, Any, BinaryIO, TypeVar
 
 import click
 
@@ -24,6 +24,13 @@ from ._app import (
     public_beside,
 )
 from ._files import FileId, file_id, id_of, open_input, output, write_file
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _output_option(help: str) -> Callable[[_F], _F]:
+    return click.option("-o", "--output", "out", required=True, type=click.Path(), help=help)
+
 
 _force_option = click.option(
     "--force", is_flag=True, help="Replace an existing output (never a file this command reads)."
@@ -63,14 +70,7 @@ def _public_file(key: str) -> str:
 
 
 @cli.command()
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Key file to create.",
-)
+@_output_option("Key file to create.")
 @click.option("--classic", is_flag=True, help="X25519 + Ed25519 only (not post-quantum).")
 @click.option("--force", is_flag=True, help="Replace an existing key file (and its .pub).")
 def keygen(out: str, classic: bool, force: bool) -> None:
@@ -141,14 +141,7 @@ def _check_downgrade(
     multiple=True,
     help="Recipient public key (file or text); repeatable.",
 )
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Envelope to write.",
-)
+@_output_option("Envelope to write.")
 @click.option("--allow-classic", is_flag=True, help="Accept a classic (non post-quantum) envelope.")
 @_force_option
 def seal_cmd(
@@ -178,14 +171,7 @@ def seal_cmd(
 @cli.command(name="unseal")
 @click.argument("file", type=click.Path())
 @click.option("--key", required=True, help="Recipient's key file.")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Where to write the document.",
-)
+@_output_option("Where to write the document.")
 @click.option("--from", "expected", help="Require this sender (public key file or text).")
 @_force_option
 def unseal_cmd(file: str, key: str, out: str, expected: str | None, force: bool) -> None:

@@ -127,9 +127,10 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
 def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "x.txt"
     doc.write_text("hello")
-    assert "no practitioner matches" in one_error_line(
+    line = one_error_line(
         run(["send", str(doc), "--to", "rpps:10000000027", "--home", "alice"], homes)
     )
+    assert "--to: no practitioner matches" in line
     line = one_error_line(
         run(
             [

@@ -312,9 +312,12 @@ def send_cmd(
         with about(f"FILES (document #{i})", "read the document"):
             docs.append(medsecure.Document.from_path(f))
     with _client(home) as client, _bar(sum(d.size for d in docs), "sealing") as update:
-        result = client.send(
-            docs, to=list(to), subject=subject, body=body, receipts=receipts, progress=update
-        )
+        try:
+            result = client.send(
+                docs, to=list(to), subject=subject, body=body, receipts=receipts, progress=update
+            )
+        except (medsecure.DirectoryError, medsecure.TrustError) as exc:
+            raise CliError(f"--to: {exc}") from exc  # which recipient could not be resolved
     if as_json:
         click.echo(
             json.dumps(

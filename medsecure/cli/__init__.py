@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from . import _client, _directory, _relay  # noqa: F401 - register their commands
+    from . import _client, _directory, _keys, _relay  # noqa: F401 - register their commands
     from ._app import run
 
     del click

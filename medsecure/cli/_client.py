@@ -17,6 +17,7 @@ import click
 
 import medsecure
 import medsecure.identifiers
+from medsecure.client import default_home
 
 from ._app import (
     PROGRESS_THRESHOLD,
@@ -37,20 +38,6 @@ _home_option = click.option(
     help="The medsecure home (default: $MEDSECURE_HOME or the per-user data folder).",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-
-
-def default_home() -> Path:
-    """Where a home is when --home is not given: ``$MEDSECURE_HOME``, else the platform's
-    per-user data folder. (The library's default client looks in the same place; a test pins
-    that they agree.)"""
-    env = os.environ.get("MEDSECURE_HOME")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":  # pragma: no cover - platform specific
-        return Path(os.environ.get("APPDATA", Path.home())) / "medsecure"
-    if sys.platform == "darwin":  # pragma: no cover - platform specific
-        return Path.home() / "Library" / "Application Support" / "medsecure"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "medsecure"
 
 
 def _home(home: str | None) -> Path:
@@ -522,7 +509,7 @@ def status(message_id: str, home: str | None, as_json: bool) -> None:
     with _client(home) as client:
         try:
             statuses = client.status(message_id)
-        except KeyError as exc:
+        except medsecure.UnknownMessage as exc:
             raise CliError(f"no message {message_id!r} in the outbox") from exc
     if as_json:
         click.echo(

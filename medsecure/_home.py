@@ -250,13 +250,11 @@ def init_home(
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity = Identity.generate(suite)
-        extra_sections = list(transports)
-        extra_endpoints = list(endpoints)
-        if relay is not None:
-            extra_sections.insert(0, {"kind": "relay", "url": relay})
-            extra_endpoints.insert(
-                0, Endpoint(kind="relay", url=relay, mailbox=identity.fingerprint)
-            )
+        first_sections: list[dict[str, Any]] = []
+        first_endpoints: list[Endpoint] = []
+        if relay is not None:  # a relay first: online, end to end, and it keeps what waits
+            first_sections.append({"kind": "relay", "url": relay})
+            first_endpoints.append(Endpoint(kind="relay", url=relay, mailbox=identity.fingerprint))
         made.append(root / "identity.key")
         identity.save(root / "identity.key", passphrase=passphrase)
         box_path = Path(mailbox).expanduser() if mailbox is not None else root / "mailbox"
@@ -268,7 +266,11 @@ def init_home(
             family_name=family_name,
             given_name=given_name,
             keys=(KeyEntry(public=identity.public),),
-            endpoints=(*extra_endpoints, Endpoint(kind="drop", path=str(box.resolve()))),
+            endpoints=(
+                *first_endpoints,
+                Endpoint(kind="drop", path=str(box.resolve())),
+                *endpoints,
+            ),
         )
         made.append(root / "directory.json")
         FileDirectory(root / "directory.json").add(own)
@@ -277,7 +279,11 @@ def init_home(
             "version": 1,
             "me": idnps,
             "identity": "identity.key",
-            "transports": [*extra_sections, {"kind": "drop", "path": str(box.resolve())}],
+            "transports": [
+                *first_sections,
+                {"kind": "drop", "path": str(box.resolve())},
+                *transports,
+            ],
             "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
             "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
         }

@@ -18,7 +18,6 @@ import click
 import medsecure
 import medsecure.identifiers
 from medsecure.client import default_home
-from medsecure.directory import FileDirectory
 
 from ._app import (
     PROGRESS_THRESHOLD,
@@ -179,19 +178,6 @@ def _next_steps(root: Path, me: str, authorities: bool, net: Network, fingerprin
     return "\n".join(lines)
 
 
-def _drop_folder_last(directory: Path, idnps: str) -> None:
-    """Make the drop folder the last way others reach this home once it has a relay mailbox or
-    a mail address: the client tries endpoints by priority before its own transport order (in
-    which a home's drop folder precedes its mail transport), and a drop folder is usually only
-    reachable on this machine, where a missing one would hold messages back as "retry later"."""
-    own_entries = FileDirectory(directory)
-    own = own_entries.lookup(f"idnps:{idnps}")
-    endpoints = tuple(
-        e.model_copy(update={"priority": 1}) if e.kind == "drop" else e for e in own.endpoints
-    )
-    own_entries.add(own.model_copy(update={"endpoints": endpoints}))
-
-
 @cli.command()
 @_home_option
 @click.option("--me", required=True, help="Who you are: rpps:…, adeli:… or your IDNPS.")
@@ -284,8 +270,6 @@ def init(
             transports=net.transports,
             endpoints=net.endpoints,
         )
-        if net.relay is not None or net.endpoints:
-            _drop_folder_last(root / "directory.json", idnps)
         write_file(
             root / f"identity.key{PUBLIC_SUFFIX}",
             (str(identity.public) + "\n").encode("ascii"),

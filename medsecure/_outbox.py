@@ -822,7 +822,18 @@ class Outbox:
         row = rows[0]
         changed = False
         with self.store.transaction(durable=False) as db:
-            if report.status in ("failed", EXPIRED) and row["status"] in (QUEUED, SENT):
+            # an unsigned failure never overrides a receipt already recorded (as expire() and
+            # poll() do not): anyone who saw the message id can forge a DSN or an MDN
+            answered = db.execute(
+                "SELECT 1 FROM receipts WHERE message_id = ? AND recipient = ?"
+                " AND status IN ('delivered', 'read', 'rejected')",
+                (row["message_id"], row["recipient"]),
+            ).fetchone()
+            if (
+                report.status in ("failed", EXPIRED)
+                and row["status"] in (QUEUED, SENT)
+                and answered is None
+            ):
                 final = FAILED if report.status == "failed" else EXPIRED
                 default = "delivery failed" if final == FAILED else "not collected in time"
                 changed = (

@@ -377,11 +377,30 @@ def _safe_name(name: str | None, fallback: str) -> str:
 _MESSAGE_ID = re.compile(r"[0-9A-Z]{26}")
 
 
+def _holds_another_message(meta: Path, msg: medsecure.ReceivedMessage) -> bool:
+    """Whether ``meta`` is the message.json of a message other than ``msg`` (same message id,
+    another sender). A link or anything unreadable there is not a saved message."""
+    try:
+        if not meta.is_file() or meta.is_symlink():
+            return False
+        saved = json.loads(meta.read_bytes())
+        sender = saved["sender"]["idnps"]
+        return bool(saved["message_id"] != msg.message_id or sender != msg.sender.idnps)
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # a regular file we cannot read as ours: keep away from it
+
+
 def _save_message(msg: medsecure.ReceivedMessage, out_dir: Path) -> list[str]:
     """Save a message's documents and ``message.json`` (sender, subject, body: health data) in
     a folder of its own, every file 0600 and written atomically, every folder 0700."""
     flag = "-o/--output"
     name = msg.message_id if _MESSAGE_ID.fullmatch(msg.message_id) else _safe_name(None, "message")
+    # A message id is its sender's choice: another sender may reuse one already saved here.
+    # Never write into a folder holding another message (its documents would be replaced).
+    base, n = name, 1
+    while _holds_another_message(out_dir / name / "message.json", msg):
+        n += 1
+        name = f"{base}-{n}"
     folder = private_folder(out_dir / name, flag)
     with about(flag, "protect the message folder"):
         os.chmod(folder, 0o700)  # a folder left by an older version may be wider

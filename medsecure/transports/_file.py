@@ -247,7 +247,15 @@ class FileTransport(Transport):
     @staticmethod
     def _link_same(path: Path, target: Path, opened: os.stat_result) -> bool:
         """Hard-link ``path`` to ``target`` if it is still the file that was opened (its
-        sender fsynced it); False means "copy from the descriptor instead"."""
+        sender fsynced it); False means "copy from the descriptor instead".
+
+        Only a file this process owns, with no other link, is linked: anyone else who owns it,
+        or holds another link to it, could still write the copy in the home after it was taken
+        (rewrite an envelope between the computing of its id and its verification, or later).
+        The linked copy is then made 0600 like every file medsecure writes about a message."""
+        geteuid = getattr(os, "geteuid", None)
+        if geteuid is None or opened.st_uid != geteuid() or opened.st_nlink != 1:
+            return False
         try:
             os.link(path, target, follow_symlinks=False)
         except OSError:
@@ -256,7 +264,13 @@ class FileTransport(Transport):
             linked = os.lstat(target)
         except OSError:
             linked = None
-        if linked is not None and (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino):
+        if (
+            linked is not None
+            and (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino)
+            and linked.st_nlink == 2  # the waiting file and ours: nobody linked it meanwhile
+        ):
+            with contextlib.suppress(OSError):
+                os.chmod(target, 0o600)
             return True
         with contextlib.suppress(OSError):
             target.unlink()  # swapped after it was opened: copy what was opened

@@ -761,6 +761,22 @@ class Outbox:
         assert delivery is not None
         status, reason = str(extra["status"]), extra.get("reason")
         late = receipts.is_late(delivery["status"])
+        if late and (delivery["ended_by"] or "").startswith("report:"):
+            # the delivery was ended by an unsigned report (a DSN or MDN anyone could forge, a
+            # relay's "expired"): the recipient's signed receipt outranks it
+            db.execute(
+                "UPDATE deliveries SET status = ?, ended_by = NULL, updated = ?"
+                " WHERE message_id = ? AND recipient = ?",
+                (SENT, self.clock(), of, signer),
+            )
+            self.audit.append(
+                "report-overruled",
+                message_id=of,
+                counterparty=signer,
+                result=status,
+                answer=delivery["ended_by"],
+            )
+            late = False
         fresh = (
             db.execute(
                 "INSERT OR IGNORE INTO receipts (message_id, recipient, status, at, reason, late,"
@@ -838,12 +854,13 @@ class Outbox:
                 default = "delivery failed" if final == FAILED else "not collected in time"
                 changed = (
                     db.execute(
-                        "UPDATE deliveries SET status = ?, last_error = ?, updated = ?"
-                        " WHERE message_id = ? AND recipient = ? AND status = ?",
+                        "UPDATE deliveries SET status = ?, last_error = ?, updated = ?,"
+                        " ended_by = ? WHERE message_id = ? AND recipient = ? AND status = ?",
                         (
                             final,
                             f"{report.source}: {report.reason or default}",
                             self.clock(),
+                            f"report:{report.source}",
                             row["message_id"],
                             row["recipient"],
                             row["status"],

@@ -195,7 +195,18 @@ PAYLOAD_V3 = """
 ALTER TABLE deliveries ADD COLUMN payload TEXT;
 """
 
-MIGRATIONS = (_script(SCHEMA_V1), _script(INBOX_V2), _script(PAYLOAD_V3))
+# Version 4: what ended a delivery, when an unsigned report did (a mail DSN/MDN, a relay's
+# "expired"): a signed receipt from the recipient outranks it.
+ENDED_BY_V4 = """
+ALTER TABLE deliveries ADD COLUMN ended_by TEXT;
+"""
+
+MIGRATIONS = (
+    _script(SCHEMA_V1),
+    _script(INBOX_V2),
+    _script(PAYLOAD_V3),
+    _script(ENDED_BY_V4),
+)
 
 
 def _read_only(path: Path) -> bool:

@@ -8,7 +8,6 @@ these tests reuse.
 
 from __future__ import annotations
 
-import pytest
 import test_mail_transport as tm
 from mailkit import cda_document
 from mailservers import Dovecot, imap_append
@@ -64,12 +63,6 @@ def test_a_forged_failure_report_after_the_signed_receipt_changes_nothing(
     assert status.receipts == ("delivered",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design choice: an unsigned mail failure report ends a delivery for good (FINAL), so "
-    "a forged one that arrives before the recipient's signed receipt wins; a signed receipt "
-    "should outrank an unsigned failure (or MDNs be ignored for recipients with a key)",
-)
 def test_a_forged_failure_report_before_the_signed_receipt_does_not_win(
     world: World, fresh: Dovecot
 ) -> None:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import medsecure
-from medsecure import _format as F
+from medsecure.envelope import _labels as F
 
 CHUNK = 1 << 20
 

@@ -48,7 +48,6 @@ from ._errors import (
 )
 from ._identity import Identity, PublicIdentity
 from ._inbox import Inbox
-from ._message import Manifest, new_message_id
 from ._outbox import QUEUED, Outbox, RetryPolicy, route
 from ._results import (
     OutboxEntry,
@@ -62,6 +61,7 @@ from ._store import Store
 from .audit import AuditLog
 from .directory import Directory
 from .directory._base import normalize_ref
+from .envelope._message import Manifest, new_message_id
 from .identifiers import parse
 from .models import Endpoint, Practitioner
 from .transports import Transport

@@ -32,9 +32,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
 
-from . import _cbor
-from . import _format as F
 from ._errors import IdentityError
+from .envelope import _cbor
+from .envelope import _labels as F
 
 __all__ = ["Identity", "PublicIdentity"]
 

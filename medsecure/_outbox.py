@@ -39,14 +39,14 @@ from pathlib import Path
 
 from . import _receipts as receipts
 from ._document import Document
-from ._envelope import envelope_id, seal_stream
 from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError
 from ._fs import atomic_output
 from ._identity import Identity, PublicIdentity
-from ._message import Manifest, MessageReader
 from ._results import OutboxEntry, RecipientStatus, StatusEvent
 from ._store import Store
 from .audit import AuditLog
+from .envelope._message import Manifest, MessageReader
+from .envelope._seal import envelope_id, seal_stream
 from .models import Endpoint, Practitioner
 from .transports import DeliveryReport, Transport
 

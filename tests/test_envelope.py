@@ -16,14 +16,14 @@ from medsecure import (
     Identity,
     NotARecipient,
     SenderMismatch,
-    _cbor,
     seal,
     seal_stream,
     unseal,
     unseal_stream,
 )
-from medsecure import _format as F
-from medsecure._envelope import _Keys
+from medsecure.envelope import _cbor
+from medsecure.envelope import _labels as F
+from medsecure.envelope._seal import _Keys
 
 CS = F.MIN_CHUNK_SIZE  # 16 KiB chunks keep boundary tests small
 SIZES = sorted(
@@ -276,8 +276,8 @@ def test_recipient_cannot_forge_content(alice: Identity, bob: Identity, carol: I
 
 def test_key_commitment(alice: Identity, bob: Identity, carol: Identity) -> None:
     """A malicious sender gives Bob and Carol different content keys: Carol must refuse."""
-    from medsecure._envelope import _hpke_info
     from medsecure._identity import hpke_suite
+    from medsecure.envelope._seal import _hpke_info
 
     env = seal(b"for bob", sender=alice, recipients=[bob.public, carol.public])
     parts = craft.split(env)

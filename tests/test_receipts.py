@@ -9,8 +9,8 @@ import pytest
 from clientkit import Party, client, entry, party
 
 import medsecure as m
-from medsecure._message import Manifest, new_message_id
 from medsecure.audit import verify
+from medsecure.envelope._message import Manifest, new_message_id
 
 
 @pytest.fixture(scope="module")

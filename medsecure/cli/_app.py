@@ -12,10 +12,10 @@ from typing import IO, Any, BinaryIO
 
 import click
 
-from .._envelope import seal_stream, unseal_stream
 from .._errors import MedsecureError
 from .._fs import atomic_output, atomic_write
 from .._identity import Identity, PublicIdentity
+from ..envelope import seal_stream, unseal_stream
 
 PASSPHRASE_ENV = "MEDSECURE_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 PROGRESS_THRESHOLD = 4 << 20  # progress bars for files over 4 MiB, on a terminal only

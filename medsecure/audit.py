@@ -55,10 +55,10 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from ._errors import StorageError
 from ._fs import atomic_write, fsync_dir
 from ._identity import Identity, PublicIdentity
+from .envelope._labels import LABEL_AUDIT_CHECKPOINT as LABEL_CHECKPOINT
 
 __all__ = ["AuditLog", "VerifyReport", "export", "verify"]
 
-LABEL_CHECKPOINT = b"medsecure/v1/audit-checkpoint"
 GENESIS = "0" * 64
 GENESIS_B = GENESIS.encode()
 FILE_RE = re.compile(r"audit-(\d{6})\.jsonl")

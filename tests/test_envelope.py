@@ -468,6 +468,27 @@ def test_cbor_canonical_reencode_rejects() -> None:
     assert _cbor.decode(b"\x01", error=EnvelopeError, what="x") == 1
 
 
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "c249010000000000000000",  # tag 2: 2**64
+        "c349010000000000000000",  # tag 3: -(2**64) - 1
+        "a101c249010000000000000000",  # as a map value
+        "a1c24901000000000000000001",  # as a map key
+        "81c24a01" + "00" * 9,  # inside an array (a 73-bit number)
+    ],
+)
+def test_cbor_bignum_tags_are_refused(encoded: str) -> None:
+    """docs/format.md §8 refuses every tag; cbor2 decodes the bignum tags 2 and 3 into plain
+    ints even without semantic decoders, and the decoder used to let them through."""
+    with pytest.raises(EnvelopeError, match="malformed x"):
+        _cbor.decode(bytes.fromhex(encoded), error=EnvelopeError, what="x")
+    assert (
+        _cbor.decode(bytes.fromhex("1bffffffffffffffff"), error=ValueError, what="x") == 2**64 - 1
+    )
+    assert _cbor.decode(bytes.fromhex("3bffffffffffffffff"), error=ValueError, what="x") == -(2**64)
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

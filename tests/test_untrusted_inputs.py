@@ -79,3 +79,55 @@ def test_identifier_and_address_parsers_raise_value_error(text: str) -> None:
 def test_ins_raises_value_error(matricule: str, oid: str) -> None:
     with contextlib.suppress(ValueError):
         m.INS(matricule, oid=oid)
+
+
+def _acceptable(value: object, depth: int = 0) -> bool:
+    """docs/format.md §8, as a plain rule: integers (within CBOR's 64-bit heads), byte and text
+    strings, booleans, arrays and maps with integer or text keys, nested at most 8 deep."""
+    if depth > _cbor.MAX_DEPTH:
+        return False
+    if isinstance(value, list):
+        return all(_acceptable(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(
+            isinstance(key, (int, str))
+            and not isinstance(key, bool)
+            and (not isinstance(key, int) or -(2**64) <= key < 2**64)
+            and _acceptable(item, depth + 1)
+            for key, item in value.items()
+        )
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**64) <= value < 2**64  # beyond: a bignum, which is a tag
+    return isinstance(value, (bytes, str))
+
+
+def _nested(depth: int, leaf: object) -> object:
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {1: value}
+    return value
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    CBORISH
+    | st.floats(allow_nan=False)
+    | st.builds(
+        _nested, st.integers(0, 12), st.sampled_from([1, None, b"", [], {}, 1.5, True]) | CBORISH
+    )
+)
+def test_the_strict_decoder_accepts_exactly_the_allowed_values(value: object) -> None:
+    """The decoder's type check (written for speed) agrees with the rule it implements."""
+    try:
+        encoded = _cbor.encode(value)
+    except Exception:
+        return
+    try:
+        decoded = _cbor.decode(encoded, error=ValueError, what="x")
+    except ValueError:
+        assert not _acceptable(value)
+    else:
+        assert _acceptable(value)
+        assert decoded == value

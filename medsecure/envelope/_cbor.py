@@ -23,7 +23,14 @@ __all__ = ["MAX_DEPTH", "decode", "encode"]
 #: medsecure structures are at most a few levels deep; anything deeper is hostile.
 MAX_DEPTH = 8
 
-_ALLOWED = (int, bytes, str, bool, list, dict)
+# cbor2 builds values of exactly these types; anything else (None, floats, undefined, simple
+# values, frozen maps, the datetimes of tags 0 and 1) is refused. Exact type tests: this runs on
+# every header and trailer read.
+_STRINGS = frozenset((bytes, str, bool))
+# cbor2 decodes the bignum tags 2 and 3 into plain ints even with every semantic decoder
+# removed; an int outside the range of CBOR's integer heads can only come from such a tag.
+_INT_MIN = -(2**64)
+_INT_MAX = 2**64 - 1
 
 
 def encode(value: Any) -> bytes:
@@ -34,15 +41,29 @@ def encode(value: Any) -> bytes:
 def _check_types(value: Any, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise ValueError("nesting too deep")
-    if not isinstance(value, _ALLOWED) or value is None:
-        raise ValueError("unexpected CBOR type")
-    if isinstance(value, list):
-        for item in value:
-            _check_types(item, depth + 1)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, (int, str)) or isinstance(key, bool):
+    kind = type(value)
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError("CBOR tags are not allowed")  # a bignum
+        return
+    if kind is list:
+        items: Any = value
+    elif kind is dict:
+        for key in value:
+            if type(key) is str:
+                continue
+            if type(key) is not int:
                 raise ValueError("unexpected map key type")
+            _check_types(key, depth)
+        items = value.values()
+    elif kind in _STRINGS:
+        return
+    else:
+        raise ValueError("unexpected CBOR type")
+    # A string inside a container is checked here rather than by a call of its own, unless it
+    # would sit deeper than MAX_DEPTH (the call raises then).
+    for item in items:
+        if type(item) not in _STRINGS or depth >= MAX_DEPTH:
             _check_types(item, depth + 1)
 
 

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from .._errors import EnvelopeError, MedsecureError, NotARecipient, SenderMismatch, StorageError
 from .._fs import atomic_output
@@ -65,17 +65,24 @@ _ZERO_NONCE = bytes(F.NONCE_BYTES)
 _FRAME = struct.Struct(">I")
 
 
-def _hkdf(ck: bytes, salt: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=label).derive(ck)
+_SHA256 = hashes.SHA256()
+
+
+def _hkdf_expand(prk: bytes, label: bytes) -> bytes:
+    return HKDFExpand(algorithm=_SHA256, length=32, info=label).derive(prk)
+
+
+# docs/format.md §4.6: the trailer's length is fixed by the sender's suite.
+_TRAILER_PLAIN_LENGTH = {
+    F.SUITE_HYBRID: len(
+        _cbor.encode([bytes(F.ED25519_SIGNATURE_BYTES), bytes(F.MLDSA65_SIGNATURE_BYTES)])
+    ),
+    F.SUITE_CLASSIC: len(_cbor.encode([bytes(F.ED25519_SIGNATURE_BYTES)])),
+}
 
 
 def _trailer_plain_length(sender_suite: str) -> int:
-    lengths = (
-        (F.ED25519_SIGNATURE_BYTES, F.MLDSA65_SIGNATURE_BYTES)
-        if sender_suite == F.SUITE_HYBRID
-        else (F.ED25519_SIGNATURE_BYTES,)
-    )
-    return len(_cbor.encode([bytes(n) for n in lengths]))
+    return _TRAILER_PLAIN_LENGTH[sender_suite]
 
 
 def _chunk_size_ok(value: object) -> bool:
@@ -101,13 +108,20 @@ def _hpke_info(
 
 
 class _Keys:
+    """docs/format.md §4.1: the four keys derived from the content key.
+
+    Each is HKDF(ikm=CK, salt=salt, info=label); the four share their extract step (RFC 5869
+    §2.2, the same PRK for the same salt and key material), so it runs once.
+    """
+
     __slots__ = ("commitment", "payload", "sender", "trailer")
 
     def __init__(self, ck: bytes, salt: bytes) -> None:
-        self.payload = AESGCM(_hkdf(ck, salt, F.LABEL_PAYLOAD_KEY))
-        self.commitment = _hkdf(ck, salt, F.LABEL_COMMITMENT)
-        self.sender = AESGCM(_hkdf(ck, salt, F.LABEL_SENDER_KEY))
-        self.trailer = AESGCM(_hkdf(ck, salt, F.LABEL_TRAILER_KEY))
+        prk = HKDF.extract(_SHA256, salt, ck)
+        self.payload = AESGCM(_hkdf_expand(prk, F.LABEL_PAYLOAD_KEY))
+        self.commitment = _hkdf_expand(prk, F.LABEL_COMMITMENT)
+        self.sender = AESGCM(_hkdf_expand(prk, F.LABEL_SENDER_KEY))
+        self.trailer = AESGCM(_hkdf_expand(prk, F.LABEL_TRAILER_KEY))
 
 
 def _transcript(header_hash: bytes, payload_digest: bytes, sender: PublicIdentity) -> bytes:
@@ -266,14 +280,29 @@ def seal(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
 class _Opened:
-    keys: _Keys
-    framed_hash: bytes
-    chunk_size: int
-    suite: str
-    sender: PublicIdentity
-    recipients: tuple[str, ...]
+    """What opening the header established (the sender is decrypted, not yet verified)."""
+
+    __slots__ = ("chunk_size", "framed_hash", "keys", "recipients", "sender", "suite")
+
+    def __init__(
+        self,
+        keys: _Keys,
+        framed_hash: bytes,
+        chunk_size: int,
+        suite: str,
+        sender: PublicIdentity,
+        recipients: tuple[str, ...],
+    ) -> None:
+        self.keys = keys
+        self.framed_hash = framed_hash
+        self.chunk_size = chunk_size
+        self.suite = suite
+        self.sender = sender
+        self.recipients = recipients
+
+
+_PREFIX_BYTES = len(F.ENVELOPE_MAGIC) + _FRAME.size
 
 
 def _read_exact(src: BinaryIO, n: int) -> bytes:
@@ -284,13 +313,15 @@ def _read_exact(src: BinaryIO, n: int) -> bytes:
     return bytes(buf)
 
 
-def _open_header(
-    src: BinaryIO,
-    identity: Identity,
-    expected_sender: PublicIdentity | None,
-    max_recipients: int,
-) -> _Opened:
-    prefix = _read_exact(src, len(F.ENVELOPE_MAGIC) + _FRAME.size)
+def _take(view: memoryview, start: int, end: int) -> bytes:
+    """``view[start:end]`` of an envelope held in memory, which must be that long."""
+    if len(view) < end:
+        raise EnvelopeError("envelope is truncated")
+    return bytes(view[start:end])
+
+
+def _header_length(prefix: bytes, max_recipients: int) -> int:
+    """docs/format.md §2: the magic, then the header length, bounded before it is read."""
     if prefix[: len(F.ENVELOPE_MAGIC)] != F.ENVELOPE_MAGIC:
         if prefix[:6] == F.ENVELOPE_MAGIC[:6]:
             raise EnvelopeError("unsupported medsecure envelope version")
@@ -298,7 +329,16 @@ def _open_header(
     (hlen,) = _FRAME.unpack(prefix[len(F.ENVELOPE_MAGIC) :])
     if hlen > _header_budget(max_recipients):
         raise EnvelopeError("envelope header too large")
-    header_bytes = _read_exact(src, hlen)
+    return int(hlen)
+
+
+def _open_header(
+    prefix: bytes,
+    header_bytes: bytes,
+    identity: Identity,
+    expected_sender: PublicIdentity | None,
+    max_recipients: int,
+) -> _Opened:
     header = _cbor.decode(header_bytes, error=EnvelopeError, what="envelope header")
     if not isinstance(header, dict) or set(header) != {1, 2, 3, 4, 5, 6, 7}:
         raise EnvelopeError("malformed envelope header: unexpected fields")
@@ -372,10 +412,9 @@ def _open_header(
         raise EnvelopeError("malformed envelope header: hybrid envelope labelled classic")
     if expected_sender is not None and sender != expected_sender:
         raise SenderMismatch("the envelope was not sealed by the expected sender")
-    framed = prefix + header_bytes
     return _Opened(
         keys=keys,
-        framed_hash=sha256(framed),
+        framed_hash=sha256(prefix, header_bytes),
         chunk_size=chunk_size,
         suite=suite,
         sender=sender,
@@ -405,13 +444,8 @@ def envelope_id(src: BinaryIO, *, max_recipients: int = F.DEFAULT_MAX_RECIPIENTS
     """SHA-256 (hex) of an envelope's framed header: unique per envelope (the header holds a
     random salt) and read without going through the payload. Not an authentication: a
     tampered payload keeps the id, so only verified envelopes may be deduplicated on it."""
-    prefix = _read_exact(src, len(F.ENVELOPE_MAGIC) + _FRAME.size)
-    if prefix[: len(F.ENVELOPE_MAGIC)] != F.ENVELOPE_MAGIC:
-        raise EnvelopeError("not a medsecure envelope")
-    (hlen,) = _FRAME.unpack(prefix[len(F.ENVELOPE_MAGIC) :])
-    if hlen > _header_budget(max_recipients):
-        raise EnvelopeError("envelope header too large")
-    return sha256(prefix + _read_exact(src, hlen)).hex()
+    prefix = _read_exact(src, _PREFIX_BYTES)
+    return sha256(prefix, _read_exact(src, _header_length(prefix, max_recipients))).hex()
 
 
 def _check_open_args(identity: object, expected_sender: object) -> None:
@@ -422,20 +456,28 @@ def _check_open_args(identity: object, expected_sender: object) -> None:
 
 
 def _unseal_into(
-    src: BinaryIO,
+    src: BinaryIO | memoryview,
     dst: BinaryIO,
     identity: Identity,
     expected_sender: PublicIdentity | None,
     max_recipients: int,
-    memory: memoryview | None = None,
-) -> Unsealed:
+) -> tuple[_Opened, int]:
+    """Open the envelope read from ``src`` (a stream, or the whole envelope in memory) into
+    ``dst``; return what the header established and the plaintext size."""
     try:
-        opened = _open_header(src, identity, expected_sender, max_recipients)
+        if isinstance(src, memoryview):
+            prefix = _take(src, 0, _PREFIX_BYTES)
+            end = _PREFIX_BYTES + _header_length(prefix, max_recipients)
+            header_bytes = _take(src, _PREFIX_BYTES, end)
+        else:
+            prefix = _read_exact(src, _PREFIX_BYTES)
+            header_bytes = _read_exact(src, _header_length(prefix, max_recipients))
+        opened = _open_header(prefix, header_bytes, identity, expected_sender, max_recipients)
         chunk_len = opened.chunk_size + F.TAG_BYTES
         tlen = _trailer_plain_length(opened.sender.suite) + F.TAG_BYTES
         trailer: list[bytes] = []
-        if memory is not None:
-            chunks = cipher_chunks_from_memory(memory[src.tell() :], chunk_len, tlen, trailer)
+        if isinstance(src, memoryview):
+            chunks = cipher_chunks_from_memory(src[end:], chunk_len, tlen, trailer)
         else:
             chunks = cipher_chunks_from_stream(src, chunk_len, tlen, trailer)
         size = _decrypt_chunks(chunks, dst, opened, trailer)
@@ -445,8 +487,12 @@ def _unseal_into(
         raise StorageError(f"I/O error while opening an envelope: {exc.strerror or exc}") from exc
     except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise EnvelopeError("malformed envelope") from exc
+    return opened, size
+
+
+def _result(opened: _Opened, size: int, data: bytes | None) -> Unsealed:
     return Unsealed(
-        data=None, sender=opened.sender, recipients=opened.recipients, suite=opened.suite, size=size
+        data=data, sender=opened.sender, recipients=opened.recipients, suite=opened.suite, size=size
     )
 
 
@@ -471,12 +517,13 @@ def unseal_stream(
     if isinstance(dst, (str, os.PathLike)):
         try:
             with atomic_output(Path(dst), mode=0o600) as fh:
-                result = _unseal_into(src, fh, identity, expected_sender, max_recipients)
+                opened, size = _unseal_into(src, fh, identity, expected_sender, max_recipients)
         except OSError as exc:
             # the path is not repeated: a document's file name may name the patient
             raise StorageError(f"cannot write the output file: {exc.strerror or exc}") from exc
-        return result
-    return _unseal_into(src, dst, identity, expected_sender, max_recipients)
+    else:
+        opened, size = _unseal_into(src, dst, identity, expected_sender, max_recipients)
+    return _result(opened, size, None)
 
 
 def unseal(
@@ -492,12 +539,5 @@ def unseal(
     _check_open_args(identity, expected_sender)
     view = memoryview(envelope).cast("B")
     out = io.BytesIO()
-    src = io.BytesIO(view)
-    result = _unseal_into(src, out, identity, expected_sender, max_recipients, memory=view)
-    return Unsealed(
-        data=out.getvalue(),
-        sender=result.sender,
-        recipients=result.recipients,
-        suite=result.suite,
-        size=result.size,
-    )
+    opened, size = _unseal_into(view, out, identity, expected_sender, max_recipients)
+    return _result(opened, size, out.getvalue())

@@ -42,6 +42,7 @@ from ._errors import (
 )
 
 if _typing.TYPE_CHECKING:
+    from ._aclient import AsyncClient
     from ._client import Client
     from ._document import Document
     from ._home import client_from_home, default_client, init_home, send
@@ -53,6 +54,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AmbiguousPractitioner",
+    "AsyncClient",
     "Client",
     "ConfigError",
     "DeliveryRejected",
@@ -92,6 +94,7 @@ __all__ = [
 
 # Public names loaded on first use: name -> private module that defines it.
 _LAZY = {
+    "AsyncClient": "._aclient",
     "Client": "._client",
     "Document": "._document",
     "Unsealed": ".envelope",

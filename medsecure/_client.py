@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from . import _receipts as receipts_rules
 from ._document import Document
@@ -48,7 +48,7 @@ from ._errors import (
 )
 from ._identity import Identity, PublicIdentity
 from ._inbox import Inbox
-from ._outbox import QUEUED, Outbox, RetryPolicy, route
+from ._outbox import QUEUED, Outbox, RetryPolicy, mssante_address, route
 from ._results import (
     OutboxEntry,
     QuarantinedEnvelope,
@@ -66,6 +66,9 @@ from .identifiers import parse
 from .models import Endpoint, Practitioner
 from .transports import Transport
 from .trust import TrustDecision, TrustPolicy
+
+if TYPE_CHECKING:
+    from .mail import MssanteOptions
 
 __all__ = ["Client", "default_home"]
 
@@ -86,6 +89,24 @@ def default_home() -> Path:
 
 def _ts(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def _plain_document(item: Any) -> Document:
+    """The ``Document`` of what was given to ``send`` (a Document, or an XDM wrapper)."""
+    if isinstance(item, Document):
+        return item
+    inner = getattr(item, "document", None)
+    if isinstance(inner, Document) and type(item).__name__ == "XdmDocument":
+        return inner
+    raise TypeError("documents must be Document objects (or medsecure.mail.XdmDocument)")
+
+
+def _mssante_endpoint(p: Practitioner) -> Endpoint | None:
+    """Where an MSSanté message for ``p`` goes: a mail endpoint's address, else the first
+    personal MSSanté mailbox the directory lists."""
+    if not p.mailboxes and not any(e.address for e in p.endpoints):
+        return None
+    return Endpoint(kind="mssante", address=mssante_address(p))
 
 
 class Client:
@@ -117,6 +138,8 @@ class Client:
         audit_checkpoint_every: int = 256,
         audit_retention_days: int = 183,
         max_verify_attempts: int = 10,
+        mssante: MssanteOptions | None = None,
+        mssante_fallback: bool = False,
     ) -> None:
         if not isinstance(identity, Identity):
             raise TypeError("identity must be an Identity")
@@ -141,8 +164,13 @@ class Client:
         self.me = parse(me).idnps if me is not None else None
         self.home = Path(home).expanduser() if home is not None else default_home()
         self.send_read_receipts = send_read_receipts
+        if mssante_fallback and mssante is None:
+            raise ValueError("mssante_fallback needs mssante=MssanteOptions(address=…, …)")
+        self.mssante = mssante
+        self.mssante_fallback = mssante_fallback
         self._clock = clock or Store.now
         self._lock = threading.RLock()
+        self._closed = False
         self.store = Store(self.home, busy_timeout=busy_timeout)
         self.audit = AuditLog(
             self.home / "audit",
@@ -182,7 +210,15 @@ class Client:
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
-        """Checkpoint the audit log (and apply its retention), then close the store."""
+        """Checkpoint the audit log (and apply its retention), then close the store. A second
+        call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.audit.purge()  # retention; a crash at any point leaves a verifiable log
+        except MedsecureError as exc:
+            log.warning("audit retention not applied: %s", exc)
         self.audit.close()
         self.store.close()
 
@@ -225,6 +261,7 @@ class Client:
         allow_classic: bool = False,
         progress: Callable[[int], None] | None = None,
         deadline: dt.timedelta | dt.datetime | None = None,
+        mssante_fallback: bool | None = None,
     ) -> SendResult:
         """Seal ``documents`` for every recipient in ``to`` and deliver them.
 
@@ -234,10 +271,14 @@ class Client:
         number of bytes sealed since its previous call (for progress bars). With ``receipts``,
         each recipient signs and returns ``delivered`` / ``read`` receipts; with ``deadline``, a
         recipient whose ``delivered`` receipt has not come by then is marked ``expired``.
+
+        With ``mssante_fallback`` (default: the client's), a recipient with an MSSanté mailbox
+        and no medsecure key gets a standard MSSanté message instead (TLS only; audited);
+        documents may then be ``medsecure.mail.XdmDocument`` wrappers carrying the XDS codes
+        of CDA documents.
         """
-        docs = [documents] if isinstance(documents, Document) else list(documents)
-        if not all(isinstance(d, Document) for d in docs):
-            raise TypeError("documents must be Document objects")
+        given = [documents] if not isinstance(documents, (list, tuple)) else list(documents)
+        docs = [_plain_document(d) for d in given]
         if not docs and body is None:
             raise ValueError("nothing to send: give documents or a body")
         if self.me is None:
@@ -262,6 +303,9 @@ class Client:
         patients = sorted(
             {self.audit.link(d.patient.ins.matricule) for d in docs if d.patient is not None}
         )
+        fallback = self.mssante_fallback if mssante_fallback is None else mssante_fallback
+        if fallback and self.mssante is None:
+            raise ValueError("mssante_fallback needs Client(mssante=MssanteOptions(…))")
         with self._lock:
             return self._submit(
                 manifest,
@@ -271,6 +315,7 @@ class Client:
                 progress=progress,
                 deadline=deadline_ts,
                 patients=patients,
+                plain=given if fallback else None,
             )
 
     def _deadline(self, deadline: dt.timedelta | dt.datetime | None) -> float | None:
@@ -285,13 +330,34 @@ class Client:
         raise TypeError("deadline is a timedelta or a datetime")
 
     def _plan(
-        self, manifest: Manifest, practitioners: Sequence[Practitioner]
-    ) -> tuple[list[PublicIdentity], list[tuple[str, list[Endpoint]]]]:
-        """Every recipient's trusted keys and endpoints (trust refusals are audited)."""
+        self,
+        manifest: Manifest,
+        practitioners: Sequence[Practitioner],
+        *,
+        fallback: bool = False,
+    ) -> tuple[list[PublicIdentity], list[tuple[str, list[Endpoint]]], list[Practitioner]]:
+        """Every recipient's trusted keys and endpoints (trust refusals are audited), and, with
+        ``fallback``, the recipients who get the MSSanté profile instead: those whose entry has
+        no medsecure key at all and an MSSanté mailbox a transport can reach. A recipient whose
+        keys are merely untrusted is never downgraded to plain text."""
         keys: list[PublicIdentity] = []
         plans: list[tuple[str, list[Endpoint]]] = []
+        plain: list[Practitioner] = []
         try:
             for p in practitioners:
+                if fallback and not p.keys:
+                    endpoint = _mssante_endpoint(p)
+                    if endpoint is not None:
+                        plans.append(
+                            (
+                                p.idnps,
+                                route(
+                                    p.model_copy(update={"endpoints": (endpoint,)}), self.transports
+                                ),
+                            )
+                        )
+                        plain.append(p)
+                        continue
                 for decision in self.trust.decisions(p):
                     self._audit_trust(decision)
                     if decision.key not in keys:
@@ -305,7 +371,7 @@ class Client:
                 answer=str(exc),
             )
             raise
-        return keys, plans
+        return keys, plans, plain
 
     def _submit(
         self,
@@ -317,29 +383,57 @@ class Client:
         progress: Callable[[int], None] | None = None,
         deadline: float | None = None,
         patients: Sequence[str] = (),
+        plain: Sequence[Any] | None = None,
     ) -> SendResult:
         """Seal into the outbox, commit the delivery plan, attempt delivery (shared by messages
-        and receipts)."""
-        keys, plans = self._plan(manifest, practitioners)
-        sealed = self._outbox.seal(
-            manifest,
-            docs,
-            identity=self.identity,
-            keys=keys,
-            allow_classic=allow_classic,
-            progress=progress,
-        )
-        self._outbox.accept(manifest, sealed, plans, deadline=deadline)
+        and receipts). ``plain`` (the documents as given, XDM wrappers included) allows the
+        MSSanté fallback."""
+        keys, plans, fallback = self._plan(manifest, practitioners, fallback=plain is not None)
+        payloads: dict[str, str] = {}
+        mss_file: tuple[str, int, str] | None = None
+        if fallback:
+            assert plain is not None and self.mssante is not None
+            mss_file = self._outbox.write_mssante(
+                manifest, plain, fallback, self.mssante, now=self._clock()
+            )
+            payloads = {p.idnps: mss_file[0] for p in fallback}
+        try:
+            if keys:
+                sealed = self._outbox.seal(
+                    manifest,
+                    docs,
+                    identity=self.identity,
+                    keys=keys,
+                    allow_classic=allow_classic,
+                    progress=progress,
+                )
+            else:
+                assert mss_file is not None
+                sealed = mss_file
+        except BaseException:
+            if mss_file is not None:
+                (self.store.outbox_dir / mss_file[0]).unlink(missing_ok=True)
+            raise
+        self._outbox.accept(manifest, sealed, plans, deadline=deadline, payloads=payloads)
         log.info("message %s accepted for %d recipient(s)", manifest.message_id, len(plans))
         # From here on the message is accepted: a failure of the audit log or of a delivery's
         # bookkeeping must not make the caller believe the send failed (and send it again).
         try:
             with self.audit.batch():
+                if fallback:
+                    self.audit.append(
+                        "send-mssante",
+                        message_id=manifest.message_id,
+                        counterparty=[p.idnps for p in fallback],
+                        documents=len(docs),
+                        result="tls-only",
+                        patients=list(patients) or None,
+                    )
                 self.audit.append(
                     "send" if manifest.kind == "message" else "receipt-send",
                     message_id=manifest.message_id,
                     envelope_id=sealed[2],
-                    counterparty=[idnps for idnps, _ in plans],
+                    counterparty=[idnps for idnps, _ in plans if idnps not in payloads],
                     keys=[k.fingerprint for k in keys],
                     documents=len(docs),
                     size=sealed[1],
@@ -440,7 +534,13 @@ class Client:
                         self._outbox.notify()
                     done += 1
             self._send_due_receipts()
-            return [self._message(r) for r in self._inbox.received()]
+            messages = []
+            for row in self._inbox.received():
+                try:
+                    messages.append(self._message(row))
+                except FileNotFoundError:
+                    continue  # acknowledged meanwhile by another client sharing this home
+            return messages
 
     def _take(self, limit: int | None) -> None:
         budget = limit

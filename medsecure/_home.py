@@ -5,12 +5,20 @@
     {"format": "medsecure-home", "version": 1,
      "me": "810000005479",                       # who this client sends as (IDNPS)
      "identity": "identity.key",                 # encrypted; passphrase from MEDSECURE_PASSPHRASE
-     "mailbox": "/srv/drop/dr-martin",           # this client's drop folder (FileTransport)
+     "transports": [                             # tried in this order for equal priorities
+         {"kind": "drop", "path": "/srv/drop/dr-martin"},   # this client's drop folder
+         {"kind": "relay", "url": "https://relay.example"}, # (extra "relay")
+         {"kind": "mail", ...}                              # (extra "mail")
+     ],
      "directory": [{"file": "directory.json"},   # tried in order and merged (ChainDirectory)
                    {"fhir": "https://…/fhir/v2", "api_key_env": "ESANTE_API_KEY"}],
      "directory_cache_ttl": 86400,
      "trust": {"authorities": ["msp1…"]}          # or {"mode": "unsafe-tofu"}
     }
+
+``"mailbox": "/path"`` (the first releases' form) still means one drop folder. Each transport
+section is built by the builder registered for its ``kind`` (:func:`register_transport`), so a
+transport of one's own is configured like the shipped ones.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +41,17 @@ from ._results import SendResult
 from .directory import CachedDirectory, ChainDirectory, Directory, FhirDirectory, FileDirectory
 from .identifiers import parse
 from .models import Endpoint, KeyEntry, Practitioner
-from .transports import FileTransport
+from .transports import FileTransport, Transport
 from .trust import AuthorityPolicy, PinStore, TrustPolicy, UnsafeTrustOnFirstUse
 
-__all__ = ["ConfigError", "client_from_home", "default_client", "init_home", "send"]
+__all__ = [
+    "ConfigError",
+    "client_from_home",
+    "default_client",
+    "init_home",
+    "register_transport",
+    "send",
+]
 
 PASSPHRASE_ENV = "MEDSECURE_PASSPHRASE"  # noqa: S105 - the variable's name
 
@@ -89,6 +105,47 @@ def _directory(home: Path, cfg: dict[str, Any]) -> Directory:
     return built[0] if len(built) == 1 else ChainDirectory(built)
 
 
+TransportBuilder = Callable[[Path, dict[str, Any]], Transport]
+_BUILDERS: dict[str, TransportBuilder] = {}
+
+
+def register_transport(kind: str, builder: TransportBuilder) -> None:
+    """Let a home's ``transports`` sections of ``kind`` be built by ``builder(home, section)``
+    (it raises :class:`ConfigError` for a section it cannot use)."""
+    _BUILDERS[kind] = builder
+
+
+def _drop(home: Path, section: dict[str, Any]) -> Transport:
+    path = section.get("path")
+    if not isinstance(path, str) or not path:
+        raise ConfigError("a drop transport needs 'path' (its drop folder)")
+    return FileTransport(FileTransport.prepare(_resolve(home, path)))
+
+
+register_transport("drop", _drop)
+
+
+def _transports(home: Path, cfg: dict[str, Any]) -> list[Transport]:
+    sections = cfg.get("transports")
+    if sections is None and isinstance(cfg.get("mailbox"), str):
+        sections = [{"kind": "drop", "path": cfg["mailbox"]}]
+    if not isinstance(sections, list) or not sections:
+        raise ConfigError("config.json has no 'transports' (e.g. [{'kind': 'drop', 'path': '…'}])")
+    built = []
+    for section in sections:
+        if not isinstance(section, dict) or not isinstance(section.get("kind"), str):
+            raise ConfigError("each entry of 'transports' is an object with a 'kind'")
+        builder = _BUILDERS.get(section["kind"])
+        if builder is None:
+            known = ", ".join(sorted(_BUILDERS))
+            raise ConfigError(
+                f"unknown transport kind {section['kind']!r} in config.json (known: {known};"
+                " relay and mail need their extras installed)"
+            )
+        built.append(builder(home, section))
+    return built
+
+
 def _trust(home: Path, cfg: dict[str, Any]) -> TrustPolicy:
     t = cfg.get("trust")
     if not isinstance(t, dict):
@@ -115,14 +172,10 @@ def client_from_home(
     if not secret:
         raise ConfigError(f"the identity is encrypted: set {PASSPHRASE_ENV}")
     identity = Identity.load(_resolve(root, cfg.get("identity", "identity.key")), passphrase=secret)
-    mailbox = cfg.get("mailbox")
-    if not isinstance(mailbox, str):
-        raise ConfigError("config.json has no 'mailbox' (the drop folder this client receives in)")
-    transport = FileTransport(FileTransport.prepare(_resolve(root, mailbox)))
     return Client(
         identity,
         _directory(root, cfg),
-        transport,
+        _transports(root, cfg),
         root,
         trust=_trust(root, cfg),
         me=cfg.get("me"),
@@ -140,37 +193,65 @@ def init_home(
     trust: dict[str, Any] | None = None,
     family_name: str | None = None,
     given_name: str | None = None,
+    transports: Sequence[dict[str, Any]] = (),
+    endpoints: Sequence[Endpoint] = (),
 ) -> Identity:
     """Create a home: identity (encrypted), config.json, a drop mailbox, and a local directory
-    file holding this practitioner's own entry (key and drop endpoint) to share with peers."""
+    file holding this practitioner's own entry (key and endpoints) to share with peers.
+
+    ``transports`` adds configuration sections after the drop folder's (e.g. a relay),
+    ``endpoints`` the matching entries of one's own directory entry. If anything fails, what
+    was created is removed again: a failed init leaves no half-made home."""
     root = Path(home).expanduser()
     if (root / "config.json").exists():
         raise ConfigError(f"{str(root)!r} is already a medsecure home")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    idnps = parse(me).idnps
-    identity = Identity.generate(suite)
-    identity.save(root / "identity.key", passphrase=passphrase)
-    box = FileTransport.prepare(
-        Path(mailbox).expanduser() if mailbox is not None else root / "mailbox"
-    )
-    own = Practitioner(
-        idnps=idnps,
-        family_name=family_name,
-        given_name=given_name,
-        keys=(KeyEntry(public=identity.public),),
-        endpoints=(Endpoint(kind="drop", path=str(box.resolve())),),
-    )
-    FileDirectory(root / "directory.json").add(own)
-    cfg = {
-        "format": "medsecure-home",
-        "version": 1,
-        "me": idnps,
-        "identity": "identity.key",
-        "mailbox": str(box.resolve()),
-        "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
-        "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
-    }
-    atomic_write(root / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), mode=0o600)
+    idnps = parse(me).idnps  # before anything is created
+    for section in transports:
+        if not isinstance(section, dict) or section.get("kind") not in _BUILDERS:
+            raise ConfigError(f"unknown transport section {section!r}")
+    created_root = not root.exists()
+    made: list[Path] = []
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        identity = Identity.generate(suite)
+        made.append(root / "identity.key")
+        identity.save(root / "identity.key", passphrase=passphrase)
+        box_path = Path(mailbox).expanduser() if mailbox is not None else root / "mailbox"
+        if not box_path.exists():
+            made.append(box_path)
+        box = FileTransport.prepare(box_path)
+        own = Practitioner(
+            idnps=idnps,
+            family_name=family_name,
+            given_name=given_name,
+            keys=(KeyEntry(public=identity.public),),
+            endpoints=(Endpoint(kind="drop", path=str(box.resolve())), *endpoints),
+        )
+        made.append(root / "directory.json")
+        FileDirectory(root / "directory.json").add(own)
+        cfg = {
+            "format": "medsecure-home",
+            "version": 1,
+            "me": idnps,
+            "identity": "identity.key",
+            "transports": [{"kind": "drop", "path": str(box.resolve())}, *transports],
+            "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
+            "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
+        }
+        # validate what was written as the client will read it (a bad section fails here)
+        _transports(root, cfg)
+        made.append(root / "config.json")
+        atomic_write(root / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), mode=0o600)
+    except BaseException:
+        if created_root:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for path in reversed(made):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
     return identity
 
 

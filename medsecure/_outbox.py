@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import random
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import _receipts as receipts
 from ._document import Document
@@ -49,6 +51,9 @@ from .envelope._message import Manifest, MessageReader
 from .envelope._seal import envelope_id, seal_stream
 from .models import Endpoint, Practitioner
 from .transports import DeliveryReport, Transport
+
+if TYPE_CHECKING:
+    from .mail import MssanteOptions
 
 __all__ = ["Attempt", "Outbox", "RetryPolicy", "after_attempt", "route"]
 
@@ -148,6 +153,16 @@ def after_attempt(
     return Attempt(QUEUED, index, now + policy.backoff(attempts), text)
 
 
+def mssante_address(p: Practitioner) -> str:
+    """The MSSanté address a message for ``p`` goes to: a mail endpoint's address, else the
+    first personal mailbox the directory lists."""
+    for e in p.endpoints:
+        if e.kind in ("mail", "mssante") and e.address:
+            return e.address
+    boxes = sorted(p.mailboxes, key=lambda m: m.type != "PER")
+    return boxes[0].address
+
+
 def _ts(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.UTC)
 
@@ -213,6 +228,50 @@ class Outbox:
             raise
         return name, size, eid
 
+    def write_mssante(
+        self,
+        manifest: Manifest,
+        documents: Sequence[Any],
+        recipients: Sequence[Practitioner],
+        options: MssanteOptions,
+        *,
+        now: float,
+    ) -> tuple[str, int, str]:
+        """Write the MSSanté message (TLS only) for ``recipients`` into the outbox, 0600 and
+        durably; return (file name, size, SHA-256 hex). Its Message-ID is the medsecure
+        message id at the sender's domain, so MDNs and DSNs find their way back."""
+        from .mail import build_mssante_message  # the mail formats load only when used
+
+        addresses = [mssante_address(p) for p in recipients]
+        stream = build_mssante_message(
+            sender=options.address,
+            recipients=addresses,
+            body=manifest.body or options.body,
+            date=dt.datetime.fromtimestamp(now, dt.UTC),
+            message_id=f"{manifest.message_id}@{options.address.rpartition('@')[2]}",
+            product_reference=options.product_reference,
+            documents=documents,
+            submission=options.submission,
+            subject=manifest.subject,
+            sender_name=options.sender_name,
+            read_receipt="read" in manifest.receipts,
+            patient_may_reply=options.patient_may_reply,
+            patient_opposition=options.patient_opposition,
+            identify_patient_in_subject=options.identify_patient_in_subject,
+        )
+        name = f"{manifest.message_id}.mssante.eml"
+        path = self.store.outbox_dir / name
+        digest = hashlib.sha256()
+        try:
+            with atomic_output(path, mode=0o600) as out:
+                for chunk in stream.iter_chunks():
+                    digest.update(chunk)
+                    out.write(chunk)
+            size = path.stat().st_size
+        except OSError as exc:
+            raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
+        return name, size, digest.hexdigest()
+
     def accept(
         self,
         manifest: Manifest,
@@ -220,10 +279,13 @@ class Outbox:
         plans: Sequence[tuple[str, Sequence[Endpoint]]],
         *,
         deadline: float | None = None,
+        payloads: Mapping[str, str] | None = None,
     ) -> None:
         """Promise the sealed message: commit it and its delivery plan in one durable
-        transaction (or remove the sealed file and raise)."""
+        transaction (or remove the sealed files and raise). ``payloads`` names, per recipient,
+        a file of the outbox delivered instead of the envelope (an MSSanté message)."""
         name, size, eid = sealed
+        payloads = payloads or {}
         now = self.clock()
         try:
             with self.store.transaction() as db:
@@ -243,8 +305,8 @@ class Outbox:
                 )
                 db.executemany(
                     "INSERT INTO deliveries (message_id, recipient, endpoints, endpoint_index,"
-                    " status, attempts, next_attempt, last_error, updated)"
-                    " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?)",
+                    " status, attempts, next_attempt, last_error, updated, payload)"
+                    " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?, ?)",
                     [
                         (
                             manifest.message_id,
@@ -255,13 +317,15 @@ class Outbox:
                             QUEUED,
                             now,
                             now,
+                            payloads.get(idnps),
                         )
                         for idnps, eps in plans
                     ],
                 )
         except BaseException:
-            with contextlib.suppress(OSError):
-                (self.store.outbox_dir / name).unlink()
+            for file in {name, *payloads.values()}:
+                with contextlib.suppress(OSError):
+                    (self.store.outbox_dir / file).unlink()
             raise
 
     # -- delivering ------------------------------------------------------------------------
@@ -283,8 +347,15 @@ class Outbox:
         )
 
     def plan_of(self, row: sqlite3.Row) -> tuple[list[Endpoint], Path, int]:
-        """A delivery row's endpoints, sealed file and size."""
+        """A delivery row's endpoints, the file it delivers (the sealed envelope, or its own
+        payload) and that file's size."""
         endpoints = [Endpoint.model_validate(e) for e in json.loads(row["endpoints"])]
+        if row["payload"]:
+            path = self.store.outbox_dir / row["payload"]
+            try:
+                return endpoints, path, path.stat().st_size
+            except FileNotFoundError:
+                return endpoints, path, 0  # after_attempt fails it: the payload is missing
         env = self.store.query(
             "SELECT envelope, size FROM outbox WHERE message_id = ?", (row["message_id"],)
         )

@@ -51,11 +51,12 @@ class Database:
     ``migrations[i]`` brings the schema from version ``i`` to ``i + 1`` (version 0 is an empty
     file); they run in one transaction when the database is opened, so a newer medsecure
     upgrades an older home in place and an interrupted upgrade leaves the old version intact.
+    ``path=None`` is a private in-memory database (for tests and throwaway policies).
     """
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         *,
         migrations: Sequence[Migration] = (),
         busy_timeout: float = 10.0,
@@ -66,16 +67,21 @@ class Database:
         self._lock = threading.RLock()
         try:
             self.db = sqlite3.connect(
-                str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+                ":memory:" if path is None else str(path),
+                timeout=busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
             )
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
+            if path is not None:
+                self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             raise StorageError(explain(exc, what)) from exc
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
         if migrations:
             self._migrate(migrations)
 

@@ -175,7 +175,13 @@ def _script(sql: str) -> Any:
     return step
 
 
-MIGRATIONS = (_script(SCHEMA_V1), _script(INBOX_V2))
+# Version 3: a delivery may carry its own payload file instead of the message's envelope (an
+# MSSanté message for a recipient without a medsecure key, sent over TLS only).
+PAYLOAD_V3 = """
+ALTER TABLE deliveries ADD COLUMN payload TEXT;
+"""
+
+MIGRATIONS = (_script(SCHEMA_V1), _script(INBOX_V2), _script(PAYLOAD_V3))
 
 
 def _read_only(path: Path) -> bool:
@@ -218,6 +224,10 @@ class Store(Database):
         removed = 0
         cutoff = time.time() - min_age
         known_out = {r["envelope"] for r in self.query("SELECT envelope FROM outbox")}
+        known_out.update(
+            r["payload"]
+            for r in self.query("SELECT payload FROM deliveries WHERE payload IS NOT NULL")
+        )
         known_in: set[str] = set()
         for r in self.query("SELECT envelope, plaintext FROM inbox"):
             known_in.update(x for x in (r["envelope"], r["plaintext"]) if x)

@@ -131,6 +131,7 @@ ENDPOINT_FIELDS: dict[str, tuple[str, ...]] = {
     "relay": ("url", "mailbox"),
     "mail": ("address",),
     "drop": ("path",),
+    "mssante": ("address",),
 }
 
 

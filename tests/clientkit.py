@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import medsecure as m
-from medsecure.trust import sign_binding
+from medsecure.directory import Directory
+from medsecure.models import Endpoint, KeyEntry, Mailbox, Practitioner
+from medsecure.transports import FileTransport
+from medsecure.trust import AuthorityPolicy, PinStore, sign_binding
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -30,8 +33,8 @@ def entry(
     party: Party,
     *,
     signed: bool = True,
-    endpoints: tuple[m.Endpoint, ...] | None = None,
-) -> m.Practitioner:
+    endpoints: tuple[Endpoint, ...] | None = None,
+) -> Practitioner:
     statements: tuple[str, ...] = ()
     if signed:
         st = sign_binding(
@@ -43,31 +46,31 @@ def entry(
             issued_at=NOW - dt.timedelta(days=1),
         )
         statements = (st.to_text(),)
-    return m.Practitioner(
+    return Practitioner(
         idnps=party.idnps,
         family_name=party.name.upper(),
         given_name=party.name.capitalize(),
-        mailboxes=(m.Mailbox(address=f"{party.name}@medecin.mssante.fr"),),
-        keys=(m.KeyEntry(public=party.identity.public, statements=statements),),
+        mailboxes=(Mailbox(address=f"{party.name}@medecin.mssante.fr"),),
+        keys=(KeyEntry(public=party.identity.public, statements=statements),),
         endpoints=endpoints
         if endpoints is not None
-        else (m.Endpoint(kind="drop", path=str(party.box)),),
+        else (Endpoint(kind="drop", path=str(party.box)),),
     )
 
 
 def party(tmp: Path, name: str, idnps: str, identity: m.Identity | None = None) -> Party:
-    box = m.FileTransport.prepare(tmp / f"box-{name}")
+    box = FileTransport.prepare(tmp / f"box-{name}")
     return Party(name, idnps, identity or m.Identity.generate(), box, tmp / f"home-{name}")
 
 
-def client(p: Party, directory: m.Directory, authority: m.Identity, **kw: object) -> m.Client:
+def client(p: Party, directory: Directory, authority: m.Identity, **kw: object) -> m.Client:
     return m.Client(
         p.identity,
         directory,
-        m.FileTransport(p.box),
+        FileTransport(p.box),
         p.home,
-        trust=m.AuthorityPolicy(
-            [authority.public], pins=m.PinStore(p.box.parent / f"pins-{p.name}.sqlite")
+        trust=AuthorityPolicy(
+            [authority.public], pins=PinStore(p.box.parent / f"pins-{p.name}.sqlite")
         ),
         me=p.idnps,
         **kw,  # type: ignore[arg-type]

@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import medsecure as m
+from medsecure.directory import FileDirectory
+from medsecure.transports import FileTransport
+from medsecure.trust import AuthorityPolicy, PinStore
 
 
 def client(work: Path, who: str) -> m.Client:
@@ -20,10 +23,10 @@ def client(work: Path, who: str) -> m.Client:
     authority = m.PublicIdentity.from_text(cfg["authority"])
     return m.Client(
         identity,
-        m.FileDirectory(work / "directory.json"),
-        m.FileTransport(work / f"box-{who}"),
+        FileDirectory(work / "directory.json"),
+        FileTransport(work / f"box-{who}"),
         work / f"home-{who}",
-        trust=m.AuthorityPolicy([authority], pins=m.PinStore(work / f"pins-{who}.sqlite")),
+        trust=AuthorityPolicy([authority], pins=PinStore(work / f"pins-{who}.sqlite")),
         me=cfg[who],
         retry_base=0.01,
         retry_cap=0.05,

@@ -12,7 +12,11 @@ import pytest
 from clientkit import Party, client, entry, party
 
 import medsecure as m
-from medsecure.transports import Delivery
+from medsecure.directory import MemoryDirectory
+from medsecure.identifiers import INS
+from medsecure.models import Code, Endpoint, Patient
+from medsecure.transports import Delivery, FileTransport, MockTransport
+from medsecure.trust import AuthorityPolicy, UnsafeAcceptAll
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +25,19 @@ def authority() -> m.Identity:
 
 
 @pytest.fixture
-def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, m.MemoryDirectory]:
+def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
-    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     return alice, bob, directory
 
 
 def test_send_and_receive_documents(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
-    patient = m.Patient(
-        ins=m.INS(
+    patient = Patient(
+        ins=INS(
             "279035121518989",
             birth_name="DE VINCI",
             first_given_name="RUTH",
@@ -46,7 +50,7 @@ def test_send_and_receive_documents(
             content=b"%PDF-1.7\ncompte rendu",
             filename="cr.pdf",
             title="Compte rendu",
-            document_type=m.Code(code="11488-4", label="Consult note", system="http://loinc.org"),
+            document_type=Code(code="11488-4", label="Consult note", system="http://loinc.org"),
             patient=patient,
             author="Dr Alice",
             confidentiality="R",
@@ -90,7 +94,7 @@ def test_send_and_receive_documents(
 
 
 def test_nothing_but_routing_data_is_visible(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     secret_name = "IRM_genou_DUPONT_Jean.dcm"
@@ -113,7 +117,7 @@ def test_recipient_forms_and_multi_recipient(tmp_path: Path, authority: m.Identi
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
     carol = party(tmp_path, "carol", "810000000027")
-    directory = m.MemoryDirectory([entry(authority, p) for p in (alice, bob, carol)])
+    directory = MemoryDirectory([entry(authority, p) for p in (alice, bob, carol)])
     with client(alice, directory, authority) as ca:
         carol_entry = directory.lookup(carol.ref)
         r = ca.send(
@@ -128,7 +132,7 @@ def test_recipient_forms_and_multi_recipient(tmp_path: Path, authority: m.Identi
 
 
 def test_refusals_before_anything_is_stored(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity, tmp_path: Path
 ) -> None:
     alice, bob, directory = world
     stranger = party(tmp_path, "eve", "810000000035")
@@ -152,12 +156,12 @@ def test_refusals_before_anything_is_stored(
         assert list((alice.home / "outbox").iterdir()) == []
 
 
-def test_client_needs_a_trust_policy(world: tuple[Party, Party, m.MemoryDirectory]) -> None:
+def test_client_needs_a_trust_policy(world: tuple[Party, Party, MemoryDirectory]) -> None:
     alice, _, directory = world
     with pytest.raises(ValueError, match="no trust policy"):
-        m.Client(alice.identity, directory, m.FileTransport(alice.box), alice.home)
+        m.Client(alice.identity, directory, FileTransport(alice.box), alice.home)
     c = m.Client(
-        alice.identity, directory, m.FileTransport(alice.box), alice.home, trust=m.UnsafeAcceptAll()
+        alice.identity, directory, FileTransport(alice.box), alice.home, trust=UnsafeAcceptAll()
     )
     with pytest.raises(ValueError, match="who it sends as"):
         c.send(m.Document(content=b"x"), to="rpps:10000000019")
@@ -165,7 +169,7 @@ def test_client_needs_a_trust_policy(world: tuple[Party, Party, m.MemoryDirector
 
 
 def test_transient_failures_are_retried_with_backoff(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     now = [1_000_000.0]
@@ -176,13 +180,13 @@ def test_transient_failures_are_retried_with_backoff(
             failures[0] -= 1
             raise m.TransportUnavailable("relay down")
 
-    mock = m.MockTransport(handler)
+    mock = MockTransport(handler)
     with m.Client(
         alice.identity,
         directory,
         mock,
         alice.home,
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
         clock=lambda: now[0],
         retry_base=10,
@@ -212,10 +216,10 @@ def test_permanent_failures_fall_through_then_dead_letter(
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
     eps = (
-        m.Endpoint(kind="relay", url="https://relay.invalid/", mailbox="bob"),
-        m.Endpoint(kind="drop", path=str(bob.box)),
+        Endpoint(kind="relay", url="https://relay.invalid/", mailbox="bob"),
+        Endpoint(kind="drop", path=str(bob.box)),
     )
-    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob, endpoints=eps)])
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob, endpoints=eps)])
     seen: list[str] = []
 
     def handler(d: Delivery) -> None:
@@ -226,9 +230,9 @@ def test_permanent_failures_fall_through_then_dead_letter(
     with m.Client(
         alice.identity,
         directory,
-        m.MockTransport(handler),
+        MockTransport(handler),
         alice.home,
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ca:
         (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
@@ -240,9 +244,9 @@ def test_permanent_failures_fall_through_then_dead_letter(
     with m.Client(
         alice.identity,
         directory,
-        m.MockTransport(refuse),
+        MockTransport(refuse),
         tmp_path / "h2",
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ca:
         (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
@@ -255,9 +259,9 @@ def test_permanent_failures_fall_through_then_dead_letter(
     with m.Client(
         alice.identity,
         directory,
-        m.MockTransport(down),
+        MockTransport(down),
         tmp_path / "h3",
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
         max_attempts=3,
     ) as ca:
@@ -271,18 +275,18 @@ def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> Non
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
     eps = (
-        m.Endpoint(kind="drop", path=str(bob.box)),
-        m.Endpoint(kind="mail", address="bob@medecin.mssante.fr"),
-        m.Endpoint(kind="relay", url="https://r/", mailbox="b", priority=5),
+        Endpoint(kind="drop", path=str(bob.box)),
+        Endpoint(kind="mail", address="bob@medecin.mssante.fr"),
+        Endpoint(kind="relay", url="https://r/", mailbox="b", priority=5),
     )
-    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob, endpoints=eps)])
-    mock = m.MockTransport()
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob, endpoints=eps)])
+    mock = MockTransport()
     with m.Client(
         alice.identity,
         directory,
         mock,
         alice.home,
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ca:
         ca.send(m.Document(content=b"x"), to=bob.ref)
@@ -290,16 +294,16 @@ def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> Non
     # directory's order (drop, then mail)
     assert mock.deliveries[0].endpoint.kind == "drop"
 
-    class MailOnly(m.MockTransport):
+    class MailOnly(MockTransport):
         kinds = frozenset({"mail"})
 
     mail = MailOnly()
     with m.Client(
         alice.identity,
         directory,
-        [mail, m.MockTransport()],  # transports are tried in the order given
+        [mail, MockTransport()],  # transports are tried in the order given
         tmp_path / "h3",
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ca:
         (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
@@ -307,9 +311,9 @@ def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> Non
     with m.Client(
         alice.identity,
         directory,
-        m.FileTransport(alice.box),
+        FileTransport(alice.box),
         tmp_path / "h2",
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ca:
         (st,) = ca.send(m.Document(content=b"x"), to=bob.ref).recipients
@@ -317,7 +321,7 @@ def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> Non
 
 
 def test_duplicates_are_received_once(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
@@ -336,7 +340,7 @@ def test_duplicates_are_received_once(
 
 
 def test_quarantine(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity, tmp_path: Path
 ) -> None:
     alice, bob, directory = world
     with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
@@ -357,9 +361,9 @@ def test_quarantine(
         impostor = m.Client(
             mallory,
             directory,
-            m.FileTransport(alice.box),
+            FileTransport(alice.box),
             tmp_path / "home-impostor",
-            trust=m.UnsafeAcceptAll(),
+            trust=UnsafeAcceptAll(),
             me=alice.idnps,
         )
         impostor.send(m.Document(content=b"fake"), to=bob.ref)
@@ -377,11 +381,11 @@ def test_quarantine(
 
 
 def test_directory_outage_defers_verification(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
 
-    class Down(m.MemoryDirectory):
+    class Down(MemoryDirectory):
         up = True
 
         def lookup(self, ref):  # type: ignore[no-untyped-def]
@@ -417,7 +421,7 @@ def test_directory_outage_defers_verification(
 
 
 def test_large_document_streams_from_disk(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity, tmp_path: Path
 ) -> None:
     alice, bob, directory = world
     big = tmp_path / "scanner.dcm"
@@ -435,7 +439,7 @@ def test_large_document_streams_from_disk(
 
 
 def test_storage_errors_are_clear(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     ca = client(alice, directory, authority, busy_timeout=0.2)
@@ -453,11 +457,11 @@ def test_storage_errors_are_clear(
 
 
 def test_mock_transport_for_users_tests(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, _bob, directory = world
-    loop = m.MockTransport.loopback()
-    pol = m.AuthorityPolicy([authority.public])
+    loop = MockTransport.loopback()
+    pol = AuthorityPolicy([authority.public])
     with m.Client(alice.identity, directory, loop, alice.home, trust=pol, me=alice.idnps) as ca:
         ca.send(m.Document(content=b"to myself"), to=alice.ref)
         (msg,) = ca.receive()
@@ -465,7 +469,7 @@ def test_mock_transport_for_users_tests(
 
 
 def test_two_processes_receiving_on_one_home(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     """Two clients on the same home and drop folder, receiving at once: each message once."""
     import threading
@@ -510,7 +514,7 @@ def test_two_processes_receiving_on_one_home(
 
 
 def test_flush_reports_progress(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     down = [True]
@@ -522,9 +526,9 @@ def test_flush_reports_progress(
     with m.Client(
         alice.identity,
         directory,
-        m.MockTransport(handler),
+        MockTransport(handler),
         alice.home,
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ca:
         for _ in range(3):
@@ -537,7 +541,7 @@ def test_flush_reports_progress(
 
 
 def test_accepted_message_is_not_reported_as_failed(
-    world: tuple[Party, Party, m.MemoryDirectory],
+    world: tuple[Party, Party, MemoryDirectory],
     authority: m.Identity,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -566,7 +570,7 @@ def test_accepted_message_is_not_reported_as_failed(
 
 
 def test_malformed_sender_identifier_is_quarantined(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     """A signed message whose manifest names a malformed sender must not break receive()."""
     import datetime as dt

@@ -21,6 +21,9 @@ import pytest
 from conftest import FAST_KDF
 
 import medsecure as m
+from medsecure.directory import FileDirectory
+from medsecure.models import Endpoint, KeyEntry, Practitioner
+from medsecure.transports import FileTransport
 from medsecure.trust import sign_binding
 
 WORKER = Path(__file__).with_name("crash_worker.py")
@@ -31,11 +34,11 @@ def setup(work: Path) -> None:
     authority = m.Identity.generate()
     now = dt.datetime.now(dt.UTC)
     cfg = {"authority": str(authority.public), "alice": "810000005479", "bob": "810000000019"}
-    d = m.FileDirectory(work / "directory.json")
+    d = FileDirectory(work / "directory.json")
     for who in ("alice", "bob"):
         ident = m.Identity.generate()
         ident.save(work / f"{who}.key", passphrase="pw", **FAST_KDF)
-        box = m.FileTransport.prepare(work / f"box-{who}")
+        box = FileTransport.prepare(work / f"box-{who}")
         st = sign_binding(
             authority,
             idnps=cfg[who],
@@ -44,10 +47,10 @@ def setup(work: Path) -> None:
             not_after=now + dt.timedelta(days=9),
         )
         d.add(
-            m.Practitioner(
+            Practitioner(
                 idnps=cfg[who],
-                keys=(m.KeyEntry(public=ident.public, statements=(st.to_text(),)),),
-                endpoints=(m.Endpoint(kind="drop", path=str(box)),),
+                keys=(KeyEntry(public=ident.public, statements=(st.to_text(),)),),
+                endpoints=(Endpoint(kind="drop", path=str(box)),),
             )
         )
     (work / "setup.json").write_text(json.dumps(cfg))

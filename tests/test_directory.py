@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
+from clientkit import client, entry, party
 
 from medsecure import (
     AmbiguousPractitioner,
-    CachedDirectory,
-    ChainDirectory,
-    Code,
     DirectoryError,
     DirectoryUnavailable,
+    Document,
     Identity,
-    KeyEntry,
-    Mailbox,
-    MemoryDirectory,
-    OrganizationRef,
-    Practitioner,
     PractitionerNotFound,
 )
-from medsecure.directory import Directory, FileDirectory
+from medsecure.directory import (
+    CachedDirectory,
+    ChainDirectory,
+    Directory,
+    FileDirectory,
+    MemoryDirectory,
+)
 from medsecure.identifiers import parse, parse_address
+from medsecure.models import Code, KeyEntry, Mailbox, OrganizationRef, Practitioner
 
 
 def people(key: Identity | None = None) -> list[Practitioner]:
@@ -83,6 +85,10 @@ def test_lookup_by_every_kind_of_ref(directory: Directory, alice: Identity) -> N
         directory.lookup("cabinet@medecin.mssante.fr")
     with pytest.raises(ValueError):
         directory.lookup("finess:540000010")
+    ins = "1800175123456"  # a patient's mailbox: its local part is the INS, never shown
+    with pytest.raises(ValueError, match="patient") as refused:
+        directory.lookup(f"{ins}{97 - int(ins) % 97:02d}@patient.mssante.fr")
+    assert ins not in str(refused.value)
     with pytest.raises(ValueError):
         directory.lookup("not an id")
     with pytest.raises(TypeError):
@@ -177,15 +183,21 @@ def test_cached_directory_serves_stale_entries_offline(tmp_path: Path, alice: Id
     cache = CachedDirectory(inner, path=tmp_path / "cache.sqlite", ttl=60, clock=lambda: now[0])
     p = cache.lookup("rpps:10000005479")
     assert not p.stale and inner.calls == 1
-    # fresh: answered from memory, under every ref of the entry
-    assert cache.lookup("sophie.martin@medecin.mssante.fr") == p
+    # fresh: answered from memory under the reference asked and the IDNPS, not under the
+    # addresses the entry lists (only the directory says who an address belongs to)
+    assert cache.lookup("810000005479") == p
     assert inner.calls == 1
+    assert cache.lookup("sophie.martin@medecin.mssante.fr") == p
+    assert inner.calls == 2
+    assert cache.lookup("Sophie.Martin@medecin.mssante.fr") == p  # now asked: kept
+    assert inner.calls == 2
     # expired and the directory is down: stale entry, flagged
     now[0] += 120
     inner.up = False
     stale = cache.lookup("rpps:10000005479")
     assert stale.stale and stale.family_name == "MARTIN"
-    assert inner.calls == 2
+    assert inner.calls == 3
+    assert cache.lookup("sophie.martin@medecin.mssante.fr").stale
     # a new process with the same cache file keeps working offline
     cache2 = CachedDirectory(inner, path=tmp_path / "cache.sqlite", ttl=60, clock=lambda: now[0])
     assert cache2.lookup("810000005479").stale
@@ -250,3 +262,135 @@ def test_hostile_directory_files(tmp_path: Path) -> None:
     latin.write_bytes(b'{"format": "medsecure-directory", "x": "\xe9"}')
     with pytest.raises(DirectoryError, match="not valid JSON"):
         FileDirectory(latin)
+
+
+# -- an address belongs to whom the directory says, never to an entry that lists it ---------------
+
+BOB = "bob@medecin.mssante.fr"
+
+
+def bob_and_mallory() -> tuple[Practitioner, Practitioner]:
+    bob = Practitioner(idnps="810000000019", family_name="BOB", mailboxes=(Mailbox(address=BOB),))
+    mallory = Practitioner(
+        idnps="810000000027",
+        family_name="MALLORY",
+        mailboxes=(Mailbox(address="mallory@medecin.mssante.fr"), Mailbox(address=BOB)),
+    )
+    return bob, mallory
+
+
+def test_an_entry_listing_bobs_address_does_not_take_it_over_in_the_cache(
+    tmp_path: Path,
+) -> None:
+    bob, mallory = bob_and_mallory()
+    inner = Flaky(MemoryDirectory([bob]))
+    cache = CachedDirectory(inner, path=tmp_path / "cache.sqlite", ttl=3600)
+    assert cache.lookup(BOB).idnps == bob.idnps  # Bob's alone, for now: kept
+    # Mallory's entry now also lists Bob's mailbox; the cache learns it by her IDNPS
+    inner.inner = MemoryDirectory([bob, mallory])
+    with pytest.raises(AmbiguousPractitioner):
+        inner.inner.lookup(BOB)  # what the uncached directory says
+    assert cache.lookup("rpps:10000000027").family_name == "MALLORY"
+    with pytest.raises(AmbiguousPractitioner):  # not Mallory from the cache, nor a stale Bob
+        cache.lookup(BOB)
+    with pytest.raises(AmbiguousPractitioner):
+        cache.lookup_many([BOB])
+    inner.up = False  # offline: the cache cannot tell, and says so
+    with pytest.raises(DirectoryUnavailable):
+        cache.lookup(BOB)
+    # the same in a cache that only ever saw Mallory
+    cache2 = CachedDirectory(Flaky(MemoryDirectory([bob, mallory])), ttl=3600)
+    cache2.lookup("rpps:10000000027")
+    with pytest.raises(AmbiguousPractitioner):
+        cache2.lookup(BOB)
+    # and in a new process on the first cache's file
+    cache3 = CachedDirectory(inner, path=tmp_path / "cache.sqlite", ttl=3600)
+    with pytest.raises(DirectoryUnavailable):
+        cache3.lookup(BOB)
+    assert cache3.lookup("rpps:10000000027").family_name == "MALLORY"  # entries still served
+
+
+def test_send_to_an_address_never_seals_to_another_entry_listing_it(tmp_path: Path) -> None:
+    authority = Identity.generate()
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    mallory = party(tmp_path, "mallory", "810000000027")
+    mallory_entry = entry(authority, mallory)
+    mallory_entry = mallory_entry.model_copy(
+        update={"mailboxes": (*mallory_entry.mailboxes, Mailbox(address=BOB))}
+    )
+    cache = CachedDirectory(
+        MemoryDirectory([entry(authority, alice), entry(authority, bob), mallory_entry])
+    )
+    cache.lookup(mallory.ref)  # say Alice once received a message from Mallory
+    sender = client(alice, cache, authority)
+    with pytest.raises(AmbiguousPractitioner):
+        sender.send(Document(content=b"for Bob only", filename="letter.pdf"), to=BOB)
+    assert not [p for p in mallory.box.rglob("*") if p.is_file()]
+    sender.close()
+
+
+def test_an_address_the_directory_now_calls_ambiguous_is_forgotten(tmp_path: Path) -> None:
+    bob, mallory = bob_and_mallory()
+    now = [0.0]
+    inner = Flaky(MemoryDirectory([bob]))
+    cache = CachedDirectory(inner, path=tmp_path / "c.sqlite", ttl=60, clock=lambda: now[0])
+    assert cache.lookup(BOB).idnps == bob.idnps
+    inner.inner = MemoryDirectory([bob, mallory])
+    now[0] = 120  # expired: asked again, and the directory says ambiguous
+    with pytest.raises(AmbiguousPractitioner):
+        cache.lookup(BOB)
+    inner.up = False  # offline afterwards: no stale Bob either
+    with pytest.raises(DirectoryUnavailable):
+        cache.lookup(BOB)
+    assert cache.lookup("rpps:10000000019").stale  # Bob himself, by IDNPS, still is
+
+
+def test_a_refreshed_entry_no_longer_listing_the_address_is_not_its_answer() -> None:
+    bob, _ = bob_and_mallory()
+    moved = bob.model_copy(update={"mailboxes": (Mailbox(address="bob2@medecin.mssante.fr"),)})
+    inner = Flaky(MemoryDirectory([bob]))
+    cache = CachedDirectory(inner, ttl=3600)
+    assert cache.lookup(BOB).idnps == bob.idnps
+    inner.inner = MemoryDirectory([moved])
+    assert cache.search(name="bob") == [moved]  # refreshes Bob's entry, by IDNPS
+    with pytest.raises(PractitionerNotFound):  # within the TTL, yet asked again
+        cache.lookup(BOB)
+
+
+def test_old_cache_files_lose_their_address_rows(tmp_path: Path) -> None:
+    bob, mallory = bob_and_mallory()
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE cache (key TEXT PRIMARY KEY, idnps TEXT NOT NULL,"
+        " entry TEXT NOT NULL, fetched_at REAL NOT NULL)"
+    )
+    rows = [(k, mallory.idnps, mallory.model_dump_json(), 1e12) for k in mallory.refs()]
+    db.executemany("INSERT INTO cache VALUES (?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    inner = Flaky(MemoryDirectory([bob, mallory]))
+    inner.up = False
+    cache = CachedDirectory(inner, path=path, ttl=3600, clock=lambda: 1e12)
+    assert cache.lookup("rpps:10000000027").family_name == "MALLORY"  # kept, by IDNPS
+    with pytest.raises(DirectoryUnavailable):  # the version 0 row under mss:bob is gone
+        cache.lookup(BOB)
+
+
+def test_chain_resolves_an_address_only_when_every_source_answers() -> None:
+    bob, mallory = bob_and_mallory()
+    annuaire = MemoryDirectory([bob])
+    practice = Flaky(MemoryDirectory([mallory]))  # a second source lists Bob's address too
+    chain = ChainDirectory([annuaire, practice])
+    with pytest.raises(AmbiguousPractitioner):
+        chain.lookup(BOB)
+    practice.up = False  # it cannot say whether someone else claims the address
+    with pytest.raises(DirectoryUnavailable):
+        chain.lookup(BOB)
+    with pytest.raises(DirectoryUnavailable):
+        chain.lookup_many([BOB])
+    assert chain.lookup("rpps:10000000019").idnps == bob.idnps  # by IDNPS: merged as before
+    # merging by IDNPS never brings an address lookup to the entry of another practitioner
+    practice.up = True
+    assert chain.lookup("mallory@medecin.mssante.fr").idnps == mallory.idnps

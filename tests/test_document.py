@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from medsecure import Code, Document
+from medsecure import Document
 from medsecure._document import sniff_media_type
+from medsecure.models import Code
 
 CDA = b'<?xml version="1.0"?>\n<ClinicalDocument xmlns="urn:hl7-org:v3"><id/></ClinicalDocument>'
 SAMPLES = {

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
-from fhir_server import AnnuaireServer, sample_data
+from fhir_server import (
+    AnnuaireServer,
+    drip,
+    huge_body,
+    loopback_tls,
+    organization,
+    practitioner,
+    role,
+    sample_data,
+)
 
 from medsecure import (
     AmbiguousPractitioner,
     DirectoryError,
     DirectoryUnavailable,
-    FhirDirectory,
     PractitionerNotFound,
 )
-from medsecure.directory import CachedDirectory
+from medsecure.directory import CachedDirectory, FhirDirectory
 
 
 class Sleeps:
@@ -63,12 +72,15 @@ def test_lookup_by_rpps_maps_v2_shapes(fhir: FhirDirectory, server: AnnuaireServ
     assert p.mailboxes[0].type == "PER" and not p.mailboxes[0].liste_rouge
     assert [o.name for o in p.organizations] == ["CHU de Nancy"]
     assert p.organizations[0].city == "Nancy" and p.organizations[0].idnst == "1540000010"
-    path, params, headers = server.requests[-1]
-    assert path == "/fhir/v2/Practitioner"
+    (params,) = server.searches("Practitioner")
     assert params["identifier"] == ["urn:oid:1.2.250.1.71.4.2.1|810000005479"]
     assert params["_revinclude"] == ["PractitionerRole:practitioner"]
-    assert headers["ESANTE-API-KEY"] == "test-key"
     assert int(params["_count"][0]) <= 200
+    # the organizations by a second request (the CapabilityStatement has no include on
+    # Practitioner): only the active role's, not the inactive one's
+    (orgs,) = server.searches("Organization")
+    assert orgs["_id"] == ["o-chu"]
+    assert all(h["ESANTE-API-KEY"] == "test-key" for _, _, h in server.requests)
 
 
 def test_adeli_only_professional(fhir: FhirDirectory) -> None:
@@ -97,8 +109,9 @@ def test_search_follows_next_links(server: AnnuaireServer, sleeps: Sleeps) -> No
         found = d.search(name="bernard")
         assert len(found) == 120
         assert len({p.idnps for p in found}) == 120
-        pages = [r for r in server.requests if r[0].endswith("/Practitioner")]
-        assert len(pages) == 5  # 120 results / 25 per page, no `total` needed
+        # 120 results / 25 per page, no `total` needed: one search and four next pages
+        assert len(server.searches("Practitioner")) == 1
+        assert len([r for r in server.requests if "_getpages" in r[1]]) == 4
         assert d.search(name="bernard", limit=30)[29].family_name == "BERNARD"
         assert [p.given_name for p in d.search(name="martin", given="soph")] == ["Sophie"]
         assert [p.idnps for p in d.search(name="durand", profession="infirmier")] == ["0751004587"]
@@ -283,3 +296,185 @@ def test_hostile_json_nesting(fhir: FhirDirectory, server: AnnuaireServer) -> No
     server.inject(200, {}, b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(DirectoryError, match="not JSON"):
         fhir.lookup("rpps:10000005479")
+
+
+# -- only what the ANS CapabilityStatement declares ------------------------------------------------
+
+
+def test_the_test_server_refuses_what_the_capability_statement_does_not_declare(
+    server: AnnuaireServer,
+) -> None:
+    key = {"ESANTE-API-KEY": "test-key"}
+    ident = "urn:oid:1.2.250.1.71.4.2.1|810000005479"
+    base = server.base_url
+    refused = [
+        f"{base}/Practitioner?identifier={ident}&_include:iterate=PractitionerRole:organization",
+        f"{base}/Practitioner?identifier={ident}&_include=PractitionerRole:organization",
+        f"{base}/Practitioner?identifier:exact={ident}",
+        f"{base}/Practitioner?city=Nancy",
+        f"{base}/Organization?_revinclude=PractitionerRole:practitioner",
+    ]
+    for url in refused:
+        assert httpx.get(url, headers=key).status_code == 400, url
+    accepted = f"{base}/Practitioner?identifier={ident}&_revinclude=PractitionerRole:practitioner"
+    assert httpx.get(accepted, headers=key).status_code == 200
+
+
+def test_every_kind_of_call_uses_declared_parameters_only(
+    fhir: FhirDirectory, server: AnnuaireServer
+) -> None:
+    # the strict server answers 400 to anything undeclared: each of these would raise
+    assert fhir.lookup("rpps:10000005479").organizations[0].name == "CHU de Nancy"
+    assert fhir.lookup("sophie.martin@medecin.mssante.fr").idnps == "810000005479"
+    petit = fhir.lookup("luc.petit@chu-nancy.mssante.fr")  # through PractitionerRole
+    assert petit.idnps == "810000000019" and petit.organizations[0].city == "Nancy"
+    found = fhir.lookup_many(["adeli:751004587", "luc.petit@chu-nancy.mssante.fr"])
+    assert found["idnps:0751004587"].organizations[0].city == "Paris"
+    assert [p.idnps for p in fhir.search(name="martin", city="nancy")] == ["810000005479"]
+    assert all(
+        ":" not in name for _, params, _ in server.requests for name in params
+    )  # no modifier anywhere, `_include:iterate` least of all
+
+
+def test_organizations_come_by_one_batched_request(sleeps: Sleeps) -> None:
+    data = []
+    for i in range(5):
+        rpps = f"3{i:010d}"
+        data.append(practitioner(f"p{i}", "8" + rpps, "ROBERT", f"P{i}", rpps=rpps))
+        data.append(role(f"r{i}", f"p{i}", f"o{i}"))
+        data.append(organization(f"o{i}", f"15400000{i}0", f"Clinique {i}", f"Ville{i}"))
+    data.append(role("r-old", "p0", "o-closed", active=False))  # an inactive role's: not asked
+    data.append(role("r-bad", "p1", "x,y"))  # not a FHIR id: would break the comma-OR batch
+    data.append(organization("o-closed", "1540000990", "Fermée", "Toul"))
+    with (
+        AnnuaireServer(data) as srv,
+        FhirDirectory(srv.base_url, api_key="test-key", sleep=sleeps) as d,
+    ):
+        found = d.lookup_many([f"rpps:3{i:010d}" for i in range(5)])
+        assert [found[f"idnps:83{i:010d}"].organizations[0].city for i in range(5)] == [
+            f"Ville{i}" for i in range(5)
+        ]
+        (orgs,) = srv.searches("Organization")
+        assert orgs["_id"] == ["o0,o1,o2,o3,o4"]
+        assert d.requests_made == 2  # one for the practitioners, one for their organizations
+
+
+# -- bounds: pages, resources, time, size ----------------------------------------------------------
+
+
+def test_endless_next_pages_are_capped(server: AnnuaireServer, sleeps: Sleeps) -> None:
+    server.endless_pages = True  # same origin, a new URL each time: only a cap stops it
+    with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_pages=5) as d:
+        with pytest.raises(DirectoryError, match="more than 5 pages"):
+            d.lookup("rpps:10000005479")
+        assert len(server.requests) == 5
+        with pytest.raises(DirectoryError, match="more than 5 pages"):
+            d.search(name="bernard", profession="infirmier")
+        assert not isinstance(DirectoryError("x"), DirectoryUnavailable)  # not served stale
+
+
+def test_resources_per_call_are_capped(server: AnnuaireServer, sleeps: Sleeps) -> None:
+    with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_resources=150) as d:
+        with pytest.raises(DirectoryError, match="more than 150 resources"):
+            d.search(name="bernard", profession="infirmier")  # 120 BERNARDs and their roles
+        assert d.lookup("rpps:10000005479").family_name == "MARTIN"  # a fresh budget per call
+        # lookup_many: the cap is per batch of 50 references, so a big batch is not refused
+        refs = [f"rpps:2{i:010d}" for i in range(100)]
+        assert len(d.lookup_many(refs)) == 100
+
+
+@pytest.mark.parametrize(
+    ("part", "own_client"), [("headers", False), ("body", False), ("body", True)]
+)
+def test_dripping_server_hits_the_call_deadline(
+    server: AnnuaireServer, sleeps: Sleeps, part: str, own_client: bool
+) -> None:
+    # one byte every 50 ms never trips the 10 s per-read timeout; only the call's deadline
+    # (real clock, 1 s here) ends it. With the caller's own httpx.Client, the body is still
+    # bounded (checked as it streams); the header drip needs the deadline transport.
+    server.respond = drip(part, interval=0.05)
+    client = httpx.Client(timeout=10) if own_client else None
+    with (
+        FhirDirectory(
+            server.base_url, api_key="test-key", sleep=sleeps, max_total_time=1.0, client=client
+        ) as d,
+        pytest.raises(DirectoryUnavailable, match="deadline"),
+    ):
+        d.lookup("rpps:10000005479")
+    if client is not None:
+        client.close()
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_200_mb_body_is_refused_as_it_streams(
+    server: AnnuaireServer, sleeps: Sleeps, declared: bool
+) -> None:
+    size = 200 * 1024 * 1024
+    server.respond = huge_body(size, declared=declared)
+    with (
+        FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps) as d,
+        pytest.raises(DirectoryError, match="larger than the 8388608-byte limit"),
+    ):
+        d.lookup("rpps:10000005479")
+    # the client hung up early: the server could only push a few socket buffers more
+    assert server.bytes_sent < 64 * 1024 * 1024
+
+
+def test_unoffered_content_encoding_is_refused(fhir: FhirDirectory, server: AnnuaireServer) -> None:
+    # brotli/zstd can expand far beyond zlib's ~1000:1 per chunk: only gzip/deflate are offered
+    server.inject(200, {"Content-Encoding": "br"}, b"\x00" * 16)
+    with pytest.raises(DirectoryError, match="content encoding"):
+        fhir.lookup("rpps:10000005479")
+    (_, _, headers) = server.requests[0]
+    assert headers["Accept-Encoding"] == "gzip, deflate"
+
+
+def test_environment_proxy_is_still_honoured(
+    server: AnnuaireServer, sleeps: Sleeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the deadline transport does not speak to proxies; with one set, httpx's client is used
+    with AnnuaireServer() as proxy:  # serves absolute-URI requests as a proxy would receive them
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps) as d:
+            assert d.lookup("rpps:10000005479").family_name == "MARTIN"
+        assert proxy.requests and not server.requests
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        with FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps) as d:
+            assert d.lookup("rpps:10000005479").family_name == "MARTIN"
+        assert server.requests
+
+
+def test_https_through_the_deadline_transport(
+    tmp_path: Path, sleeps: Sleeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the API is HTTPS: certificates are verified (SSL_CERT_FILE honoured, as httpx does) and a
+    # server dripping TLS records still meets the call's deadline
+    context, ca_file = loopback_tls(tmp_path)
+    with AnnuaireServer(tls=context) as srv:
+        with (
+            FhirDirectory(srv.base_url, api_key="test-key", sleep=sleeps, max_attempts=1) as d,
+            pytest.raises(DirectoryUnavailable),  # our CA is not trusted yet
+        ):
+            d.lookup("rpps:10000005479")
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        with FhirDirectory(srv.base_url, api_key="test-key", sleep=sleeps) as d:
+            assert d.lookup("rpps:10000005479").organizations[0].name == "CHU de Nancy"
+            srv.respond = drip("headers", interval=0.05)
+            with pytest.raises(DirectoryUnavailable, match="deadline"):
+                FhirDirectory(srv.base_url, api_key="test-key", max_total_time=1.0).lookup(
+                    "rpps:10000005479"
+                )
+
+
+def test_a_patient_mailbox_never_travels_to_the_directory(
+    fhir: FhirDirectory, server: AnnuaireServer
+) -> None:
+    ins = "1800175123456"  # the local part of a patient's mailbox is the INS
+    patient = f"{ins}{97 - int(ins) % 97:02d}@patient.mssante.fr"
+    with pytest.raises(ValueError, match="patient"):
+        fhir.lookup(patient)
+    with pytest.raises(ValueError, match="patient"):
+        fhir.lookup_many(["rpps:10000005479", patient])
+    assert server.requests == []

@@ -12,6 +12,8 @@ import pytest
 
 import medsecure as m
 from medsecure.envelope._message import new_message_id
+from medsecure.models import Endpoint
+from medsecure.transports import FileTransport
 
 
 def mid() -> str:
@@ -19,11 +21,11 @@ def mid() -> str:
 
 
 def test_layout_and_names(tmp_path: Path) -> None:
-    box = m.FileTransport.prepare(tmp_path / "box")
-    t = m.FileTransport(box)
+    box = FileTransport.prepare(tmp_path / "box")
+    t = FileTransport(box)
     ident = mid()
     t.deliver(
-        m.Endpoint(kind="drop", path=str(box)), io.BytesIO(b"envelope"), message_id=ident, size=8
+        Endpoint(kind="drop", path=str(box)), io.BytesIO(b"envelope"), message_id=ident, size=8
     )
     assert os.listdir(box / "new") == [f"{ident}.msec"] and os.listdir(box / "tmp") == []
     (item,) = t.list()
@@ -32,7 +34,7 @@ def test_layout_and_names(tmp_path: Path) -> None:
         assert fh.read() == b"envelope"
     # delivering the same message again is idempotent
     t.deliver(
-        m.Endpoint(kind="drop", path=str(box)), io.BytesIO(b"envelope"), message_id=ident, size=8
+        Endpoint(kind="drop", path=str(box)), io.BytesIO(b"envelope"), message_id=ident, size=8
     )
     assert len(t.list()) == 1
     t.acknowledge(item)
@@ -47,22 +49,22 @@ def test_layout_and_names(tmp_path: Path) -> None:
         t.fetch(foreign)
     with pytest.raises(ValueError):
         t.deliver(
-            m.Endpoint(kind="drop", path=str(box)), io.BytesIO(b"x"), message_id="../../etc", size=1
+            Endpoint(kind="drop", path=str(box)), io.BytesIO(b"x"), message_id="../../etc", size=1
         )
 
 
 def test_unreachable_and_refused(tmp_path: Path) -> None:
-    t = m.FileTransport(tmp_path / "mine")
+    t = FileTransport(tmp_path / "mine")
     with pytest.raises(m.TransportUnavailable, match="not reachable"):
         t.deliver(
-            m.Endpoint(kind="drop", path=str(tmp_path / "unplugged-usb-key")),
+            Endpoint(kind="drop", path=str(tmp_path / "unplugged-usb-key")),
             io.BytesIO(b"x"),
             message_id=mid(),
             size=1,
         )
     with pytest.raises(m.DeliveryRejected):
         t.deliver(
-            m.Endpoint(kind="mail", address="a@medecin.mssante.fr"),
+            Endpoint(kind="mail", address="a@medecin.mssante.fr"),
             io.BytesIO(b"x"),
             message_id=mid(),
             size=1,
@@ -71,8 +73,8 @@ def test_unreachable_and_refused(tmp_path: Path) -> None:
 
 
 def test_concurrent_writers_and_readers_never_see_partial_files(tmp_path: Path) -> None:
-    box = m.FileTransport.prepare(tmp_path / "shared")
-    endpoint = m.Endpoint(kind="drop", path=str(box))
+    box = FileTransport.prepare(tmp_path / "shared")
+    endpoint = Endpoint(kind="drop", path=str(box))
     payloads: dict[str, bytes] = {}
     lock = threading.Lock()
     seen: dict[str, bytes] = {}
@@ -81,7 +83,7 @@ def test_concurrent_writers_and_readers_never_see_partial_files(tmp_path: Path) 
 
     def writer(n: int) -> None:
         try:
-            t = m.FileTransport(box)
+            t = FileTransport(box)
             for _ in range(40):
                 ident = mid()
                 data = os.urandom(1000 + n) * 50  # ~50 KiB, several write() calls
@@ -92,7 +94,7 @@ def test_concurrent_writers_and_readers_never_see_partial_files(tmp_path: Path) 
             errors.append(exc)
 
     def reader() -> None:
-        t = m.FileTransport(box)
+        t = FileTransport(box)
         try:
             while not done.is_set() or t.list():
                 for item in t.list():

@@ -4,8 +4,8 @@ import datetime as dt
 
 import pytest
 
-from medsecure import INS
 from medsecure import identifiers as I
+from medsecure.identifiers import INS
 
 
 def test_rpps_sample_from_ans_documentation() -> None:

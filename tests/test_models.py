@@ -5,11 +5,11 @@ import datetime as dt
 import pytest
 from pydantic import ValidationError
 
-from medsecure import (
-    INS,
+from medsecure import Identity
+from medsecure.identifiers import INS
+from medsecure.models import (
     Code,
     Endpoint,
-    Identity,
     KeyEntry,
     Mailbox,
     Organization,

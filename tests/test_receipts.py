@@ -10,7 +10,13 @@ from clientkit import Party, client, entry, party
 
 import medsecure as m
 from medsecure.audit import verify
+from medsecure.client import StatusEvent
+from medsecure.directory import MemoryDirectory
 from medsecure.envelope._message import Manifest, new_message_id
+from medsecure.identifiers import INS
+from medsecure.models import Patient
+from medsecure.transports import FileTransport
+from medsecure.trust import AuthorityPolicy
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +25,10 @@ def authority() -> m.Identity:
 
 
 @pytest.fixture
-def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, m.MemoryDirectory]:
+def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
-    return alice, bob, m.MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    return alice, bob, MemoryDirectory([entry(authority, alice), entry(authority, bob)])
 
 
 def statuses(c: m.Client, message_id: str) -> list[str]:
@@ -30,10 +36,10 @@ def statuses(c: m.Client, message_id: str) -> list[str]:
 
 
 def test_delivered_then_read(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
-    seen: list[m.StatusEvent] = []
+    seen: list[StatusEvent] = []
     with (
         client(alice, directory, authority, on_status=seen.append) as ca,
         client(bob, directory, authority) as cb,
@@ -57,7 +63,7 @@ def test_delivered_then_read(
 
 
 def test_no_receipts_unless_asked_and_read_receipts_refusable(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     with (
@@ -74,7 +80,7 @@ def test_no_receipts_unless_asked_and_read_receipts_refusable(
 
 
 def test_rejected_with_reason(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
@@ -90,7 +96,7 @@ def test_rejected_with_reason(
 
 
 def test_duplicated_receipts_are_idempotent(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
@@ -130,7 +136,7 @@ def _forge_receipt(
 
 
 def test_forged_and_unknown_receipts_are_ignored(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity, tmp_path: Path
 ) -> None:
     alice, bob, directory = world
     carol = party(tmp_path, "carol", "810000000027")
@@ -175,7 +181,7 @@ def test_forged_and_unknown_receipts_are_ignored(
 
 
 def test_deadline_expiry_and_late_receipt(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     now = [2_000_000_000.0]
@@ -202,7 +208,7 @@ def test_deadline_expiry_and_late_receipt(
 
 
 def test_rejected_receipt_when_verification_fails(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity, tmp_path: Path
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity, tmp_path: Path
 ) -> None:
     alice, bob, directory = world
     # alice sends with a new key the directory does not vouch for
@@ -212,9 +218,9 @@ def test_rejected_receipt_when_verification_fails(
     with m.Client(
         rogue_alice.identity,
         directory,
-        m.FileTransport(alice.box),
+        FileTransport(alice.box),
         rogue_alice.home,
-        trust=m.AuthorityPolicy([authority.public]),
+        trust=AuthorityPolicy([authority.public]),
         me=alice.idnps,
     ) as ra:
         ra.send(m.Document(content=b"x"), to=bob.ref, receipts=("delivered",))
@@ -230,13 +236,13 @@ def test_rejected_receipt_when_verification_fails(
 
 
 def test_audit_trail_has_no_health_data(
-    world: tuple[Party, Party, m.MemoryDirectory], authority: m.Identity
+    world: tuple[Party, Party, MemoryDirectory], authority: m.Identity
 ) -> None:
     alice, bob, directory = world
     secret = b"Resultat biopsie: carcinome"
     subject = "Biopsie DUPONT Jean"
     filename = "biopsie_dupont.pdf"
-    patient = m.Patient(ins=m.INS("279035121518989", birth_name="DUPONT"))
+    patient = Patient(ins=INS("279035121518989", birth_name="DUPONT"))
     with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
         r = ca.send(
             m.Document(content=b"%PDF-1.7 " + secret, filename=filename, patient=patient),

@@ -13,6 +13,7 @@ import pytest
 from clientkit import client, entry, party
 
 import medsecure as m
+from medsecure.directory import MemoryDirectory
 
 # Mounting needs root: CI runs as root (and must then run these); elsewhere they are skipped.
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
@@ -53,7 +54,7 @@ def test_disk_full_on_send(small_fs: Path, tmp_path: Path, authority: m.Identity
     alice = party(tmp_path, "alice", "810000005479")
     alice.home = small_fs / "home"
     bob = party(tmp_path, "bob", "810000000019")
-    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(4 << 20))
     with client(alice, directory, authority) as ca:
@@ -71,7 +72,7 @@ def test_disk_full_on_receive_loses_nothing(
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
     bob.home = small_fs / "home"
-    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     with client(alice, directory, authority) as ca:
         ca.send(m.Document(content=os.urandom(2 << 20)), to=bob.ref)
         ca.send(m.Document(content=b"second"), to=bob.ref)
@@ -96,7 +97,7 @@ def test_read_only_home(small_fs: Path, tmp_path: Path, authority: m.Identity) -
     alice = party(tmp_path, "alice", "810000005479")
     alice.home = small_fs / "home"
     bob = party(tmp_path, "bob", "810000000019")
-    directory = m.MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     with client(alice, directory, authority) as ca:
         ca.send(m.Document(content=b"before"), to=bob.ref)
     remount(small_fs, "ro")

@@ -12,6 +12,7 @@ import medsecure
 
 TOP_LEVEL = [
     "AmbiguousPractitioner",
+    "AsyncClient",
     "Client",
     "ConfigError",
     "DeliveryRejected",

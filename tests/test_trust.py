@@ -11,7 +11,9 @@ from clientkit import party
 
 import medsecure as m
 from medsecure import Identity, KeyChanged, RevokedKey, TrustError, UntrustedKey
-from medsecure.models import KeyEntry, Practitioner
+from medsecure.directory import MemoryDirectory
+from medsecure.models import Endpoint, KeyEntry, Practitioner
+from medsecure.transports import FileTransport
 from medsecure.trust import (
     AuthorityPolicy,
     PinStore,
@@ -345,13 +347,13 @@ def test_client_under_tofu_quarantines_an_impostor_and_still_reaches_the_real_se
     sent afterwards, is received and Bob's key pinned."""
     alice = party(tmp_path, "alice", "810000005479")
     bob = party(tmp_path, "bob", "810000000019")
-    directory = m.MemoryDirectory(
+    directory = MemoryDirectory(
         [
             Practitioner(
                 idnps=p.idnps,
                 family_name=p.name.upper(),
                 keys=(KeyEntry(public=p.identity.public),),
-                endpoints=(m.Endpoint(kind="drop", path=str(p.box)),),
+                endpoints=(Endpoint(kind="drop", path=str(p.box)),),
             )
             for p in (alice, bob)
         ]
@@ -359,7 +361,7 @@ def test_client_under_tofu_quarantines_an_impostor_and_still_reaches_the_real_se
     mallory = m.Client(
         Identity.generate(),
         directory,
-        m.FileTransport(bob.box),
+        FileTransport(bob.box),
         tmp_path / "home-mallory",
         trust=UnsafeAcceptAll(),
         me=bob.idnps,
@@ -370,7 +372,7 @@ def test_client_under_tofu_quarantines_an_impostor_and_still_reaches_the_real_se
     with m.Client(
         alice.identity,
         directory,
-        m.FileTransport(alice.box),
+        FileTransport(alice.box),
         alice.home,
         trust=UnsafeTrustOnFirstUse(pins),
         me=alice.idnps,
@@ -382,7 +384,7 @@ def test_client_under_tofu_quarantines_an_impostor_and_still_reaches_the_real_se
         with m.Client(
             bob.identity,
             directory,
-            m.FileTransport(bob.box),
+            FileTransport(bob.box),
             bob.home,
             trust=UnsafeAcceptAll(),
             me=bob.idnps,

@@ -13,6 +13,7 @@ from medsecure import identifiers
 from medsecure._inbox import check_manifest_models
 from medsecure.envelope import _cbor
 from medsecure.envelope._message import parse_manifest
+from medsecure.identifiers import INS
 from medsecure.trust import Statement
 
 CBORISH = st.recursive(
@@ -78,7 +79,7 @@ def test_identifier_and_address_parsers_raise_value_error(text: str) -> None:
 @given(st.text(max_size=30), st.sampled_from([identifiers.INS_NIR, identifiers.INS_TEST_NIR]))
 def test_ins_raises_value_error(matricule: str, oid: str) -> None:
     with contextlib.suppress(ValueError):
-        m.INS(matricule, oid=oid)
+        INS(matricule, oid=oid)
 
 
 def _acceptable(value: object, depth: int = 0) -> bool:

@@ -21,17 +21,22 @@ Ref = str | Identifier | MSSanteAddress
 def normalize_ref(ref: Ref) -> tuple[str, Identifier | MSSanteAddress]:
     """Return the canonical key (``idnps:8…`` or ``mss:addr``) and the parsed reference.
 
-    Raises ValueError for a malformed reference, TypeError for a wrong type.
+    Raises ValueError for a malformed reference or one that names no practitioner (a
+    structure, a patient's mailbox), TypeError for a wrong type.
     """
-    if isinstance(ref, MSSanteAddress):
-        return f"mss:{ref}", ref
     if isinstance(ref, Identifier):
         parsed: Identifier | MSSanteAddress = ref
+    elif isinstance(ref, MSSanteAddress):
+        parsed = ref
     elif isinstance(ref, str):
         parsed = parse_address(ref) if "@" in ref else parse(ref)
     else:
         raise TypeError("a practitioner reference is a str, an Identifier or an MSSanteAddress")
     if isinstance(parsed, MSSanteAddress):
+        if parsed.is_patient:
+            # its local part is the patient's INS: it is no directory's to look up (it would
+            # travel to the Annuaire in a query) and it must not appear in error messages
+            raise ValueError("a patient's MSSanté address names no practitioner")
         return f"mss:{parsed}", parsed
     if not parsed.is_professional:
         raise ValueError(f"{ref!s} identifies a structure, not a practitioner")

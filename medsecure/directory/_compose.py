@@ -5,23 +5,20 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from .._errors import (
     AmbiguousPractitioner,
     DirectoryError,
     DirectoryUnavailable,
     PractitionerNotFound,
-    StorageError,
 )
+from ..identifiers import MSSanteAddress
 from ..models import Practitioner
 from ._base import Directory, Ref, merge_practitioners, normalize_ref, search_matches
+from ._cachestore import CacheStore
 
 __all__ = ["CachedDirectory", "ChainDirectory"]
 
@@ -31,9 +28,18 @@ log = logging.getLogger("medsecure.directory")
 class CachedDirectory(Directory):
     """Cache ``inner``'s answers in memory and in SQLite at ``path`` for ``ttl`` seconds.
 
-    Fresh entries are answered without asking ``inner`` (a memory hit costs microseconds).
-    When ``inner`` is unavailable, expired entries are still served, marked ``stale=True``, so a
+    Fresh answers are given without asking ``inner`` (a memory hit costs microseconds). When
+    ``inner`` is unavailable, expired answers are still given, marked ``stale=True``, so a
     practice keeps working offline; a practitioner the directory no longer knows is dropped.
+
+    An answer is kept under the IDNPS of the practitioner and under the reference that was
+    asked, nothing else: looking up Sophie by RPPS does not make her the answer for her
+    mailbox address, because an entry can list any address, including someone else's (the
+    directory, asked for that address, would have said who holds it or that it is ambiguous).
+    An address is answered from the cache only when the directory named that practitioner for
+    it, the entry still lists it, and no other kept entry claims it; an address the directory
+    calls ambiguous is forgotten. So an address claimed by two practitioners never resolves
+    from the cache to one of them: it is asked again, and offline it is unavailable.
     """
 
     def __init__(
@@ -47,86 +53,44 @@ class CachedDirectory(Directory):
         self.inner = inner
         self.ttl = ttl.total_seconds() if isinstance(ttl, dt.timedelta) else float(ttl)
         self._clock = clock
-        self._lock = threading.RLock()
-        self._memory: dict[str, tuple[Practitioner, float]] = {}
-        self._db: sqlite3.Connection | None = None
-        if path is not None:
-            try:
-                self._db = sqlite3.connect(
-                    str(path), check_same_thread=False, timeout=10, isolation_level=None
-                )
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, idnps TEXT NOT NULL,"
-                    " entry TEXT NOT NULL, fetched_at REAL NOT NULL)"
-                )
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot open the directory cache {str(path)!r}: {exc}") from exc
-
-    # -- storage ----------------------------------------------------------------------------
-    def _get(self, key: str) -> tuple[Practitioner, float] | None:
-        hit = self._memory.get(key)
-        if hit is not None or self._db is None:
-            return hit
-        try:
-            row = self._db.execute(
-                "SELECT entry, fetched_at FROM cache WHERE key = ?", (key,)
-            ).fetchone()
-        except sqlite3.Error as exc:
-            log.warning("directory cache unreadable: %s", exc)
-            return None
-        if row is None:
-            return None
-        try:
-            p = Practitioner.model_validate_json(row[0])
-        except ValidationError:
-            return None
-        self._memory[key] = (p, row[1])
-        return self._memory[key]
-
-    def _put(self, keys: Sequence[str], p: Practitioner) -> None:
-        now = self._clock()
-        p = p.model_copy(update={"stale": False}) if p.stale else p
-        all_keys = list(dict.fromkeys([*keys, *p.refs()]))
-        with self._lock:
-            for k in all_keys:
-                self._memory[k] = (p, now)
-            if self._db is not None:
-                entry = p.model_dump_json()
-                try:
-                    self._db.execute("BEGIN")
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO cache VALUES (?, ?, ?, ?)",
-                        [(k, p.idnps, entry, now) for k in all_keys],
-                    )
-                    self._db.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    log.warning("directory cache not written: %s", exc)
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-
-    def _forget(self, key: str) -> None:
-        with self._lock:
-            hit = self._memory.pop(key, None)
-            idnps = hit[0].idnps if hit else None
-            if idnps:
-                for k in [k for k, v in self._memory.items() if v[0].idnps == idnps]:
-                    del self._memory[k]
-            if self._db is not None:
-                try:
-                    self._db.execute(
-                        "DELETE FROM cache WHERE key = ? OR idnps = ?", (key, idnps or "")
-                    )
-                except sqlite3.Error as exc:
-                    log.warning("directory cache not updated: %s", exc)
+        self._store = CacheStore(path)
 
     def _fresh(self, fetched_at: float) -> bool:
         return self._clock() - fetched_at < self.ttl
 
+    def _cached(self, key: str) -> tuple[Practitioner, float] | None:
+        """What the cache may answer for the canonical ``key``, fresh or not, and its age."""
+        kind, value = key.split(":", 1)
+        if kind == "idnps":
+            return self._store.entry(value)
+        named = self._store.address(value)
+        if named is None:
+            return None
+        idnps, asked_at = named
+        hit = self._store.entry(idnps)
+        if hit is None or key not in hit[0].refs():
+            return None  # the entry was refreshed since and no longer lists the address
+        if self._store.claimants(value) - {idnps}:
+            return None  # another kept entry claims it: only the directory can tell
+        return hit[0], asked_at
+
+    def _keep(self, key: str, p: Practitioner) -> None:
+        p = p.model_copy(update={"stale": False}) if p.stale else p
+        kind, value = key.split(":", 1)
+        address = value if kind == "mss" and key in p.refs() else None
+        self._store.put(p, self._clock(), address=address)
+
+    def _drop(self, key: str) -> None:
+        kind, value = key.split(":", 1)
+        if kind == "idnps":
+            self._store.forget(value)
+        else:
+            self._store.forget_address(value)
+
     # -- Directory --------------------------------------------------------------------------
     def lookup(self, ref: Ref) -> Practitioner:
         key, _ = normalize_ref(ref)
-        hit = self._get(key)
+        hit = self._cached(key)
         if hit is not None and self._fresh(hit[1]):
             return hit[0]
         try:
@@ -136,38 +100,43 @@ class CachedDirectory(Directory):
                 raise
             log.warning("directory unavailable: serving a stale entry for %s", hit[0].idnps)
             return hit[0].model_copy(update={"stale": True})
-        except PractitionerNotFound:
-            self._forget(key)
+        except (PractitionerNotFound, AmbiguousPractitioner):
+            self._drop(key)
             raise
-        self._put([key], p)
+        self._keep(key, p)
         return p
 
     def lookup_many(self, refs: Sequence[Ref]) -> dict[str, Practitioner]:
         out: dict[str, Practitioner] = {}
-        missing: list[Ref] = []
+        missing: dict[str, Ref] = {}
         stale: dict[str, Practitioner] = {}
         for ref in refs:
             key, _ = normalize_ref(ref)
-            hit = self._get(key)
+            hit = self._cached(key)
             if hit is not None and self._fresh(hit[1]):
                 out[key] = hit[0]
             else:
                 if hit is not None:
                     stale[key] = hit[0]
-                missing.append(ref)
+                missing.setdefault(key, ref)
         if not missing:
             return out
         try:
-            fetched = self.inner.lookup_many(missing)
+            fetched = self.inner.lookup_many(list(missing.values()))
         except DirectoryUnavailable:
-            for ref in missing:
-                key, _ = normalize_ref(ref)
+            for key in missing:
                 if key not in stale:
                     raise
                 out[key] = stale[key].model_copy(update={"stale": True})
             return out
+        except AmbiguousPractitioner:
+            # which address was ambiguous is not said: none of them is answered from here
+            for key in missing:
+                if key.startswith("mss:"):
+                    self._drop(key)
+            raise
         for key, p in fetched.items():
-            self._put([key], p)
+            self._keep(key, p)
             out[key] = p
         return out
 
@@ -185,7 +154,7 @@ class CachedDirectory(Directory):
                 name=name, given=given, profession=profession, city=city, limit=limit
             )
         except DirectoryUnavailable:
-            cached = self._all_cached()
+            cached = self._store.everyone()
             if not cached:
                 raise
             matches = [
@@ -194,29 +163,16 @@ class CachedDirectory(Directory):
                 if search_matches(p, name=name, given=given, profession=profession, city=city)
             ]
             return matches[:limit]
-        for p in found:
-            self._put([], p)
+        now = self._clock()
+        for p in found:  # by IDNPS only: a search answers no address
+            self._store.put(p.model_copy(update={"stale": False}) if p.stale else p, now)
         return found
 
-    def _all_cached(self) -> list[Practitioner]:
-        seen: dict[str, Practitioner] = {p.idnps: p for p, _ in self._memory.values()}
-        if self._db is not None:
-            try:
-                rows = self._db.execute("SELECT entry FROM cache").fetchall()
-            except sqlite3.Error:
-                rows = []
-            for (entry,) in rows:
-                try:
-                    p = Practitioner.model_validate_json(entry)
-                except ValidationError:
-                    continue
-                seen.setdefault(p.idnps, p)
-        return list(seen.values())
-
     def close(self) -> None:
-        self.inner.close()
-        if self._db is not None:
-            self._db.close()
+        try:
+            self.inner.close()
+        finally:
+            self._store.close()
 
 
 class ChainDirectory(Directory):
@@ -226,6 +182,12 @@ class ChainDirectory(Directory):
     from a medsecure key directory, names and mailboxes from the Annuaire Santé. For scalar
     fields the first directory that has a value wins; lists (mailboxes, keys, endpoints,
     organizations) are merged.
+
+    Every directory is asked the reference itself, so an address two of them give to different
+    practitioners is :class:`AmbiguousPractitioner`, never one of the two. For the same reason,
+    an address is resolved only when every directory could answer: if one is unavailable, the
+    practitioner it might have named for the address is unknown, and the lookup is
+    :class:`DirectoryUnavailable` (a lookup by identifier merges what the available ones say).
     """
 
     def __init__(self, directories: Sequence[Directory]) -> None:
@@ -233,7 +195,11 @@ class ChainDirectory(Directory):
             raise ValueError("ChainDirectory needs a non-empty list of directories")
         self.directories = list(directories)
 
-    def _each(self, call: Callable[[Directory], list[Practitioner]]) -> list[list[Practitioner]]:
+    def _each(
+        self, call: Callable[[Directory], list[Practitioner]], *, every: bool = False
+    ) -> list[list[Practitioner]]:
+        """Each directory's answer ([] when it knows nothing); unavailable directories raise
+        when none answered, or at all when ``every`` one must answer."""
         answers: list[list[Practitioner]] = []
         unavailable: DirectoryUnavailable | None = None
         for d in self.directories:
@@ -244,13 +210,13 @@ class ChainDirectory(Directory):
             except DirectoryUnavailable as exc:
                 unavailable = unavailable or exc
                 answers.append([])
-        if unavailable is not None and not any(answers):
+        if unavailable is not None and (every or not any(answers)):
             raise unavailable
         return answers
 
     def lookup(self, ref: Ref) -> Practitioner:
-        normalize_ref(ref)
-        answers = self._each(lambda d: [d.lookup(ref)])
+        _key, parsed = normalize_ref(ref)
+        answers = self._each(lambda d: [d.lookup(ref)], every=isinstance(parsed, MSSanteAddress))
         ids = {p.idnps for a in answers for p in a}
         if not ids:
             raise PractitionerNotFound(f"no practitioner matches {ref!s} in any directory")

@@ -3,12 +3,17 @@
 Theory of operation
 -------------------
 A lookup by identifier asks ``/Practitioner?identifier=urn:oid:1.2.250.1.71.4.2.1|<IDNPS>`` with
-``_revinclude=PractitionerRole:practitioner`` and ``_include:iterate=PractitionerRole:organization``;
-the IDNPS system covers RPPS (``8``+RPPS) and ADELI-only (``0``+ADELI) professionals alike. A
-lookup by MSSanté address uses ``mailbox-mss`` on Practitioner, then on PractitionerRole. Several
-lookups are batched (``identifier=a,b,c``, comma = OR) so 100 recipients cost a handful of
-requests. Searches follow ``Bundle.link[next]`` (name searches return no ``total``), only to the
-same origin as the base URL so the API key never leaves for another host.
+``_revinclude=PractitionerRole:practitioner``; the IDNPS system covers RPPS (``8``+RPPS) and
+ADELI-only (``0``+ADELI) professionals alike. The organizations the active roles point to are then
+fetched in one batched request, ``/Organization?_id=a,b,c``. A lookup by MSSanté address uses
+``mailbox-mss`` on Practitioner, then on PractitionerRole (``_include`` of its practitioner and
+organization). Several lookups are batched (``identifier=a,b,c``, comma = OR) so 100 recipients
+cost a handful of requests. Searches follow ``Bundle.link[next]`` (name searches return no
+``total``), only to the same origin as the base URL so the API key never leaves for another host.
+
+Only the search parameters the API's CapabilityStatement declares are sent (see
+``SEARCH_PARAMETERS`` below): a strict FHIR server answers 400 to any other, which would fail
+every lookup. In particular there is no ``_include:iterate``.
 
 Mapping (ANS IG ``ansforge/IG-fhir-annuaire``, guide version 2): the practising name and the
 profession (TRE_G15) and specialty (TRE_R38) are read on Practitioner; MSSanté mailboxes are the
@@ -17,17 +22,37 @@ the Practitioner and of its *active* PractitionerRoles, with their ``as-ext-mail
 (type PER/ORG/APP/CAB, liste rouge). An Organization's own mailboxes are never attributed to a
 practitioner.
 
-The public API throttles (429 + Retry-After) and fails under load (502/504): 429 waits for
-``Retry-After``; 5xx, timeouts and connection errors are retried with capped exponential backoff
-and full jitter, all within a bounded total time, then :class:`DirectoryUnavailable`. No httpx
-exception escapes.
+Bounds and failures
+-------------------
+The server is not trusted to be well-behaved. Each call (``lookup``, ``lookup_many``, ``search``)
+has one deadline, ``max_total_time``, that covers connecting, retries and their waits, the status
+line, the headers and the body (see ``_http.py``: httpx's own timeouts are per read, so a server
+dripping one byte a second would never trip them); each search reads at most ``max_pages`` pages;
+each call keeps at most ``max_resources`` resources (per 50 references for ``lookup_many``); each
+response body is streamed and refused beyond ``max_response_bytes``.
+
+Two errors, by what the caller can do about them:
+
+* :class:`DirectoryUnavailable` — try again later (the cache serves stale entries meanwhile): the
+  server is unreachable, times out, keeps answering 429/5xx through the bounded retries, or the
+  call's deadline passes (however far the answer had got).
+* :class:`DirectoryError` — the same call would fail the same way: HTTP 401/403 and other 4xx
+  (400 included), an answer that is not a JSON Bundle, a body beyond ``max_response_bytes``, a
+  search running over more than ``max_pages`` pages, more than ``max_resources`` resources, a
+  ``next`` link to another origin, a content encoding that was not asked for.
+
+429 waits for ``Retry-After``; 5xx, timeouts and connection errors are retried with capped
+exponential backoff and jitter. No httpx exception escapes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
+import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -36,10 +61,11 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import ValidationError
 
-from .._errors import DirectoryError, DirectoryUnavailable, PractitionerNotFound
+from .._errors import DirectoryError, DirectoryUnavailable
 from ..identifiers import IDNPS_SYSTEM, IDNST_SYSTEM, RPPS_SYSTEM, Identifier, MSSanteAddress
 from ..models import Code, Mailbox, OrganizationRef, Practitioner
 from ._base import Directory, Ref, normalize_ref, search_matches, unique
+from ._http import DeadlineTransport, deadline, uses_env_proxy
 
 __all__ = ["FhirDirectory", "practitioners_from_bundle"]
 
@@ -52,6 +78,31 @@ SPECIALTY_SYSTEM_MARK = "TRE_R38-SpecialiteOrdinale"
 MAX_COUNT = 200  # the API's _count ceiling
 BATCH = 50  # identifiers per request (keeps URLs short)
 RETRY_STATUS = {500, 502, 503, 504}
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 `id`: never a comma, so safe to batch
+
+# The search parameters this module sends, each declared by the ANS API v2 CapabilityStatement,
+# ansforge/IG-fhir-annuaire, input/fsh/CapabilityStatement/AsServerDPCapabilityStatementv2.fsh
+# (searchParam, searchInclude and searchRevInclude of each resource). `_count` is a result
+# parameter the API documents (ansforge/annuaire-sante-fhir-documentation,
+# docs/pages/documentation/starters/api-basics.md). The statement declares no include on
+# Practitioner at all, hence no `_include:iterate=PractitionerRole:organization`: organizations
+# come from a second, batched `Organization?_id=a,b,c`. tests/fhir_server.py answers 400 to
+# anything else, as a strict server does.
+SEARCH_PARAMETERS = {
+    "Practitioner": {
+        "identifier",
+        "mailbox-mss",
+        "name",
+        "given",
+        "_revinclude=PractitionerRole:practitioner",
+    },
+    "PractitionerRole": {
+        "mailbox-mss",
+        "_include=PractitionerRole:practitioner",
+        "_include=PractitionerRole:organization",
+    },
+    "Organization": {"_id"},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +293,20 @@ def _missing_organizations(resources: Sequence[dict[str, Any]]) -> list[str]:
     return want
 
 
+def _declared(kind: str, params: dict[str, str | list[str]]) -> bool:
+    allowed = SEARCH_PARAMETERS.get(kind, set())
+    for name, value in params.items():
+        if name == "_count":
+            continue
+        if name.startswith("_") and name != "_id":  # _include/_revinclude: the value is declared
+            values = value if isinstance(value, list) else [value]
+            if any(f"{name}={v}" not in allowed for v in values):
+                return False
+        elif name not in allowed:
+            return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # HTTP
 # ----------------------------------------------------------------------------------------------
@@ -260,13 +325,38 @@ def _retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+@dataclasses.dataclass
+class _Budget:
+    """What one call (``lookup``, ``lookup_many``, ``search``) may still spend."""
+
+    deadline: float
+    resources: int
+    resource_cap: int
+
+
+Params = dict[str, str | list[str]]
+
+
 class FhirDirectory(Directory):
     """The Annuaire Santé FHIR API v2 (or any server with its shapes) as a directory.
 
     ``base_url`` is the FHIR base (e.g. ``https://gateway.api.esante.gouv.fr/fhir/v2``);
     ``api_key`` is sent as ``ESANTE-API-KEY``; ``client`` lets callers bring their own
-    ``httpx.Client`` (proxies, certificates). Retries are bounded by ``max_attempts`` and
-    ``max_total_time`` seconds; ``sleep`` and ``clock`` are injectable for tests.
+    ``httpx.Client`` (proxies, certificates; the call's deadline then bounds each read and the
+    body as it streams, but not a status line and headers sent a byte at a time).
+
+    Bounds, per call (see the module docstring for which error each ends in):
+
+    * ``max_total_time`` seconds, one deadline for everything the call does: connecting,
+      retrying (``max_attempts``, backoff from ``backoff_base`` up to ``backoff_cap``), waiting,
+      reading headers and bodies; past it, :class:`DirectoryUnavailable`;
+    * ``timeout`` seconds for each network operation within it;
+    * ``max_pages`` pages per search (a first request and the ``next`` links it leads to);
+    * ``max_resources`` resources in all (per 50 references for ``lookup_many``);
+    * ``max_response_bytes`` per response body, counted as it streams (after decompression);
+      past the last three, :class:`DirectoryError`.
+
+    ``sleep`` and ``clock`` are injectable for tests.
     """
 
     def __init__(
@@ -278,6 +368,9 @@ class FhirDirectory(Directory):
         timeout: float = 10.0,
         max_attempts: int = 6,
         max_total_time: float = 60.0,
+        max_pages: int = 20,
+        max_resources: int = 10_000,
+        max_response_bytes: int = 8 * 1024 * 1024,
         backoff_base: float = 0.5,
         backoff_cap: float = 8.0,
         sleep: Callable[[float], None] = time.sleep,
@@ -286,6 +379,16 @@ class FhirDirectory(Directory):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        for name, value in (
+            ("timeout", timeout),
+            ("max_total_time", max_total_time),
+            ("max_attempts", max_attempts),
+            ("max_pages", max_pages),
+            ("max_resources", max_resources),
+            ("max_response_bytes", max_response_bytes),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive")
         self.base_url = base_url.rstrip("/") + "/"
         self._origin = (parts.scheme, parts.netloc)
         if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -295,9 +398,20 @@ class FhirDirectory(Directory):
             )
         self._api_key = api_key
         self._own_client = client is None
-        self._client = client or httpx.Client(timeout=timeout)
+        if client is None:
+            if uses_env_proxy(self.base_url):
+                # the deadline transport does not speak to proxies: keep httpx's, which does
+                log.info("FhirDirectory through the environment's proxy")
+                client = httpx.Client(timeout=timeout)
+            else:
+                client = httpx.Client(timeout=timeout, transport=DeadlineTransport())
+        self._client = client
+        self.timeout = timeout
         self.max_attempts = max_attempts
         self.max_total_time = max_total_time
+        self.max_pages = max_pages
+        self.max_resources = max_resources
+        self.max_response_bytes = max_response_bytes
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._sleep = sleep
@@ -313,24 +427,42 @@ class FhirDirectory(Directory):
             self._client.close()
 
     # -- transport --------------------------------------------------------------------------
+    def _budget(self, units: int = 1) -> _Budget:
+        cap = self.max_resources * max(1, units)
+        return _Budget(
+            deadline=self._clock() + self.max_total_time, resources=cap, resource_cap=cap
+        )
+
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/fhir+json, application/json"}
+        # no br/zstd: only encodings whose expansion per chunk is bounded (zlib: about 1000:1)
+        headers = {
+            "Accept": "application/fhir+json, application/json",
+            "Accept-Encoding": "gzip, deflate",
+        }
         if self._api_key:
             headers["ESANTE-API-KEY"] = self._api_key
         return headers
 
-    def _get(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+    def _expired(self) -> DirectoryUnavailable:
+        return DirectoryUnavailable(
+            f"the directory did not answer within the call's deadline ({self.max_total_time:g} s)"
+        )
+
+    def _get(self, url: str, params: Params | None, budget: _Budget) -> dict[str, Any]:
         parts = urlsplit(url)
         if (parts.scheme, parts.netloc) != self._origin:
             raise DirectoryError("refusing to follow a link to another host than the directory's")
-        deadline = self._clock() + self.max_total_time
         attempt = 0
         while True:
+            remaining = budget.deadline - self._clock()
+            if remaining <= 0:
+                raise self._expired()
             attempt += 1
             self.requests_made += 1
             wait: float | None = None
             try:
-                resp = self._client.get(url, params=params, headers=self._headers())
+                with deadline(budget.deadline, self._clock):
+                    status, retry_after, body = self._fetch(url, params, budget, remaining)
             except httpx.TimeoutException:
                 problem = "timed out"
             except httpx.TransportError as exc:
@@ -338,16 +470,15 @@ class FhirDirectory(Directory):
             except httpx.HTTPError as exc:
                 raise DirectoryError(f"directory request failed: {type(exc).__name__}") from exc
             else:
-                status = resp.status_code
                 if status == 200:
-                    return self._json(resp)
+                    return self._bundle(body)
                 if status in (401, 403):
                     raise DirectoryError(
                         f"the directory refused the request (HTTP {status}): check the ESANTE-API-KEY"
                     )
                 if status == 429:
                     problem = "throttling requests (HTTP 429)"
-                    wait = _retry_after(resp.headers.get("Retry-After"), time.time())
+                    wait = _retry_after(retry_after, time.time())
                 elif status in RETRY_STATUS:
                     problem = f"failing (HTTP {status})"
                 else:
@@ -355,7 +486,9 @@ class FhirDirectory(Directory):
             if wait is None:
                 ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
                 wait = random.uniform(ceiling / 2, ceiling)  # jitter, never below half the step
-            remaining = deadline - self._clock()
+            remaining = budget.deadline - self._clock()
+            if remaining <= 0:  # what ended this attempt was the deadline: say so
+                raise self._expired()
             if attempt >= self.max_attempts or wait > remaining:
                 raise DirectoryUnavailable(
                     f"the directory is {problem}; gave up after {attempt} attempt(s)"
@@ -363,9 +496,40 @@ class FhirDirectory(Directory):
             log.info("directory %s, retrying in %.1fs (attempt %d)", problem, wait, attempt)
             self._sleep(wait)
 
-    def _json(self, resp: httpx.Response) -> dict[str, Any]:
+    def _fetch(
+        self, url: str, params: Params | None, budget: _Budget, remaining: float
+    ) -> tuple[int, str | None, bytes]:
+        """One GET: the status, its Retry-After, and the body of a 200 read within bounds."""
+        timeout = httpx.Timeout(min(self.timeout, remaining))
+        with self._client.stream(
+            "GET", url, params=params, headers=self._headers(), timeout=timeout
+        ) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, resp.headers.get("Retry-After"), b""
+            return 200, None, self._read(resp, budget)
+
+    def _read(self, resp: httpx.Response, budget: _Budget) -> bytes:
+        """The body, streamed: refused past ``max_response_bytes``, abandoned at the deadline."""
+        limit = self.max_response_bytes
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", "deflate"):
+            raise DirectoryError("the directory answered in a content encoding it was not offered")
+        too_big = f"the directory's answer is larger than the {limit}-byte limit per response"
+        declared = resp.headers.get("Content-Length", "").strip()
+        if encoding == "identity" and declared.isdigit() and int(declared) > limit:
+            raise DirectoryError(too_big)
+        body = bytearray()
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise DirectoryError(too_big)
+            if self._clock() >= budget.deadline:
+                raise self._expired()
+        return bytes(body)
+
+    def _bundle(self, body: bytes) -> dict[str, Any]:
         try:
-            doc = resp.json()
+            doc = json.loads(body)
         except (ValueError, RecursionError) as exc:  # invalid JSON, bad encoding, hostile nesting
             raise DirectoryError("malformed FHIR response: not JSON") from exc
         if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle":
@@ -376,78 +540,97 @@ class FhirDirectory(Directory):
 
     def _collect(
         self,
-        path: str,
-        params: dict[str, str],
+        kind: str,
+        params: Params,
+        budget: _Budget,
         *,
-        max_resources: int | None = None,
-        primary: str = "Practitioner",
+        max_matches: int | None = None,
     ) -> list[dict[str, Any]]:
-        """GET a search and every ``next`` page; return the resources of all pages."""
-        url = urljoin(self.base_url, path)
+        """GET a search of ``kind`` and its ``next`` pages; return the resources of all pages."""
+        if not _declared(kind, params):  # a bug here, not the server's doing
+            raise RuntimeError(f"undeclared search parameter in {kind}?{sorted(params)}")
+        url = urljoin(self.base_url, kind)
         out: list[dict[str, Any]] = []
-        primaries = 0
-        current: dict[str, str] | None = params
+        matches = 0
+        current: Params | None = params
         seen: set[str] = set()
+        pages = 0
         while True:
-            bundle = self._get(url, current)
+            bundle = self._get(url, current, budget)
+            pages += 1
             for entry in bundle.get("entry", []):
                 res = _dict(_dict(entry).get("resource"))
-                if res:
-                    out.append(res)
-                    primaries += res.get("resourceType") == primary
+                if not res:
+                    continue
+                budget.resources -= 1
+                if budget.resources < 0:
+                    raise DirectoryError(
+                        f"the directory's answer holds more than {budget.resource_cap} resources"
+                    )
+                out.append(res)
+                matches += res.get("resourceType") == kind
             nxt = None
             for link in bundle.get("link", []):
                 link = _dict(link)
                 if link.get("relation") == "next" and _str(link.get("url")):
                     nxt = urljoin(url, link["url"])
-            if (
-                nxt is None
-                or nxt in seen
-                or (max_resources is not None and primaries >= max_resources)
-            ):
+            if nxt is None or nxt in seen or (max_matches is not None and matches >= max_matches):
                 return out
+            if pages >= self.max_pages:
+                raise DirectoryError(
+                    f"the directory's answer runs over more than {self.max_pages} pages"
+                    " (narrow the search)"
+                )
             seen.add(nxt)
             url, current = nxt, None
 
-    def _with_organizations(self, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        missing = _missing_organizations(resources)
+    def _with_organizations(
+        self, resources: list[dict[str, Any]], budget: _Budget
+    ) -> list[dict[str, Any]]:
+        """Add the organizations the active roles point to, fetched by batches of ``_id``."""
+        missing = [oid for oid in _missing_organizations(resources) if FHIR_ID.fullmatch(oid)]
         for i in range(0, len(missing), BATCH):
-            ids = ",".join(missing[i : i + BATCH])
-            resources = resources + self._collect(
-                "Organization", {"_id": ids, "_count": str(MAX_COUNT)}, primary="Organization"
+            batch = missing[i : i + BATCH]
+            wanted = set(batch)
+            found = self._collect(
+                "Organization", {"_id": ",".join(batch), "_count": str(MAX_COUNT)}, budget
             )
+            # only what was asked for: a stray Practitioner here would join the answer
+            resources = resources + [
+                r
+                for r in found
+                if r.get("resourceType") == "Organization" and r.get("id") in wanted
+            ]
         return resources
 
     def _practitioners(
-        self, path: str, params: dict[str, str], *, max_resources: int | None = None
+        self, params: Params, budget: _Budget, *, max_matches: int | None = None
     ) -> list[Practitioner]:
         params = {
             **params,
             "_count": str(MAX_COUNT),
             "_revinclude": "PractitionerRole:practitioner",
-            "_include:iterate": "PractitionerRole:organization",
         }
-        resources = self._with_organizations(
-            self._collect(path, params, max_resources=max_resources)
+        resources = self._collect("Practitioner", params, budget, max_matches=max_matches)
+        return practitioners_from_bundle(
+            self._with_organizations(resources, budget), source=self.base_url
         )
-        return practitioners_from_bundle(resources, source=self.base_url)
 
     # -- Directory --------------------------------------------------------------------------
     def lookup(self, ref: Ref) -> Practitioner:
         _key, parsed = normalize_ref(ref)
+        budget = self._budget()
         if isinstance(parsed, MSSanteAddress):
-            found = self._by_mailbox([str(parsed)])
+            found = self._by_mailbox([str(parsed)], budget)
             matches = [p for p in found if any(m.address == str(parsed) for m in p.mailboxes)]
         else:
-            found = self._practitioners(
-                "Practitioner", {"identifier": f"{IDNPS_SYSTEM}|{parsed.idnps}"}
-            )
+            found = self._practitioners({"identifier": f"{IDNPS_SYSTEM}|{parsed.idnps}"}, budget)
             matches = [p for p in found if p.idnps == parsed.idnps]
         return unique(matches, ref)
 
-    def _by_mailbox(self, addresses: Sequence[str]) -> list[Practitioner]:
+    def _by_mailbox(self, addresses: Sequence[str], budget: _Budget) -> list[Practitioner]:
         joined = ",".join(addresses)
-        found = self._practitioners("Practitioner", {"mailbox-mss": joined})
+        found = self._practitioners({"mailbox-mss": joined}, budget)
         wanted = set(addresses)
         if not any(m.address in wanted for p in found for m in p.mailboxes) or len(addresses) > 1:
             # the mailbox may sit on a PractitionerRole only
@@ -456,44 +639,41 @@ class FhirDirectory(Directory):
                 {
                     "mailbox-mss": joined,
                     "_count": str(MAX_COUNT),
-                    "_include": "PractitionerRole:practitioner",
-                    "_include:iterate": "PractitionerRole:organization",
+                    "_include": ["PractitionerRole:practitioner", "PractitionerRole:organization"],
                 },
-                primary="PractitionerRole",
+                budget,
             )
             found += practitioners_from_bundle(
-                self._with_organizations(roles), source=self.base_url
+                self._with_organizations(roles, budget), source=self.base_url
             )
         return found
 
     def lookup_many(self, refs: Sequence[Ref]) -> dict[str, Practitioner]:
         """Resolve many references in few requests: identifiers by batches of 50 with
-        ``identifier=a,b,c``, addresses with ``mailbox-mss=a,b``."""
+        ``identifier=a,b,c``, addresses with ``mailbox-mss=a,b``. The resource cap is
+        ``max_resources`` per batch; the deadline is the call's, whatever its size."""
         keys: dict[str, Identifier | MSSanteAddress] = {}
         for ref in refs:
             key, parsed = normalize_ref(ref)
             keys.setdefault(key, parsed)
         idents = [p for p in keys.values() if isinstance(p, Identifier)]
         addresses = [str(p) for p in keys.values() if isinstance(p, MSSanteAddress)]
+        batches = -(-len(idents) // BATCH) + -(-len(addresses) // BATCH)
+        budget = self._budget(batches)
         found: list[Practitioner] = []
         for i in range(0, len(idents), BATCH):
             batch = idents[i : i + BATCH]
             value = ",".join(f"{IDNPS_SYSTEM}|{ident.idnps}" for ident in batch)
-            found += self._practitioners("Practitioner", {"identifier": value})
+            found += self._practitioners({"identifier": value}, budget)
         for i in range(0, len(addresses), BATCH):
-            found += self._by_mailbox(addresses[i : i + BATCH])
+            found += self._by_mailbox(addresses[i : i + BATCH], budget)
         out: dict[str, Practitioner] = {}
         for key, parsed in keys.items():
             if isinstance(parsed, MSSanteAddress):
                 matches = [p for p in found if any(m.address == str(parsed) for m in p.mailboxes)]
             else:
                 matches = [p for p in found if p.idnps == parsed.idnps]
-            try:
-                out[key] = unique(matches, key.split(":", 1)[1])
-            except PractitionerNotFound:
-                raise PractitionerNotFound(
-                    f"no practitioner matches {key.split(':', 1)[1]}"
-                ) from None
+            out[key] = unique(matches, key.split(":", 1)[1])
         return out
 
     def search(
@@ -507,14 +687,14 @@ class FhirDirectory(Directory):
     ) -> list[Practitioner]:
         if not any((name, given, profession, city)):
             raise ValueError("give at least one search criterion")
-        params: dict[str, str] = {}
+        params: Params = {}
         if name:
             params["name"] = name
         if given:
             params["given"] = given
         # profession and city are filtered here: the API has no reliable parameter for them.
         found = self._practitioners(
-            "Practitioner", params, max_resources=limit if not (profession or city) else None
+            params, self._budget(), max_matches=limit if not (profession or city) else None
         )
         result = [
             p

@@ -105,3 +105,4 @@ STATEMENT_TEXT_PREFIX: Final = "mst1"
 
 # --- audit log checkpoints (medsecure/audit.py, docs/traceability.md) ---------------------------
 LABEL_AUDIT_CHECKPOINT: Final = b"medsecure/v1/audit-checkpoint"
+LABEL_AUDIT_RECORD_MAC: Final = b"medsecure/v1/audit-record-mac"  # HKDF info of the record MAC key

@@ -2,11 +2,13 @@
 the software that embeds medsecure, :class:`MockTransport`. Relay and mail transports plug into
 the same :class:`Transport` protocol."""
 
-from ._base import DeliveryReport, Incoming, Transport, UnsupportedItem
+from ._base import AsyncTransport, DeliveryReport, Incoming, Transport, UnsupportedItem
 from ._file import FileTransport
-from ._mock import Delivery, MockTransport
+from ._mock import AsyncMockTransport, Delivery, MockTransport
 
 __all__ = [
+    "AsyncMockTransport",
+    "AsyncTransport",
     "Delivery",
     "DeliveryReport",
     "FileTransport",

@@ -44,7 +44,7 @@ from .._errors import StorageError, TransportError
 if TYPE_CHECKING:
     from ..models import Endpoint
 
-__all__ = ["DeliveryReport", "Incoming", "Transport", "UnsupportedItem"]
+__all__ = ["AsyncTransport", "DeliveryReport", "Incoming", "Transport", "UnsupportedItem"]
 
 
 @dataclass(frozen=True)
@@ -154,3 +154,52 @@ class Transport(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class AsyncTransport(abc.ABC):
+    """The asynchronous twin of :class:`Transport`, for :class:`~medsecure.AsyncClient`: the
+    same operations as coroutines. Reading a waiting envelope is :meth:`take` (write it to a
+    path), so that large envelopes stream to disk without passing through the caller."""
+
+    kinds: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def name(self) -> str:
+        """A stable name for this mailbox (used to remember what was already reported)."""
+        return type(self).__name__
+
+    def accepts(self, endpoint: Endpoint) -> bool:
+        """Whether this transport can deliver to ``endpoint``."""
+        return endpoint.kind in self.kinds
+
+    @abc.abstractmethod
+    async def deliver(
+        self, endpoint: Endpoint, envelope: BinaryIO, *, message_id: str, size: int
+    ) -> None:
+        """Deliver one envelope (the error contract of :meth:`Transport.deliver`)."""
+
+    @abc.abstractmethod
+    async def list(self) -> Sequence[Incoming]:
+        """What waits in the local mailbox, oldest first."""
+
+    @abc.abstractmethod
+    async def take(self, item: Incoming, target: Path) -> None:
+        """Write a durable copy of a waiting envelope at ``target`` (see :meth:`Transport.take`)."""
+
+    @abc.abstractmethod
+    async def acknowledge(self, item: Incoming) -> None:
+        """Remove an envelope (or a report) the receiver has stored durably."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

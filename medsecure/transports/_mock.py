@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, ClassVar
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
 
 from .._errors import TransportUnavailable
 from ..models import Endpoint
-from ._base import Incoming, Transport
+from ._base import AsyncTransport, Incoming, Transport
 
-__all__ = ["Delivery", "MockTransport"]
+__all__ = ["AsyncMockTransport", "Delivery", "MockTransport"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,42 @@ class MockTransport(Transport):
     def acknowledge(self, item: Incoming) -> None:
         with self._lock:
             self._inbox.pop(item.handle, None)
+
+
+class AsyncMockTransport(AsyncTransport):
+    """The asynchronous twin of :class:`MockTransport` (for tests of asyncio code): deliveries
+    go to ``handler`` (a plain function or a coroutine function) and are recorded; incoming
+    envelopes are what the test :meth:`push`-es."""
+
+    kinds: ClassVar[frozenset[str]] = frozenset({"drop", "relay", "mail"})
+
+    def __init__(self, handler: Callable[[Delivery], Any] | None = None) -> None:
+        self._sync = MockTransport()
+        self.handler = handler
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        return self._sync.deliveries
+
+    def push(self, envelope: bytes, *, message_id: str | None = None) -> None:
+        """Make an envelope appear in the local mailbox."""
+        self._sync.push(envelope, message_id=message_id)
+
+    async def deliver(
+        self, endpoint: Endpoint, envelope: BinaryIO, *, message_id: str, size: int
+    ) -> None:
+        delivery = Delivery(endpoint=endpoint, message_id=message_id, envelope=envelope.read())
+        if self.handler is not None:
+            result = self.handler(delivery)
+            if inspect.isawaitable(result):
+                await result
+        self._sync.deliveries.append(delivery)
+
+    async def list(self) -> Sequence[Incoming]:
+        return self._sync.list()
+
+    async def take(self, item: Incoming, target: Path) -> None:
+        self._sync.take(item, target)
+
+    async def acknowledge(self, item: Incoming) -> None:
+        self._sync.acknowledge(item)

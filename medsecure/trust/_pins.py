@@ -7,83 +7,57 @@ SQLite transaction so that a crash never leaves a practitioner with no pin after
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import sqlite3
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-from .._errors import StorageError
+from .._sqlite import Database
 from ._statements import _from_ts, _ts
 
 __all__ = ["PinStore"]
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS pins (idnps TEXT NOT NULL, fingerprint TEXT NOT NULL,"
+        " pinned_at INTEGER NOT NULL, PRIMARY KEY (idnps, fingerprint))"
+    )
 
 
 class PinStore:
     """Pinned keys per practitioner (key continuity), in SQLite (or in memory with ``path=None``)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self._lock = threading.Lock()
-        target = ":memory:" if path is None else str(path)
-        try:
-            self._db = sqlite3.connect(
-                target, check_same_thread=False, timeout=10, isolation_level=None
-            )
-            if path is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS pins (idnps TEXT NOT NULL, fingerprint TEXT NOT NULL,"
-                " pinned_at INTEGER NOT NULL, PRIMARY KEY (idnps, fingerprint))"
-            )
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the pin store {target!r}: {exc}") from exc
+        self._db = Database(
+            Path(path) if path is not None else None, migrations=(_v1,), what="the pin store"
+        )
 
     def pinned(self, idnps: str) -> dict[str, dt.datetime]:
         """Fingerprints pinned for ``idnps`` with the time each was pinned."""
-        with self._lock, self._guard():
-            rows = self._db.execute(
-                "SELECT fingerprint, pinned_at FROM pins WHERE idnps = ?", (idnps,)
-            ).fetchall()
-        return {fp: _from_ts(at) for fp, at in rows}
+        rows = self._db.query("SELECT fingerprint, pinned_at FROM pins WHERE idnps = ?", (idnps,))
+        return {r["fingerprint"]: _from_ts(r["pinned_at"]) for r in rows}
 
     def pin(
         self, idnps: str, fingerprint: str, at: dt.datetime, *, replace: str | None = None
     ) -> None:
         """Pin ``fingerprint`` for ``idnps``; with ``replace``, unpin that key in the same commit."""
-        with self._lock, self._guard():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if replace is not None:
-                    self._db.execute(
-                        "DELETE FROM pins WHERE idnps = ? AND fingerprint = ?", (idnps, replace)
-                    )
-                self._db.execute(
-                    "INSERT OR REPLACE INTO pins VALUES (?, ?, ?)", (idnps, fingerprint, _ts(at))
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db.transaction() as db:
+            if replace is not None:
+                db.execute("DELETE FROM pins WHERE idnps = ? AND fingerprint = ?", (idnps, replace))
+            db.execute(
+                "INSERT OR REPLACE INTO pins VALUES (?, ?, ?)", (idnps, fingerprint, _ts(at))
+            )
 
     def unpin(self, idnps: str, fingerprint: str | None = None) -> None:
         """Forget one pinned key (or all of a practitioner's), e.g. after checking a new key."""
-        with self._lock, self._guard():
+        with self._db.transaction() as db:
             if fingerprint is None:
-                self._db.execute("DELETE FROM pins WHERE idnps = ?", (idnps,))
+                db.execute("DELETE FROM pins WHERE idnps = ?", (idnps,))
             else:
-                self._db.execute(
+                db.execute(
                     "DELETE FROM pins WHERE idnps = ? AND fingerprint = ?", (idnps, fingerprint)
                 )
 
     def close(self) -> None:
         """Close the database (pins already written are durable)."""
         self._db.close()
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise StorageError(f"pin store failure: {exc}") from exc

@@ -1,0 +1,247 @@
+"""``AsyncClient``: the same client for asyncio programs, driving the same rules.
+
+    async with medsecure.AsyncClient(identity, directory, transport, home,
+                                     trust=policy, me="rpps:10000005479") as client:
+        result = await client.send(Document.from_path("cr.pdf"), to="rpps:10000000019")
+        for message in await client.receive():
+            ...
+            await client.ack(message)
+
+Theory of operation
+-------------------
+Everything a client does between two network operations is disk and crypto work: sealing and
+opening envelopes, fsyncs, SQLite transactions, the audit log. ``AsyncClient`` runs all of it on
+one worker thread of its own, through the very same outbox, inbox and receipt rules as
+:class:`~medsecure.Client` (it drives a ``Client``), so the event loop is never blocked for
+longer than it takes to hand a call over. Work is serialised on that thread, as a ``Client``
+serialises it with its lock.
+
+Transports may be synchronous (:class:`~medsecure.transports.Transport`: they run on the worker
+thread) or asynchronous (:class:`~medsecure.transports.AsyncTransport`, e.g. the relay's
+``AsyncRelayTransport``: their coroutines run on the caller's event loop, and the worker thread
+waits for them). One test suite runs against both clients (tests/test_clients_both.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, ParamSpec, Self, TypeVar
+
+from ._client import Client
+from ._document import Document
+from ._identity import Identity
+from ._results import (
+    OutboxEntry,
+    QuarantinedEnvelope,
+    ReceivedMessage,
+    RecipientStatus,
+    SendResult,
+    StatusEvent,
+)
+from .directory import Directory
+from .models import Endpoint, Practitioner
+from .transports import AsyncTransport, Incoming, Transport
+from .trust import TrustPolicy
+
+__all__ = ["AsyncClient"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _Bridge(Transport):
+    """A synchronous face of an :class:`AsyncTransport`, used on the worker thread: each call
+    runs the coroutine on the client's event loop and waits for its result."""
+
+    def __init__(self, inner: AsyncTransport, loop: Callable[[], asyncio.AbstractEventLoop]):
+        self.inner = inner
+        self._loop = loop
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def accepts(self, endpoint: Endpoint) -> bool:
+        return self.inner.accepts(endpoint)
+
+    def _wait(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop()).result()
+
+    def deliver(
+        self, endpoint: Endpoint, envelope: BinaryIO, *, message_id: str, size: int
+    ) -> None:
+        self._wait(self.inner.deliver(endpoint, envelope, message_id=message_id, size=size))
+
+    def list(self) -> Sequence[Incoming]:
+        return list(self._wait(self.inner.list()))
+
+    def fetch(self, item: Incoming) -> BinaryIO:
+        folder = Path(tempfile.mkdtemp(prefix="medsecure-fetch-"))
+        try:
+            self.take(item, folder / "envelope")
+            return (folder / "envelope").open("rb")  # stays readable once unlinked (POSIX)
+        finally:
+            with contextlib.suppress(OSError):
+                (folder / "envelope").unlink()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def take(self, item: Incoming, target: Path) -> None:
+        self._wait(self.inner.take(item, target))
+
+    def acknowledge(self, item: Incoming) -> None:
+        self._wait(self.inner.acknowledge(item))
+
+
+class AsyncClient:
+    """Send and receive health documents from asyncio code (see the module docstring).
+
+    Takes the arguments of :class:`~medsecure.Client`; ``transport`` may mix synchronous and
+    asynchronous transports. Every method of ``Client`` is here, awaitable."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        directory: Directory,
+        transport: Transport | AsyncTransport | Sequence[Transport | AsyncTransport],
+        home: str | os.PathLike[str] | None = None,
+        *,
+        trust: TrustPolicy | None = None,
+        me: str | None = None,
+        **options: Any,
+    ) -> None:
+        given = (
+            [transport] if isinstance(transport, (Transport, AsyncTransport)) else list(transport)
+        )
+        if not given or not all(isinstance(t, (Transport, AsyncTransport)) for t in given):
+            raise TypeError("transport must be a Transport, an AsyncTransport or a list of them")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        transports = [
+            t if isinstance(t, Transport) else _Bridge(t, self._event_loop) for t in given
+        ]
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="medsecure-async"
+        )
+        # The client (its SQLite connection and audit log) is created and used on the worker
+        # thread only.
+        self._client: Client = self._executor.submit(
+            Client, identity, directory, transports, home, trust=trust, me=me, **options
+        ).result()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("AsyncClient is used outside of its event loop")
+        return self._loop
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("an AsyncClient is bound to the event loop that first used it")
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    @property
+    def client(self) -> Client:
+        """The synchronous client this one drives (use it only from the worker's side)."""
+        return self._client
+
+    @property
+    def home(self) -> Path:
+        return self._client.home
+
+    # -- the methods of Client, awaitable -------------------------------------------------
+    async def send(
+        self,
+        documents: Document | Sequence[Document],
+        to: str | Practitioner | Sequence[str | Practitioner],
+        *,
+        subject: str | None = None,
+        body: str | None = None,
+        in_reply_to: str | None = None,
+        receipts: Sequence[str] = (),
+        allow_classic: bool = False,
+        progress: Callable[[int], None] | None = None,
+        deadline: dt.timedelta | dt.datetime | None = None,
+    ) -> SendResult:
+        """:meth:`Client.send` (``progress`` is called from the worker thread)."""
+        return await self._run(
+            self._client.send,
+            documents,
+            to,
+            subject=subject,
+            body=body,
+            in_reply_to=in_reply_to,
+            receipts=receipts,
+            allow_classic=allow_classic,
+            progress=progress,
+            deadline=deadline,
+        )
+
+    async def receive(self, *, limit: int | None = None) -> list[ReceivedMessage]:
+        """:meth:`Client.receive`. Acknowledge with :meth:`ack` (``message.ack()`` works too,
+        but runs its small disk work on the calling thread)."""
+        return await self._run(self._client.receive, limit=limit)
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        await self._run(message.ack)
+
+    async def mark_read(self, message: ReceivedMessage) -> None:
+        await self._run(message.mark_read)
+
+    async def reject(self, message: ReceivedMessage, reason: str = "other") -> None:
+        await self._run(message.reject, reason)
+
+    async def flush(
+        self, *, force: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> list[RecipientStatus]:
+        return await self._run(self._client.flush, force=force, progress=progress)
+
+    async def outbox(self) -> list[OutboxEntry]:
+        return await self._run(self._client.outbox)
+
+    async def status(self, message_id: str) -> list[RecipientStatus]:
+        return await self._run(self._client.status, message_id)
+
+    async def events(self, *, after: int = 0) -> list[StatusEvent]:
+        return await self._run(self._client.events, after=after)
+
+    async def expire(self) -> list[RecipientStatus]:
+        return await self._run(self._client.expire)
+
+    async def quarantine(self) -> list[QuarantinedEnvelope]:
+        return await self._run(self._client.quarantine)
+
+    async def release(self, quarantine_id: int) -> bool:
+        return await self._run(self._client.release, quarantine_id)
+
+    # -- lifetime --------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Checkpoint the audit log and close the store (a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._run(self._client.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

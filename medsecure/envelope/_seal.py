@@ -280,26 +280,16 @@ def seal(
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
 class _Opened:
     """What opening the header established (the sender is decrypted, not yet verified)."""
 
-    __slots__ = ("chunk_size", "framed_hash", "keys", "recipients", "sender", "suite")
-
-    def __init__(
-        self,
-        keys: _Keys,
-        framed_hash: bytes,
-        chunk_size: int,
-        suite: str,
-        sender: PublicIdentity,
-        recipients: tuple[str, ...],
-    ) -> None:
-        self.keys = keys
-        self.framed_hash = framed_hash
-        self.chunk_size = chunk_size
-        self.suite = suite
-        self.sender = sender
-        self.recipients = recipients
+    keys: _Keys
+    framed_hash: bytes
+    chunk_size: int
+    suite: str
+    sender: PublicIdentity
+    recipients: tuple[str, ...]
 
 
 _PREFIX_BYTES = len(F.ENVELOPE_MAGIC) + _FRAME.size

@@ -100,6 +100,9 @@ class _Bridge(Transport):
     def acknowledge(self, item: Incoming) -> None:
         self._wait(self.inner.acknowledge(item))
 
+    def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
+        return dict(self._wait(self.inner.poll(endpoint, message_ids)))
+
 
 class AsyncClient:
     """Send and receive health documents from asyncio code (see the module docstring).

@@ -473,9 +473,11 @@ class Client:
     ) -> list[RecipientStatus]:
         """Attempt every queued delivery that is due (all of them with ``force=True``), after
         marking expired the recipients whose deadline passed. ``progress(done, total)`` is called
-        after each attempt (for progress bars)."""
+        after each attempt (for progress bars). Deliveries already handed over are polled where
+        the transport can tell (a relay says when an envelope expired uncollected)."""
         with self._lock:
             self._outbox.expire()
+            self._outbox.poll(self.transports)
             rows = self._outbox.due(force=force)
             with self.audit.batch():
                 for done, row in enumerate(rows, 1):

@@ -105,27 +105,41 @@ def _directory(home: Path, cfg: dict[str, Any]) -> Directory:
     return built[0] if len(built) == 1 else ChainDirectory(built)
 
 
-TransportBuilder = Callable[[Path, dict[str, Any]], Transport]
+TransportBuilder = Callable[[Path, dict[str, Any], Identity], Transport]
 _BUILDERS: dict[str, TransportBuilder] = {}
 
 
 def register_transport(kind: str, builder: TransportBuilder) -> None:
-    """Let a home's ``transports`` sections of ``kind`` be built by ``builder(home, section)``
-    (it raises :class:`ConfigError` for a section it cannot use)."""
+    """Let a home's ``transports`` sections of ``kind`` be built by
+    ``builder(home, section, identity)`` (it raises :class:`ConfigError` for a section it cannot
+    use)."""
     _BUILDERS[kind] = builder
 
 
-def _drop(home: Path, section: dict[str, Any]) -> Transport:
+def _drop(home: Path, section: dict[str, Any], identity: Identity) -> Transport:
     path = section.get("path")
     if not isinstance(path, str) or not path:
         raise ConfigError("a drop transport needs 'path' (its drop folder)")
     return FileTransport(FileTransport.prepare(_resolve(home, path)))
 
 
+def _relay(home: Path, section: dict[str, Any], identity: Identity) -> Transport:
+    url = section.get("url")
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise ConfigError("a relay transport needs 'url' (https://…)")
+    from .transports import RelayTransport  # httpx and the signing library: only when used
+
+    try:
+        return RelayTransport(identity, url, timeout=float(section.get("timeout", 30.0)))
+    except ValueError as exc:
+        raise ConfigError(f"bad relay section in config.json: {exc}") from exc
+
+
 register_transport("drop", _drop)
+register_transport("relay", _relay)
 
 
-def _transports(home: Path, cfg: dict[str, Any]) -> list[Transport]:
+def _transports(home: Path, cfg: dict[str, Any], identity: Identity) -> list[Transport]:
     sections = cfg.get("transports")
     if sections is None and isinstance(cfg.get("mailbox"), str):
         sections = [{"kind": "drop", "path": cfg["mailbox"]}]
@@ -142,7 +156,7 @@ def _transports(home: Path, cfg: dict[str, Any]) -> list[Transport]:
                 f"unknown transport kind {section['kind']!r} in config.json (known: {known};"
                 " relay and mail need their extras installed)"
             )
-        built.append(builder(home, section))
+        built.append(builder(home, section, identity))
     return built
 
 
@@ -175,7 +189,7 @@ def client_from_home(
     return Client(
         identity,
         _directory(root, cfg),
-        _transports(root, cfg),
+        _transports(root, cfg, identity),
         root,
         trust=_trust(root, cfg),
         me=cfg.get("me"),
@@ -195,12 +209,14 @@ def init_home(
     given_name: str | None = None,
     transports: Sequence[dict[str, Any]] = (),
     endpoints: Sequence[Endpoint] = (),
+    relay: str | None = None,
 ) -> Identity:
     """Create a home: identity (encrypted), config.json, a drop mailbox, and a local directory
     file holding this practitioner's own entry (key and endpoints) to share with peers.
 
-    ``transports`` adds configuration sections after the drop folder's (e.g. a relay),
-    ``endpoints`` the matching entries of one's own directory entry. If anything fails, what
+    ``relay`` (a relay's URL) adds a relay transport and one's mailbox on it (named by the
+    identity's fingerprint) to the entry; ``transports`` adds other configuration sections
+    after the drop folder's, ``endpoints`` the matching entries of one's own directory entry. If anything fails, what
     was created is removed again: a failed init leaves no half-made home."""
     root = Path(home).expanduser()
     if (root / "config.json").exists():
@@ -214,6 +230,13 @@ def init_home(
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity = Identity.generate(suite)
+        extra_sections = list(transports)
+        extra_endpoints = list(endpoints)
+        if relay is not None:
+            extra_sections.insert(0, {"kind": "relay", "url": relay})
+            extra_endpoints.insert(
+                0, Endpoint(kind="relay", url=relay, mailbox=identity.fingerprint)
+            )
         made.append(root / "identity.key")
         identity.save(root / "identity.key", passphrase=passphrase)
         box_path = Path(mailbox).expanduser() if mailbox is not None else root / "mailbox"
@@ -225,7 +248,7 @@ def init_home(
             family_name=family_name,
             given_name=given_name,
             keys=(KeyEntry(public=identity.public),),
-            endpoints=(Endpoint(kind="drop", path=str(box.resolve())), *endpoints),
+            endpoints=(*extra_endpoints, Endpoint(kind="drop", path=str(box.resolve()))),
         )
         made.append(root / "directory.json")
         FileDirectory(root / "directory.json").add(own)
@@ -234,12 +257,12 @@ def init_home(
             "version": 1,
             "me": idnps,
             "identity": "identity.key",
-            "transports": [{"kind": "drop", "path": str(box.resolve())}, *transports],
+            "transports": [*extra_sections, {"kind": "drop", "path": str(box.resolve())}],
             "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
             "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
         }
         # validate what was written as the client will read it (a bad section fails here)
-        _transports(root, cfg)
+        _transports(root, cfg, identity)
         made.append(root / "config.json")
         atomic_write(root / "config.json", (json.dumps(cfg, indent=2) + "\n").encode(), mode=0o600)
     except BaseException:

@@ -427,6 +427,42 @@ class Outbox:
         if step.status in (SENT, FAILED):
             self.event(message_id, recipient, step.status, detail=step.error)
 
+    def poll(self, transports: Sequence[Transport], *, limit: int = 500) -> int:
+        """Ask the transports what became of deliveries still ``sent`` (a relay knows whether
+        an upload was collected or expired uncollected) and fold the answers in as reports.
+        Returns how many answers changed a status. A transport that cannot answer is skipped."""
+        rows = self.store.query(
+            "SELECT * FROM deliveries d WHERE d.status = ? AND NOT EXISTS (SELECT 1 FROM receipts r"
+            " WHERE r.message_id = d.message_id AND r.recipient = d.recipient"
+            " AND r.status IN ('delivered', 'read', 'rejected')) ORDER BY d.updated LIMIT ?",
+            (SENT, limit),
+        )
+        groups: dict[str, tuple[Endpoint, list[str]]] = {}
+        for row in rows:
+            endpoints = [Endpoint.model_validate(e) for e in json.loads(row["endpoints"])]
+            endpoint = endpoints[min(row["endpoint_index"], len(endpoints) - 1)]
+            key = endpoint.model_dump_json()
+            groups.setdefault(key, (endpoint, []))[1].append(row["message_id"])
+        changed = 0
+        for endpoint, ids in groups.values():
+            try:
+                states = transport_for(endpoint, transports).poll(endpoint, ids)
+            except (MedsecureError, ValueError) as exc:
+                log.info("could not poll a %s endpoint: %s", endpoint.kind, exc)
+                continue
+            for message_id, state in states.items():
+                status = {"expired": EXPIRED, "collected": "delivered"}.get(state)
+                if status is None or message_id not in ids:
+                    continue
+                report = DeliveryReport(
+                    message_id=message_id,
+                    recipient=endpoint.address or endpoint.mailbox,
+                    status=status,
+                    source=endpoint.kind,
+                )
+                changed += self.apply_report(report, endpoint=endpoint)
+        return changed
+
     # -- statuses --------------------------------------------------------------------------
     def statuses(self, message_id: str) -> list[RecipientStatus]:
         got: dict[str, list[sqlite3.Row]] = {}
@@ -546,7 +582,7 @@ class Outbox:
             self._event_in(db, str(of), signer, status, late=late, detail=reason)
         return None
 
-    def apply_report(self, report: DeliveryReport) -> bool:
+    def apply_report(self, report: DeliveryReport, *, endpoint: Endpoint | None = None) -> bool:
         """Fold a transport's delivery report (a mail DSN or MDN) into the outbox. Reports are
         unsigned hints: one about an unknown message or recipient is ignored; ``failed`` ends
         a delivery that is still ``queued`` or ``sent``; ``delivered``/``read`` are recorded
@@ -554,7 +590,10 @@ class Outbox:
         rows = self.store.query(
             "SELECT * FROM deliveries WHERE message_id = ?", (report.message_id,)
         )
-        if report.recipient is not None:
+        if endpoint is not None:
+            wanted = endpoint.model_dump(mode="json", exclude_defaults=True)
+            rows = [r for r in rows if wanted in json.loads(r["endpoints"])]
+        elif report.recipient is not None:
             rows = [
                 r
                 for r in rows
@@ -575,14 +614,16 @@ class Outbox:
         row = rows[0]
         changed = False
         with self.store.transaction(durable=False) as db:
-            if report.status == "failed" and row["status"] in (QUEUED, SENT):
+            if report.status in ("failed", EXPIRED) and row["status"] in (QUEUED, SENT):
+                final = FAILED if report.status == "failed" else EXPIRED
+                default = "delivery failed" if final == FAILED else "not collected in time"
                 changed = (
                     db.execute(
                         "UPDATE deliveries SET status = ?, last_error = ?, updated = ?"
                         " WHERE message_id = ? AND recipient = ? AND status = ?",
                         (
-                            FAILED,
-                            f"{report.source}: {report.reason or 'delivery failed'}",
+                            final,
+                            f"{report.source}: {report.reason or default}",
                             self.clock(),
                             row["message_id"],
                             row["recipient"],
@@ -593,7 +634,7 @@ class Outbox:
                 )
                 if changed:
                     self._event_in(
-                        db, row["message_id"], row["recipient"], FAILED, detail=report.reason
+                        db, row["message_id"], row["recipient"], final, detail=report.reason
                     )
             elif report.status in ("delivered", "read"):
                 late = receipts.is_late(row["status"])

@@ -37,3 +37,13 @@ def erin_classic() -> medsecure.Identity:
 
 # Cheap key-file parameters for tests that save many files (bounds still apply).
 FAST_KDF = {"kdf_iterations": 1, "kdf_memory_kib": 8 * 1024, "kdf_lanes": 1}
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A real PostgreSQL cluster on loopback (tests/pgkit.py); one per test session."""
+    from pgkit import Postgres
+
+    cluster = Postgres()
+    yield cluster
+    cluster.destroy()

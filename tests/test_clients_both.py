@@ -250,3 +250,60 @@ def test_close_applies_audit_retention(
     client.close()
     client.close()  # idempotent
     assert calls == ["purge"]
+
+
+def test_through_a_real_relay_with_receipts_and_expiry(
+    make: Callable[..., Driver], tmp_path: Path, authority: m.Identity
+) -> None:
+    """Both clients over a real relay (uvicorn in a subprocess): the sync client with
+    RelayTransport, the async one with AsyncRelayTransport. A signed receipt comes back; an
+    envelope the relay expires uncollected ends ``expired`` in the sender's status."""
+    from relaykit import RelayServer, cli
+
+    from medsecure.transports import AsyncRelayTransport, RelayTransport
+
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    srv = RelayServer(
+        tmp_path / "relay.log", data=tmp_path / "relay", args=("--retention-days", "3")
+    )
+    with srv:
+
+        def box(p: Party) -> tuple[Endpoint, ...]:
+            return (Endpoint(kind="relay", url=srv.url, mailbox=p.identity.fingerprint),)
+
+        directory = MemoryDirectory(
+            [
+                entry(authority, alice, endpoints=box(alice)),
+                entry(authority, bob, endpoints=box(bob)),
+            ]
+        )
+        kind = AsyncRelayTransport if make.kind == "async" else RelayTransport  # type: ignore[attr-defined]
+        a = make(alice, directory, kind(alice.identity, srv.url))
+        b = make(bob, directory, kind(bob.identity, srv.url))
+        r = a.send(m.Document(content=b"over the relay"), to=bob.ref, receipts=("delivered",))
+        assert [s.status for s in r.recipients] == ["sent"]
+        (msg,) = b.receive()
+        assert msg.documents[0].read() == b"over the relay"
+        b.ack(msg)
+        a.receive()
+        assert [s.status for s in a.status(r.message_id)] == ["delivered"]
+        # a second message is never collected: the relay expires it, the sender learns it
+        late = a.send(m.Document(content=b"never collected"), to=bob.ref).message_id
+        srv.stop()
+        done = cli(
+            "relay",
+            "sweep",
+            "--data",
+            str(tmp_path / "relay"),
+            "--retention-days",
+            "3",
+            "--as-of",
+            str(int(dt.datetime.now(dt.UTC).timestamp()) + 4 * 86400),
+        )
+        assert done.returncode == 0, done.stderr
+        srv.start()
+        a.flush()
+        (st,) = a.status(late)
+        assert st.status == "expired" and "not collected" in (st.error or "")
+        assert "expired" in [e.status for e in a.events() if e.message_id == late]

@@ -27,7 +27,7 @@ def test_transports_section_builds_every_kind(tmp_path: Path) -> None:
     # a kind of one's own, registered by the application
     built: list[dict[str, Any]] = []
 
-    def pigeon(root: Path, section: dict[str, Any]) -> MockTransport:
+    def pigeon(root: Path, section: dict[str, Any], identity: m.Identity) -> MockTransport:
         built.append(section)
         mock = MockTransport()
         mock.kinds = frozenset({"pigeon"})  # type: ignore[misc]
@@ -87,3 +87,41 @@ def test_failed_init_leaves_nothing_behind(tmp_path: Path) -> None:
             home, passphrase="pw", me="rpps:10000005479", transports=[{"kind": "drop", "path": ""}]
         )
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_init_with_a_relay_exchanges_through_it(tmp_path: Path) -> None:
+    """``init_home(relay=URL)``: the home's client reaches the relay, and its own directory entry
+    names its mailbox there (its fingerprint) before the drop folder."""
+    from relaykit import RelayServer
+
+    from medsecure.directory import FileDirectory
+    from medsecure.transports import RelayTransport
+
+    with RelayServer(tmp_path / "relay.log", data=tmp_path / "relay") as srv:
+        homes = {}
+        for name, ref in (("alice", "rpps:10000005479"), ("bob", "rpps:10000000019")):
+            homes[name] = tmp_path / name
+            m.init_home(
+                homes[name],
+                passphrase="pw",
+                me=ref,
+                relay=srv.url,
+                mailbox=tmp_path / f"box-{name}",
+            )
+        entries = {n: FileDirectory(h / "directory.json").all()[0] for n, h in homes.items()}
+        assert [e.kind for e in entries["bob"].endpoints] == ["relay", "drop"]
+        # each adds the other (trust on first use: the key the directory lists)
+        for me, other in (("alice", "bob"), ("bob", "alice")):
+            FileDirectory(homes[me] / "directory.json").add(entries[other])
+        # the drop folders vanish: only the relay can carry the message
+        for name in homes:
+            import shutil
+
+            shutil.rmtree(tmp_path / f"box-{name}")
+        with m.client_from_home(homes["alice"], passphrase="pw") as ca:
+            assert isinstance(ca.transports[0], RelayTransport)
+            r = ca.send(m.Document(content=b"via the relay"), to="rpps:10000000019")
+            assert [s.endpoint for s in r.recipients] == ["relay"]
+        with m.client_from_home(homes["bob"], passphrase="pw") as cb:
+            (msg,) = cb.receive()
+            assert msg.documents[0].read() == b"via the relay"

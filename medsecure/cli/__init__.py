@@ -6,8 +6,9 @@ temporary file beside the target and renamed into place once complete).
 
 Start-up: the key and envelope commands (``keygen``, ``pubkey``, ``seal``, ``unseal``, in
 ``_app``) load only the core — no pydantic, httpx, client or directory. The modules of the other
-commands (``_client``, ``_directory``) register themselves when imported, which happens only when
-one of their commands runs, or for the full command list (``medsecure``, ``medsecure --help``).
+commands (``_client``, ``_directory``, ``_relay``) register themselves when imported, which
+happens only when one of their commands runs, or for the full command list (``medsecure``,
+``medsecure --help``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The group takes no option with a value, so a leading word is the command's name.
     name = args[0] if args and not args[0].startswith("-") else None
     if name not in cli.commands:
-        from . import _client, _directory  # noqa: F401 - register their commands
+        from . import _client, _directory, _relay  # noqa: F401 - register their commands
 
     del click
     return run(argv)

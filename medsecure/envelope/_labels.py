@@ -1,10 +1,10 @@
 """Every wire-format label and constant of medsecure v1, quoted verbatim from the specs.
 
 The envelope, public identities, key files and the message plaintext are specified in
-docs/format.md (sections cited below); signed statements in docs/trust.md; audit checkpoints at
-the top of medsecure/audit.py (docs/traceability.md). Every label here appears literally there,
-and no other module spells a label out (a test checks it): change one only with a new format
-version.
+docs/format.md (sections cited below); signed statements in docs/trust.md; the relay's in
+docs/relay.md; audit checkpoints at the top of medsecure/audit.py (docs/traceability.md).
+Every label here appears literally there, and no other module spells a label out (a test
+checks it): change one only with a new format version.
 """
 
 from __future__ import annotations
@@ -102,6 +102,10 @@ RECEIPT_STATUSES: Final = ("delivered", "read", "rejected")
 # --- docs/trust.md: signed statements about keys ------------------------------------------------
 LABEL_STATEMENT: Final = b"medsecure/v1/statement"
 STATEMENT_TEXT_PREFIX: Final = "mst1"
+
+# --- docs/relay.md: key bundles and signed requests of the relay protocol -----------------------
+LABEL_RELAY_BUNDLE: Final = b"medsecure/v1/relay-bundle"
+LABEL_RELAY_REQUEST: Final = b"medsecure/v1/relay-request"  # ML-DSA-65 context of a request
 
 # --- audit log checkpoints (medsecure/audit.py, docs/traceability.md) ---------------------------
 LABEL_AUDIT_CHECKPOINT: Final = b"medsecure/v1/audit-checkpoint"

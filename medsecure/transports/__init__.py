@@ -5,15 +5,19 @@ the same :class:`Transport` protocol."""
 from ._base import AsyncTransport, DeliveryReport, Incoming, Transport, UnsupportedItem
 from ._file import FileTransport
 from ._mock import AsyncMockTransport, Delivery, MockTransport
+from ._relay import AsyncRelayTransport, RelayTransport, UploadState
 
 __all__ = [
     "AsyncMockTransport",
+    "AsyncRelayTransport",
     "AsyncTransport",
     "Delivery",
     "DeliveryReport",
     "FileTransport",
     "Incoming",
     "MockTransport",
+    "RelayTransport",
     "Transport",
     "UnsupportedItem",
+    "UploadState",
 ]

@@ -21,6 +21,8 @@ Optional capabilities, with defaults here that any transport may improve:
 
 * :meth:`Transport.take` — put a durable copy of a waiting envelope at a path; a drop folder on
   the same file system hard-links it instead of copying (after checking it is a regular file).
+* :meth:`Transport.poll` — what the far side says about envelopes delivered earlier (a relay:
+  collected, still waiting, or expired uncollected). The default knows nothing.
 
 Every adapter translates its own foreign exceptions (``OSError``, ``httpx``, ``smtplib`` …)
 into the error tree: an exception of another type escaping a transport is treated by the
@@ -141,6 +143,13 @@ class Transport(abc.ABC):
                     target.unlink()
                 raise
 
+    def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
+        """States of envelopes delivered earlier to ``endpoint``, by message id: ``waiting``,
+        ``collected`` or ``expired`` (unknown ids are left out). Untrusted hints: the outbox
+        uses ``expired`` to end a delivery and ``collected`` as an unsigned delivery report.
+        The default (a transport that cannot tell) answers nothing."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
@@ -189,6 +198,10 @@ class AsyncTransport(abc.ABC):
     @abc.abstractmethod
     async def acknowledge(self, item: Incoming) -> None:
         """Remove an envelope (or a report) the receiver has stored durably."""
+
+    async def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
+        """See :meth:`Transport.poll`."""
+        return {}
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""

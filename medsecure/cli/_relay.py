@@ -1,0 +1,166 @@
+"""``medsecure relay serve | sweep``: run the reference relay server (extra ``relay``)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from ._app import CliError, _load_public, cli
+
+
+def _server() -> Any:
+    try:
+        from ..relay import server
+    except ImportError as exc:
+        raise CliError(
+            "the relay server needs the 'relay' extra: pip install 'medsecure[relay]'"
+            " (and 'medsecure[postgres]' for --database)"
+        ) from exc
+    return server
+
+
+def _storage_options(f: Any) -> Any:
+    f = click.option(
+        "--database",
+        metavar="URL",
+        help="PostgreSQL URL (postgresql://…) for several stateless instances.",
+    )(f)
+    f = click.option(
+        "--data",
+        type=click.Path(file_okay=False),
+        help="Data folder of the embedded storage (SQLite + envelope files).",
+    )(f)
+    return f
+
+
+def _check_storage(data: str | None, database: str | None) -> None:
+    if bool(data) == bool(database):
+        raise CliError("give exactly one of --data DIR and --database URL")
+
+
+@cli.group()
+def relay() -> None:
+    """Run a medsecure relay (store-and-forward of envelopes)."""
+
+
+@relay.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8443, show_default=True, type=int, help="Port to listen on.")
+@_storage_options
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate chain (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
+@click.option(
+    "--max-envelope-mib",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest envelope.",
+)
+@click.option(
+    "--mailbox-quota-mib",
+    default=20480,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Bytes that may wait in one mailbox.",
+)
+@click.option("--rate", default=20.0, show_default=True, type=float, help="Requests/s per caller.")
+@click.option(
+    "--burst", default=200, show_default=True, type=click.IntRange(1), help="Burst per caller."
+)
+@click.option(
+    "--retention-days",
+    default=90,
+    show_default=True,
+    type=click.IntRange(1, 365),
+    help="Days an envelope waits for collection before it is deleted.",
+)
+@click.option(
+    "--signature-window",
+    default=60,
+    show_default=True,
+    type=click.IntRange(1, 3600),
+    help="Seconds a request's signature time may differ from the server's clock.",
+)
+@click.option(
+    "--authority",
+    "authorities",
+    multiple=True,
+    help="Accept only senders vouched for by this authority (public key or file); repeatable.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    help="Trust X-Forwarded-* from these proxy addresses (behind a reverse proxy).",
+)
+@click.option("--sweep-interval", default=60.0, type=float, hidden=True)
+def serve(
+    host: str,
+    port: int,
+    data: str | None,
+    database: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    max_envelope_mib: int,
+    mailbox_quota_mib: int,
+    rate: float,
+    burst: int,
+    retention_days: int,
+    signature_window: int,
+    authorities: tuple[str, ...],
+    forwarded_allow_ips: str | None,
+    sweep_interval: float,
+) -> None:
+    """Serve the relay until interrupted (structured logs on stderr)."""
+    _check_storage(data, database)
+    if bool(tls_cert) != bool(tls_key):
+        raise CliError("--tls-cert and --tls-key go together")
+    server = _server()
+    config = server.RelayConfig(
+        max_envelope_bytes=max_envelope_mib << 20,
+        mailbox_quota_bytes=mailbox_quota_mib << 20,
+        rate_per_second=rate,
+        rate_burst=burst,
+        retention_days=retention_days,
+        signature_window=signature_window,
+        authorities=tuple(_load_public(a) for a in authorities),
+        sweep_interval=sweep_interval,
+    )
+    server.serve(
+        host=host,
+        port=port,
+        data=data,
+        database=database,
+        config=config,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
+
+
+@relay.command()
+@_storage_options
+@click.option("--retention-days", default=90, show_default=True, type=click.IntRange(1, 365))
+@click.option(
+    "--as-of",
+    type=int,
+    help="Unix time to sweep as of (default: now; for tests and catching up).",
+)
+def sweep(data: str | None, database: str | None, retention_days: int, as_of: int | None) -> None:
+    """Expire envelopes not collected within the retention time, once (servers also do it
+    periodically)."""
+    import anyio
+
+    _check_storage(data, database)
+    server = _server()
+    storage = server.open_storage(data=data, database=database)
+    try:
+        config = server.RelayConfig(retention_days=retention_days)
+        count = anyio.run(
+            lambda: server.sweep(
+                storage, config, now=as_of if as_of is not None else int(time.time())
+            )
+        )
+    finally:
+        storage.close()
+    click.echo(f"expired: {count}")

@@ -1,0 +1,275 @@
+"""Request signatures of the relay protocol: RFC 9421 HTTP Message Signatures with the caller's
+identity keys, over the method, the target, ``Content-Digest`` (RFC 9530), a creation time and a
+nonce.
+
+Theory of operation
+-------------------
+Every relay request carries ``Content-Digest`` (of its body, empty or not) and one signature per
+signing key of the caller's identity, in one ``Signature-Input`` / ``Signature`` pair:
+
+* ``sig1`` — Ed25519 (RFC 9421 §3.3.6, ``alg="ed25519"``);
+* ``sig2`` — ML-DSA-65 (FIPS 204), for a hybrid identity, under the algorithm name
+  ``ml-dsa-65`` (not in the IANA registry yet: RFC 9421 §3.3.7 allows application-specific
+  algorithms), with the FIPS 204 context string ``medsecure/v1/relay-request``.
+
+Both cover the same components — ``"@method" "@authority" "@path" "@query" "content-digest"``
+— and carry the same ``created``, ``nonce``, ``keyid`` (the caller's ``ms1…`` fingerprint) and
+``tag`` (``medsecure-relay-v1``). A hybrid identity must present both and both must verify,
+as for envelope signatures (docs/format.md). ``@scheme`` and ``@target-uri`` are not covered so
+that a TLS-terminating reverse proxy can stand in front of the relay; it must pass ``Host``
+through unchanged (docs/relay.md).
+
+``http-message-signatures`` builds and parses the signature base and the structured fields and
+runs the signature algorithms, including the custom ML-DSA one; this module adds what it leaves
+to its caller: the two-signature policy, the time window, and (in the server) nonce replay and
+the streamed digest.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric import mldsa
+from http_message_signatures import (
+    HTTPMessageSigner,
+    HTTPMessageVerifier,
+    HTTPSignatureAlgorithm,
+    HTTPSignatureKeyResolver,
+    algorithms,
+)
+from http_message_signatures.exceptions import HTTPMessageSignaturesException
+from http_message_signatures.structures import CaseInsensitiveDict
+
+from .._identity import Identity, PublicIdentity
+from ..envelope._labels import LABEL_RELAY_REQUEST as MLDSA_CONTEXT
+from ._digest import format_digest, parse_digest
+
+__all__ = [
+    "COVERED_COMPONENTS",
+    "SIGNATURE_TAG",
+    "AuthError",
+    "VerifiedRequest",
+    "sign_request",
+    "verify_request",
+]
+
+SIGNATURE_TAG: Final = "medsecure-relay-v1"
+COVERED_COMPONENTS: Final = ("@method", "@authority", "@path", "@query", "content-digest")
+LABEL_ED25519: Final = "sig1"
+LABEL_MLDSA: Final = "sig2"
+_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_KEYID_RE = re.compile(r"ms1[a-z2-7]{52}")
+
+
+class _MLDSA65(HTTPSignatureAlgorithm):
+    """ML-DSA-65 (FIPS 204) as an RFC 9421 signature algorithm, with a context string."""
+
+    algorithm_id = "ml-dsa-65"
+
+    def __init__(self, public_key: Any = None, private_key: Any = None) -> None:
+        if public_key is not None and not isinstance(public_key, mldsa.MLDSA65PublicKey):
+            raise HTTPMessageSignaturesException("Unexpected public key type")
+        if private_key is not None and not isinstance(private_key, mldsa.MLDSA65PrivateKey):
+            raise HTTPMessageSignaturesException("Unexpected private key type")
+        self.public_key = public_key
+        self.private_key = private_key
+
+    def sign(self, message: bytes) -> bytes:
+        if self.private_key is None:
+            raise HTTPMessageSignaturesException("no private key")
+        signature: bytes = self.private_key.sign(message, MLDSA_CONTEXT)
+        return signature
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        if self.public_key is None:
+            raise HTTPMessageSignaturesException("no public key")
+        self.public_key.verify(signature, message, MLDSA_CONTEXT)
+
+
+class _Message:
+    """The request view ``http-message-signatures`` resolves components from."""
+
+    def __init__(self, method: str, url: str, headers: Iterable[tuple[str, str]]) -> None:
+        self.method = method
+        self.url = url
+        self.headers = CaseInsensitiveDict()  # type: ignore[no-untyped-call]
+        for name, value in headers:
+            if name in self.headers:
+                self.headers[name] = self.headers[name] + ", " + value
+            else:
+                self.headers[name] = value
+
+
+def new_nonce() -> str:
+    """128 random bits, base64url."""
+    return base64.urlsafe_b64encode(os.urandom(16)).decode("ascii").rstrip("=")
+
+
+def sign_request(
+    identity: Identity,
+    method: str,
+    url: str,
+    digest: bytes,
+    *,
+    created: int | None = None,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """The ``Content-Digest``, ``Signature-Input`` and ``Signature`` headers of one request.
+
+    ``url`` is the absolute, already encoded URL the request goes to; ``digest`` the SHA-256 of
+    its body (of ``b""`` when it has none). ``created`` and ``nonce`` are for tests.
+    """
+    if not isinstance(identity, Identity):
+        raise TypeError("identity must be an Identity")
+    message = _Message(method.upper(), url, [("Content-Digest", format_digest(digest))])
+    when = dt.datetime.fromtimestamp(
+        created if created is not None else dt.datetime.now(dt.UTC).timestamp(), dt.UTC
+    )
+    once = nonce if nonce is not None else new_nonce()
+    keys: list[tuple[str, type[HTTPSignatureAlgorithm], Any]] = [
+        (LABEL_ED25519, algorithms.ED25519, identity._ed25519)
+    ]
+    if identity._mldsa is not None:
+        keys.append((LABEL_MLDSA, _MLDSA65, identity._mldsa))
+    try:
+        for label, algorithm, key in keys:
+            signer = HTTPMessageSigner(signature_algorithm=algorithm)
+            prepared = signer.prepare(
+                message,
+                key_id=identity.fingerprint,
+                created=when,
+                nonce=once,
+                label=label,
+                tag=SIGNATURE_TAG,
+                covered_component_ids=COVERED_COMPONENTS,
+                use_existing_digest=True,
+            )
+            signature = algorithm(private_key=key).sign(prepared.signature_base)
+            signer.apply(message, prepared, signature, append_if_signature_exists=True)
+    except HTTPMessageSignaturesException as exc:
+        # Only a malformed URL gets here (every other input is ours).
+        raise ValueError(f"cannot sign a request to this URL: {exc}") from exc
+    return dict(message.headers.items())
+
+
+class AuthError(Exception):
+    """A request failed authentication; ``slug`` is its problem type (see ``_problems``)."""
+
+    def __init__(self, slug: str, detail: str = "") -> None:
+        super().__init__(detail or slug)
+        self.slug = slug
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class VerifiedRequest:
+    """What a verified signature establishes about a request."""
+
+    caller: PublicIdentity
+    created: int
+    nonce: str
+    digest: bytes
+    """The SHA-256 the signed ``Content-Digest`` names: the body must still be checked against it."""
+
+    @property
+    def fingerprint(self) -> str:
+        return self.caller.fingerprint
+
+
+class _Resolver(HTTPSignatureKeyResolver):
+    def __init__(self, resolve: Callable[[str], PublicIdentity | None], which: str) -> None:
+        self._resolve = resolve
+        self._which = which
+        self.identity: PublicIdentity | None = None
+        self.unknown = False
+
+    def resolve_public_key(self, key_id: str) -> Any:
+        if not isinstance(key_id, str) or not _KEYID_RE.fullmatch(key_id):
+            return None
+        identity = self._resolve(key_id)
+        if identity is None or identity.fingerprint != key_id:
+            self.unknown = True
+            return None
+        self.identity = identity
+        return identity._ed25519 if self._which == LABEL_ED25519 else identity._mldsa
+
+    def resolve_private_key(self, key_id: str) -> Any:  # pragma: no cover - verification only
+        raise NotImplementedError
+
+
+class _Verifier(HTTPMessageVerifier):
+    # The library checks only that ``created`` is not in the future, within this skew; the
+    # window is enforced by verify_request below, with the caller's clock.
+    max_clock_skew = dt.timedelta(days=365 * 100)
+
+
+def verify_request(
+    method: str,
+    url: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    resolve: Callable[[str], PublicIdentity | None],
+    now: float,
+    window: float,
+) -> VerifiedRequest:
+    """Verify the signatures of a request; raise :class:`AuthError` if they are missing,
+    malformed, wrong, made by an unknown key, or created outside ``now ± window`` seconds.
+
+    Nonce replay and the body's digest are the caller's to check (they need state and the body).
+    """
+    message = _Message(method.upper(), url, headers)
+    if "signature-input" not in message.headers or "signature" not in message.headers:
+        raise AuthError("unauthenticated", "the request carries no signature")
+    if "content-digest" not in message.headers:
+        raise AuthError("unauthenticated", "the request carries no Content-Digest")
+    results = []
+    identity: PublicIdentity | None = None
+    for label, algorithm in ((LABEL_ED25519, algorithms.ED25519), (LABEL_MLDSA, _MLDSA65)):
+        if label == LABEL_MLDSA and (identity is None or identity.suite != "hybrid"):
+            break
+        resolver = _Resolver(resolve, label)
+        verifier = _Verifier(signature_algorithm=algorithm, key_resolver=resolver)
+        try:
+            found = verifier.verify(
+                message,
+                max_age=None,
+                expect_tag=SIGNATURE_TAG,
+                expect_label=label,
+                require_components=COVERED_COMPONENTS,
+            )
+        except (HTTPMessageSignaturesException, _CryptoInvalidSignature, ValueError) as exc:
+            if resolver.unknown:
+                raise AuthError("unknown-key", "publish your key bundle first") from exc
+            raise AuthError("signature-invalid") from exc
+        if len(found) != 1 or resolver.identity is None:
+            raise AuthError("signature-invalid")
+        if identity is not None and identity != resolver.identity:
+            raise AuthError("signature-invalid")
+        identity = resolver.identity
+        results.append(found[0])
+    assert identity is not None
+    first = results[0]
+    if any(
+        r.parameters != {**first.parameters, "alg": r.parameters.get("alg")}
+        or list(r.covered_components)[:-1] != list(first.covered_components)[:-1]
+        for r in results[1:]
+    ):
+        raise AuthError("signature-invalid", "the signatures do not cover the same request")
+    created = first.parameters.get("created")
+    nonce = first.nonce
+    if not isinstance(created, int) or not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
+        raise AuthError("signature-invalid", "a signature needs created and a nonce")
+    if abs(now - created) > window:
+        raise AuthError("signature-expired", f"created must be within {int(window)} s of now")
+    try:
+        digest = parse_digest(first.covered_components['"content-digest"'])
+    except (KeyError, ValueError) as exc:
+        raise AuthError("signature-invalid", "malformed Content-Digest") from exc
+    return VerifiedRequest(caller=identity, created=created, nonce=nonce, digest=digest)

@@ -1,0 +1,672 @@
+"""The relay's ASGI application (Starlette): routes, authentication, limits, streaming.
+
+Every request except ``/v1/health``, ``/metrics`` and ``/openapi.json`` is authenticated
+before anything else is looked at (so an unauthenticated caller learns nothing, not even
+whether a mailbox or a message exists), then rate-limited, then authorised (only a mailbox's
+owner lists, downloads or acknowledges it). Uploads are streamed to storage while their digest is
+computed; the digest is compared at the end and the body discarded on mismatch; the upload is
+answered only once the body is durable.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..._errors import IdentityError, StorageError, TrustError
+from ...models import KeyEntry, Practitioner
+from ...trust import AuthorityPolicy, Statement
+from .._bundle import MAX_BUNDLE_BYTES, KeyBundle
+from .._digest import EMPTY_DIGEST, StreamDigest
+from .._openapi import openapi_document
+from .._problems import PROBLEM_CONTENT_TYPE, PROBLEMS, problem_body
+from .._signing import AuthError, VerifiedRequest, verify_request
+from ._config import RelayConfig
+from ._limits import RateLimiter, retry_after
+from ._observe import Metrics, event
+from .storage._base import COLLECTED, Conflict, QuotaExceeded, Storage, StoredMessage
+
+__all__ = ["create_app"]
+
+MESSAGE_ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+FINGERPRINT_RE = re.compile(r"ms1[a-z2-7]{52}")
+BUNDLE_TYPE = "application/vnd.medsecure.key-bundle+cbor"
+_BATCH = 1 << 20  # bytes handed to a storage thread at once
+_RANGE_RE = re.compile(r"bytes=(\d{1,19})-(\d{0,19})")
+
+
+class Problem(Exception):
+    """Answer with a problem document."""
+
+    def __init__(self, slug: str, detail: str = "", headers: dict[str, str] | None = None) -> None:
+        super().__init__(slug)
+        self.slug = slug
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class _State:
+    def __init__(self, storage: Storage, config: RelayConfig) -> None:
+        self.storage = storage
+        self.config = config
+        self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
+        self.metrics = Metrics(storage.stats)
+        self.policy = AuthorityPolicy(list(config.authorities)) if config.authorities else None
+        self._allowed: dict[str, tuple[bool, float]] = {}
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_bundle(raw: bytes) -> KeyBundle:
+    """Parsing verifies the bundle's self-signature (ML-DSA): done once per bundle, not per
+    request. Keyed by the bytes, so a republished bundle is parsed anew."""
+    return KeyBundle.parse(raw)
+
+
+def _state(request: Request) -> _State:
+    state: _State = request.app.state.relay
+    return state
+
+
+async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def _url(request: Request) -> str:
+    host = request.headers.get("host") or ""
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    url = f"{request.url.scheme}://{host}{raw_path.decode('latin-1')}"
+    return url + ("?" + query.decode("latin-1") if query else "")
+
+
+async def _authenticate(request: Request, *, offered: KeyBundle | None = None) -> VerifiedRequest:
+    st = _state(request)
+
+    def resolve(keyid: str) -> Any:
+        if offered is not None and offered.fingerprint == keyid:
+            return offered.public
+        raw = st.storage.key(keyid)
+        if raw is None:
+            return None
+        try:
+            return _parse_bundle(raw).public
+        except IdentityError:
+            return None
+
+    now = time.time()
+    try:
+        verified: VerifiedRequest = await _thread(
+            lambda: verify_request(
+                request.method,
+                _url(request),
+                request.headers.items(),
+                resolve=resolve,
+                now=now,
+                window=st.config.signature_window,
+            )
+        )
+    except AuthError as exc:
+        raise Problem(exc.slug, exc.detail) from None
+    fresh = await _thread(
+        st.storage.remember_nonce,
+        verified.fingerprint,
+        verified.nonce,
+        verified.created + st.config.signature_window + 1,
+    )
+    if not fresh:
+        raise Problem("nonce-replayed")
+    wait = st.limiter.take(verified.fingerprint, time.monotonic())
+    if wait > 0:
+        raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
+    request.state.caller = verified.fingerprint
+    return verified
+
+
+async def _small_body(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem("bad-request", "this request takes no body this large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _authenticated_empty(request: Request) -> VerifiedRequest:
+    verified = await _authenticate(request)
+    body = await _small_body(request, 0)
+    if body or verified.digest != EMPTY_DIGEST:
+        raise Problem("digest-mismatch")
+    return verified
+
+
+def _owner(verified: VerifiedRequest, mailbox: str) -> None:
+    if verified.fingerprint != mailbox:
+        raise Problem("forbidden")
+
+
+def _message_path(request: Request) -> tuple[str, str]:
+    mailbox = request.path_params["mailbox"]
+    message_id = request.path_params["message_id"]
+    if not FINGERPRINT_RE.fullmatch(mailbox) or not MESSAGE_ID_RE.fullmatch(message_id):
+        raise Problem("bad-request", "malformed mailbox or message id")
+    return mailbox, message_id
+
+
+def _record(m: StoredMessage) -> dict[str, Any]:
+    return {
+        "mailbox": m.mailbox,
+        "message_id": m.message_id,
+        "size": m.size,
+        "received_at": m.received_at,
+        "state": m.state,
+    }
+
+
+def _etag(digest: bytes) -> str:
+    return '"' + base64.urlsafe_b64encode(digest).decode().rstrip("=") + '"'
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+async def put_key(request: Request) -> Response:
+    st = _state(request)
+    fingerprint = request.path_params["fingerprint"]
+    # The first publication cannot be verified with a stored key: read the (small) bundle
+    # first, then verify the request with the keys it carries (its fingerprint is the path).
+    raw = await _small_body(request, MAX_BUNDLE_BYTES)
+    try:
+        bundle = KeyBundle.parse(raw)
+    except IdentityError:
+        bundle = None
+    verified = await _authenticate(request, offered=bundle)
+    if not StreamDigest.of([raw]).matches(verified.digest):
+        raise Problem("digest-mismatch")
+    if bundle is None:
+        raise Problem("bad-request", "not a valid key bundle")
+    if bundle.fingerprint != fingerprint or verified.fingerprint != fingerprint:
+        raise Problem("forbidden", "an identity publishes only its own bundle")
+    await _thread(
+        st.storage.publish_key,
+        fingerprint,
+        bundle.raw,
+        bundle.identifiers,
+        int(bundle.published.timestamp()),
+    )
+    st._allowed.pop(fingerprint, None)
+    event("key-published", caller=fingerprint)
+    return Response(status_code=204)
+
+
+async def get_key(request: Request) -> Response:
+    st = _state(request)
+    await _authenticated_empty(request)
+    fingerprint = request.path_params["fingerprint"]
+    raw = (
+        await _thread(st.storage.key, fingerprint)
+        if FINGERPRINT_RE.fullmatch(fingerprint)
+        else None
+    )
+    if raw is None:
+        raise Problem("not-found")
+    return Response(raw, media_type=BUNDLE_TYPE)
+
+
+async def find_keys(request: Request) -> Response:
+    st = _state(request)
+    await _authenticated_empty(request)
+    ident = request.query_params.get("identifier", "")
+    from ...identifiers import parse
+
+    try:
+        idnps = parse(ident).idnps
+    except (ValueError, TypeError):
+        raise Problem("bad-request", "identifier must be an IDNPS, rpps:… or adeli:…") from None
+    found = await _thread(st.storage.keys_for, idnps)
+    return JSONResponse(
+        {"bundles": [base64.urlsafe_b64encode(b).decode().rstrip("=") for b in found]}
+    )
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+async def _sender_allowed(st: _State, fingerprint: str) -> bool:
+    if st.policy is None:
+        return True
+    cached = st._allowed.get(fingerprint)
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    raw = await _thread(st.storage.key, fingerprint)
+    allowed = False
+    if raw is not None:
+        bundle = _parse_bundle(raw)
+        texts = []
+        for s in bundle.statements:
+            with contextlib.suppress(TrustError):
+                texts.append(Statement.parse(s).to_text())
+        for idnps in bundle.identifiers:
+            practitioner = Practitioner(
+                idnps=idnps, keys=(KeyEntry(public=bundle.public, statements=tuple(texts)),)
+            )
+            try:
+                st.policy.check(practitioner, bundle.public)
+            except TrustError:
+                continue
+            allowed = True
+            break
+    if len(st._allowed) > 10_000:
+        st._allowed.clear()
+    st._allowed[fingerprint] = (allowed, time.monotonic() + 60)
+    return allowed
+
+
+async def upload(request: Request) -> Response:
+    st = _state(request)
+    cfg = st.config
+    verified = await _authenticate(request)
+    mailbox, message_id = _message_path(request)
+    if not await _sender_allowed(st, verified.fingerprint):
+        raise Problem("sender-not-allowed")
+    existing: StoredMessage | None = await _thread(st.storage.find, mailbox, message_id)
+    if existing is not None:
+        # The idempotency key is (sender, mailbox, message id): a retry gets the first answer.
+        if existing.sender == verified.fingerprint and existing.digest == verified.digest:
+            st.metrics.messages.labels("replayed").inc()
+            return JSONResponse(_record(existing), status_code=201)
+        raise Problem("message-id-conflict")
+    length_header = request.headers.get("content-length")
+    if length_header is None or "transfer-encoding" in request.headers:
+        raise Problem("length-required")
+    if not length_header.isdigit() or len(length_header) > 19:
+        raise Problem("bad-request", "malformed Content-Length")
+    length = int(length_header)
+    if length > cfg.max_envelope_bytes:
+        raise Problem(
+            "envelope-too-large", f"the largest envelope is {cfg.max_envelope_bytes} bytes"
+        )
+    used = await _thread(st.storage.usage, mailbox)
+    if used + length > cfg.mailbox_quota_bytes:
+        raise Problem("mailbox-quota-exceeded")
+    pending = await _thread(st.storage.begin_upload)
+    committed = False
+    try:
+        digest = StreamDigest()
+
+        def store(data: bytes) -> None:
+            # hashing and writing off the event loop, together (hashlib releases the GIL)
+            digest.update(data)
+            pending.write(data)
+
+        batch: list[bytes] = []
+        batched = received = 0
+        async for chunk in request.stream():
+            if not chunk:
+                continue
+            received += len(chunk)
+            if received > length:
+                raise Problem("bad-request", "the body is longer than its Content-Length")
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= _BATCH:
+                await _thread(store, b"".join(batch))
+                batch, batched = [], 0
+        if batch:
+            data = b"".join(batch)
+            if len(data) <= 65536:
+                store(data)  # small: a thread hop costs more than the work
+            else:
+                await _thread(store, data)
+        if digest.size != length:
+            raise Problem("bad-request", "the body is shorter than its Content-Length")
+        if not digest.matches(verified.digest):
+            raise Problem("digest-mismatch")
+        try:
+            record, new = await _thread(
+                lambda: st.storage.commit_upload(
+                    pending,
+                    mailbox=mailbox,
+                    message_id=message_id,
+                    sender=verified.fingerprint,
+                    digest=verified.digest,
+                    size=length,
+                    now=int(time.time()),
+                    quota=cfg.mailbox_quota_bytes,
+                )
+            )
+        except Conflict:
+            raise Problem("message-id-conflict") from None
+        except QuotaExceeded:
+            raise Problem("mailbox-quota-exceeded") from None
+        committed = True
+    finally:
+        if not committed:
+            with anyio.CancelScope(shield=True):
+                await _thread(pending.abort)
+    st.metrics.messages.labels("accepted" if new else "replayed").inc()
+    if new:
+        st.metrics.bytes.labels("in").inc(length)
+    event("accepted", caller=verified.fingerprint, message_id=message_id, size=length, new=new)
+    return JSONResponse(_record(record), status_code=201)
+
+
+async def list_messages(request: Request) -> Response:
+    st = _state(request)
+    verified = await _authenticated_empty(request)
+    mailbox = request.path_params["mailbox"]
+    _owner(verified, mailbox)
+    try:
+        limit = min(
+            int(request.query_params.get("limit", st.config.list_limit)), st.config.list_limit
+        )
+    except ValueError:
+        raise Problem("bad-request", "limit must be an integer") from None
+    rows = await _thread(st.storage.waiting, mailbox, max(1, limit))
+    return JSONResponse(
+        {
+            "messages": [
+                {
+                    "message_id": m.message_id,
+                    "sender": m.sender,
+                    "size": m.size,
+                    "received_at": m.received_at,
+                }
+                for m in rows
+            ]
+        }
+    )
+
+
+def _range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end exclusive) of a single-range request, None for the whole body."""
+    if header is None:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if m is None:
+        return None  # RFC 9110 §14.2: an unparseable Range is ignored
+    start = int(m.group(1))
+    end = int(m.group(2)) + 1 if m.group(2) else size
+    if start >= size or end <= start:
+        raise Problem("range-not-satisfiable", headers={"Content-Range": f"bytes */{size}"})
+    return start, min(end, size)
+
+
+async def download(request: Request) -> Response:
+    st = _state(request)
+    verified = await _authenticated_empty(request)
+    mailbox, message_id = _message_path(request)
+    _owner(verified, mailbox)
+    record: StoredMessage | None = await _thread(st.storage.find, mailbox, message_id)
+    reader = await _thread(st.storage.open_body, mailbox, message_id)
+    if reader is None or record is None:
+        raise Problem("not-found")
+    etag = _etag(record.digest)
+    try:
+        span = _range(request.headers.get("range"), reader.size)
+        if_range = request.headers.get("if-range")
+        if span is not None and if_range is not None and if_range != etag:
+            span = None
+    except BaseException:
+        await _thread(reader.close)
+        raise
+    start, end = span if span is not None else (0, reader.size)
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+        "Content-Length": str(end - start),
+    }
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
+    metrics = st.metrics
+
+    async def body() -> AsyncIterator[bytes]:
+        pos = start
+        try:
+            while pos < end:
+                data: bytes = await _thread(reader.read, pos, min(_BATCH, end - pos))
+                if not data:
+                    return  # acknowledged meanwhile: the client sees a short body and resumes
+                pos += len(data)
+                metrics.bytes.labels("out").inc(len(data))
+                yield data
+            if start == 0 or span is not None:
+                metrics.messages.labels("downloaded").inc()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _thread(reader.close)
+
+    return StreamingResponse(
+        body(),
+        status_code=206 if span is not None else 200,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
+
+
+async def acknowledge(request: Request) -> Response:
+    st = _state(request)
+    verified = await _authenticated_empty(request)
+    mailbox, message_id = _message_path(request)
+    _owner(verified, mailbox)
+    done = await _thread(st.storage.acknowledge, mailbox, message_id, int(time.time()))
+    if not done:
+        record = await _thread(st.storage.find, mailbox, message_id)
+        if record is None or record.state != COLLECTED:
+            raise Problem("not-found")
+    else:
+        st.metrics.messages.labels("acknowledged").inc()
+        event("acknowledged", caller=verified.fingerprint, message_id=message_id)
+    return Response(status_code=204)
+
+
+async def upload_states(request: Request) -> Response:
+    st = _state(request)
+    verified = await _authenticated_empty(request)
+    ids = request.query_params.getlist("message_id")
+    if not 1 <= len(ids) <= 100 or not all(MESSAGE_ID_RE.fullmatch(i) for i in ids):
+        raise Problem("bad-request", "give 1 to 100 message_id parameters")
+    rows = await _thread(st.storage.uploads, verified.fingerprint, ids)
+    return JSONResponse({"uploads": [{**_record(m), "state_at": m.state_at} for m in rows]})
+
+
+async def limits(request: Request) -> Response:
+    cfg = _state(request).config
+    await _authenticated_empty(request)
+    return JSONResponse(
+        {
+            "max_envelope_bytes": cfg.max_envelope_bytes,
+            "mailbox_quota_bytes": cfg.mailbox_quota_bytes,
+            "retention_days": cfg.retention_days,
+            "signature_window_seconds": cfg.signature_window,
+        }
+    )
+
+
+# -- public -----------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    st = _state(request)
+    try:
+        await _thread(st.storage.stats)
+    except StorageError:
+        raise Problem("unavailable", "storage is not answering") from None
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    data = await _thread(_state(request).metrics.render)
+    return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+# -- errors, logging, lifespan ----------------------------------------------------------------
+
+
+def _problem_response(
+    request: Request, slug: str, detail: str, headers: dict[str, str]
+) -> Response:
+    st: _State | None = getattr(request.app.state, "relay", None)
+    if st is not None:
+        st.metrics.rejections.labels(slug).inc()
+    return Response(
+        problem_body(slug, detail or None),
+        status_code=PROBLEMS[slug].status,
+        media_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return _problem_response(request, exc.slug, exc.detail, exc.headers)
+
+
+async def _on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+    return _problem_response(request, slug, "", {})
+
+
+async def _on_disconnect(request: Request, exc: Exception) -> Response:
+    return Response(status_code=400)
+
+
+async def _on_storage(request: Request, exc: Exception) -> Response:
+    event("storage-error", logging.ERROR, error=type(exc).__name__)
+    return _problem_response(request, "unavailable", "storage failure", {"Retry-After": "5"})
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    event("internal-error", logging.ERROR, error=type(exc).__name__)
+    return _problem_response(request, "internal", "", {})
+
+
+class _AccessLog:
+    """One structured line per request: route template, status, caller, duration."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def wrapped(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped)
+        finally:
+            endpoint = scope.get("endpoint")
+            state = scope.get("state") or {}
+            event(
+                "request",
+                method=scope.get("method"),
+                route=getattr(endpoint, "__name__", None),
+                status=status,
+                caller=state.get("caller"),
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+
+
+async def _sweeper(st: _State) -> None:
+    cfg = st.config
+    while True:
+        await anyio.sleep(cfg.sweep_interval)
+        try:
+            await sweep(st.storage, cfg, st.metrics)
+        except StorageError as exc:
+            event("sweep-failed", logging.WARNING, error=type(exc).__name__)
+
+
+async def sweep(
+    storage: Storage, cfg: RelayConfig, metrics: Metrics | None = None, *, now: int | None = None
+) -> int:
+    """Expire envelopes older than the retention time and purge old records; returns how many
+    envelopes expired."""
+    when = int(time.time()) if now is None else now
+    cutoff = when - cfg.retention_days * 86400
+    total = 0
+    while True:
+        n: int = await _thread(storage.expire, cutoff, when)
+        total += n
+        if n < 500:
+            break
+    await _thread(storage.purge, when, cutoff)
+    if total:
+        if metrics is not None:
+            metrics.messages.labels("expired").inc(total)
+        event("expired", count=total)
+    return total
+
+
+def create_app(storage: Storage, config: RelayConfig | None = None) -> Starlette:
+    """The relay ASGI app over ``storage``."""
+    cfg = config or RelayConfig()
+    st = _State(storage, cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_sweeper, st)
+            yield
+            tg.cancel_scope.cancel()
+
+    mb = "/v1/mailboxes/{mailbox}/messages"
+    routes = [
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/limits", limits, methods=["GET"]),
+        Route("/v1/keys", find_keys, methods=["GET"]),
+        Route("/v1/keys/{fingerprint}", put_key, methods=["PUT"]),
+        Route("/v1/keys/{fingerprint}", get_key, methods=["GET"]),
+        Route(mb, list_messages, methods=["GET"]),
+        Route(mb + "/{message_id}", upload, methods=["PUT"]),
+        Route(mb + "/{message_id}", download, methods=["GET"]),
+        Route(mb + "/{message_id}", acknowledge, methods=["DELETE"]),
+        Route("/v1/uploads", upload_states, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            Problem: _on_problem,
+            HTTPException: _on_http,
+            ClientDisconnect: _on_disconnect,
+            StorageError: _on_storage,
+            Exception: _on_error,
+        },
+    )
+    app.state.relay = st
+    app.add_middleware(_AccessLog)
+    return app

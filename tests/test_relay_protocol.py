@@ -1,0 +1,307 @@
+"""Pure parts of the relay protocol and the transport's decisions (no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import time
+
+import httpx
+import pytest
+
+import medsecure as m
+from medsecure import DeliveryRejected, IdentityError, TransportError, TransportUnavailable
+from medsecure.models import Endpoint
+from medsecure.relay import KeyBundle, sign_bundle, sign_request, verify_request
+from medsecure.relay._digest import EMPTY_DIGEST, format_digest, parse_digest
+from medsecure.relay._problems import PROBLEMS, parse_problem, problem_body
+from medsecure.relay._signing import AuthError
+from medsecure.relay.server._limits import RateLimiter
+from medsecure.transports import AsyncRelayTransport, RelayTransport
+
+URL = "http://127.0.0.1:9/v1/mailboxes/ms1x/messages"
+MID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+
+def _verify(identity, headers, *, method="GET", url=URL, now=None, known=True):
+    return verify_request(
+        method,
+        url,
+        headers.items(),
+        resolve=lambda k: identity.public if known and k == identity.fingerprint else None,
+        now=time.time() if now is None else now,
+        window=60,
+    )
+
+
+@pytest.mark.parametrize("suite", ["hybrid", "classic"])
+def test_signatures_round_trip_and_bind_the_request(suite):
+    me = m.Identity.generate(suite)
+    headers = sign_request(me, "GET", URL, EMPTY_DIGEST)
+    assert ("sig2=" in headers["Signature"]) == (suite == "hybrid")
+    got = _verify(me, headers)
+    assert got.caller == me.public and got.digest == EMPTY_DIGEST
+    for method, url in (("DELETE", URL), ("GET", URL + "?limit=1"), ("GET", URL.replace("9", "8"))):
+        with pytest.raises(AuthError) as err:
+            _verify(me, headers, method=method, url=url)
+        assert err.value.slug == "signature-invalid"
+    tampered = {**headers, "Content-Digest": format_digest(hashlib.sha256(b"x").digest())}
+    with pytest.raises(AuthError) as err:
+        _verify(me, tampered)
+    assert err.value.slug == "signature-invalid"
+    with pytest.raises(AuthError) as err:
+        _verify(me, headers, known=False)
+    assert err.value.slug == "unknown-key"
+    with pytest.raises(AuthError) as err:
+        _verify(me, headers, now=time.time() + 120)
+    assert err.value.slug == "signature-expired"
+    with pytest.raises(AuthError) as err:
+        _verify(me, {k: v for k, v in headers.items() if k != "Signature"})
+    assert err.value.slug == "unauthenticated"
+
+
+def test_a_hybrid_signature_needs_both_halves():
+    me = m.Identity.generate()
+    headers = sign_request(me, "GET", URL, EMPTY_DIGEST)
+    other = sign_request(me, "GET", URL, EMPTY_DIGEST)  # another nonce
+    mixed = dict(headers)
+    # sig2 from another request: each verifies alone, together they do not match
+    mixed["Signature-Input"] = (
+        headers["Signature-Input"].split(", sig2=")[0]
+        + ", sig2="
+        + other["Signature-Input"].split(", sig2=")[1]
+    )
+    mixed["Signature"] = (
+        headers["Signature"].split(", sig2=")[0]
+        + ", sig2="
+        + other["Signature"].split(", sig2=")[1]
+    )
+    with pytest.raises(AuthError) as err:
+        _verify(me, mixed)
+    assert err.value.slug == "signature-invalid"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "sha-256=abc", "sha-512=:" + "A" * 88 + ":", "sha-256=:AAAA:", "x" * 2000, "sha-256=:é:"],
+)
+def test_malformed_content_digests_are_refused(value):
+    with pytest.raises(ValueError):
+        parse_digest(value)
+    assert parse_digest(format_digest(EMPTY_DIGEST)) == EMPTY_DIGEST
+
+
+def test_key_bundles_verify_their_self_signature():
+    me = m.Identity.generate()
+    bundle = sign_bundle(me, identifiers=["rpps:10003456789"])
+    assert KeyBundle.parse(bundle.raw).identifiers == ("810003456789",)
+    raw = bytearray(bundle.raw)
+    raw[-10] ^= 1
+    with pytest.raises(IdentityError):
+        KeyBundle.parse(bytes(raw))
+    with pytest.raises(IdentityError):
+        KeyBundle.parse(b"\xa0")
+    with pytest.raises(IdentityError):
+        KeyBundle.parse(b"\x00" * (70 * 1024))
+
+
+def test_problem_documents_have_stable_types():
+    for slug, p in PROBLEMS.items():
+        body = json.loads(problem_body(slug, "why"))
+        assert body["type"] == f"urn:medsecure:relay:problem:{slug}" and body["status"] == p.status
+        assert parse_problem(problem_body(slug)) == slug
+    assert parse_problem(b"<html>") is None
+    assert parse_problem(b'{"type": "about:blank"}') is None
+
+
+def test_rate_limiter_bursts_then_paces():
+    limiter = RateLimiter(rate=2.0, burst=3, max_keys=2)
+    assert [limiter.take("a", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.take("a", 0.0) == pytest.approx(0.5)
+    assert limiter.take("a", 1.0) == 0.0
+    limiter.take("b", 1.0)
+    limiter.take("c", 1.0)
+    assert "a" not in limiter._buckets  # bounded memory
+
+
+# -- the transport against a scripted relay (injected httpx clients) ----------------------------
+
+
+def _script(answers):
+    """A fake relay answering from a list; records the requests."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        seen.append(request)
+        if request.url.path.startswith("/v1/keys/"):
+            return httpx.Response(204)
+        status, headers, body = answers.pop(0)
+        return httpx.Response(status, headers=headers, content=body)
+
+    return handler, seen
+
+
+def _problem(slug: str) -> bytes:
+    return problem_body(slug)
+
+
+RECORD = json.dumps(
+    {"mailbox": "x", "message_id": MID, "size": 5, "received_at": 1, "state": "waiting"}
+).encode()
+
+
+def _run_sync(identity, answers, **kw):
+    handler, seen = _script(answers)
+    slept: list[float] = []
+    with RelayTransport(
+        identity,
+        "http://relay.test",
+        client=httpx.Client(transport=httpx.MockTransport(handler)),
+        sleep=slept.append,
+        **kw,
+    ) as t:
+        box = Endpoint(kind="relay", url="http://relay.test", mailbox=identity.fingerprint)
+        t.deliver(box, io.BytesIO(b"hello"), message_id=MID, size=5)
+    return seen, slept
+
+
+def _run_async(identity, answers, **kw):
+    handler, seen = _script(answers)
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    async def go() -> None:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        async with AsyncRelayTransport(
+            identity, "http://relay.test", client=client, sleep=sleep, **kw
+        ) as t:
+            box = Endpoint(kind="relay", url="http://relay.test", mailbox=identity.fingerprint)
+            await t.deliver(box, io.BytesIO(b"hello"), message_id=MID, size=5)
+        await client.aclose()
+
+    asyncio.run(go())
+    return seen, slept
+
+
+RUNNERS = {"sync": _run_sync, "async": _run_async}
+
+
+@pytest.mark.parametrize("run", sorted(RUNNERS))
+def test_retries_reuse_the_message_id_and_honour_retry_after(run, alice):
+    answers = [
+        (503, {}, _problem("unavailable")),
+        (429, {"Retry-After": "7"}, _problem("rate-limited")),
+        (201, {}, RECORD),
+    ]
+    seen, slept = RUNNERS[run](alice, answers, backoff=0.25)
+    uploads = [r for r in seen if r.method == "PUT" and "/messages/" in r.url.path]
+    assert len(uploads) == 3 and {r.url.path for r in uploads} == {uploads[0].url.path}
+    assert all(r.content == b"hello" for r in uploads)
+    assert len({r.headers["signature"] for r in uploads}) == 3  # each attempt signed anew
+    assert slept[0] <= 0.25 and slept[1] == 7.0
+
+
+@pytest.mark.parametrize("run", sorted(RUNNERS))
+@pytest.mark.parametrize(
+    ("status", "slug", "error"),
+    [
+        (413, "envelope-too-large", DeliveryRejected),
+        (409, "message-id-conflict", DeliveryRejected),
+        (403, "sender-not-allowed", DeliveryRejected),
+        (507, "mailbox-quota-exceeded", TransportUnavailable),
+        (401, "signature-expired", TransportUnavailable),
+        (503, "unavailable", TransportUnavailable),
+    ],
+)
+def test_refusals_map_to_the_error_tree(run, status, slug, error, alice):
+    answers = [(status, {}, _problem(slug))] * 3
+    with pytest.raises(error, match=slug):
+        RUNNERS[run](alice, answers, retries=2)
+
+
+@pytest.mark.parametrize("run", sorted(RUNNERS))
+def test_a_long_retry_after_is_left_to_the_outbox(run, alice):
+    with pytest.raises(TransportUnavailable, match="retry after 3600"):
+        RUNNERS[run](alice, [(429, {"Retry-After": "3600"}, _problem("rate-limited"))])
+
+
+def test_hostile_listings_are_filtered(alice):
+    bodies = [
+        json.dumps(
+            {
+                "messages": [
+                    {"message_id": MID, "size": 5},
+                    {"message_id": "../../etc/passwd", "size": 1},
+                    {"message_id": MID, "size": -1},
+                    {"message_id": MID, "size": True},
+                    "junk",
+                ]
+            }
+        ).encode(),
+        b"not json",
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            return httpx.Response(204)
+        return httpx.Response(200, content=bodies.pop(0))
+
+    with RelayTransport(
+        alice, "http://relay.test", client=httpx.Client(transport=httpx.MockTransport(handler))
+    ) as t:
+        assert [(i.message_id, i.size) for i in t.list()] == [(MID, 5)]
+        with pytest.raises(TransportError):
+            t.list()
+
+
+def test_endpoints_from_a_directory_are_checked(alice):
+    with RelayTransport(
+        alice,
+        "http://relay.test",
+        client=httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+    ) as t:
+        with pytest.raises(DeliveryRejected, match="malformed mailbox"):
+            t.deliver(
+                Endpoint(kind="relay", url="http://relay.test", mailbox="../x"),
+                io.BytesIO(b""),
+                message_id=MID,
+                size=0,
+            )
+        with pytest.raises(DeliveryRejected, match="malformed URL"):
+            t.deliver(
+                Endpoint(kind="relay", url="ftp://x", mailbox=alice.fingerprint),
+                io.BytesIO(b""),
+                message_id=MID,
+                size=0,
+            )
+        with pytest.raises(ValueError):
+            t.deliver(
+                Endpoint(kind="relay", url="http://relay.test", mailbox=alice.fingerprint),
+                io.BytesIO(b""),
+                message_id="bad",
+                size=0,
+            )
+
+
+def test_a_hostile_relay_cannot_make_a_download_or_an_answer_unbounded(alice):
+    from medsecure.transports import Incoming
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            return httpx.Response(204)
+        if request.url.path.endswith("/messages"):
+            return httpx.Response(200, content=b"[" * (9 << 20))
+        # a body longer than listed, without Content-Length
+        return httpx.Response(200, content=iter([b"a" * 1000] * 50))
+
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    with RelayTransport(alice, "http://relay.test", client=client) as t:
+        with pytest.raises(TransportError, match="too large"):
+            t.list()
+        with t.fetch(Incoming(handle=MID, message_id=MID, size=1500)) as fh:
+            assert fh.read() == b"a" * 1500

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -132,3 +133,53 @@ def test_the_strict_decoder_accepts_exactly_the_allowed_values(value: object) ->
     else:
         assert _acceptable(value)
         assert decoded == value
+
+
+ORDERED = st.recursive(
+    st.booleans() | st.integers(-(2**66), 2**66) | st.binary(max_size=8) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.integers(-30, 300) | st.integers(2**20, 2**40) | st.text(max_size=3),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(ORDERED)
+def test_the_decoder_refuses_every_non_canonical_key_order(value: object) -> None:
+    """Maps written in any key order (cbor2's plain encoder keeps the order given): the decoder
+    accepts exactly those whose bytes are the canonical encoding."""
+    data = cbor2.dumps(value)
+    try:
+        _cbor.decode(data, error=ValueError, what="x")
+    except ValueError:
+        accepted = False
+    else:
+        accepted = True
+    assert accepted == (_acceptable(value) and data == cbor2.dumps(value, canonical=True))
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ({1: 0, 2: 0}, True),
+        ({2: 0, 1: 0}, False),
+        ({1: 0, -1: 0}, True),
+        ({-1: 0, 1: 0}, False),
+        ({1: {3: 0, 2: 0}}, False),
+        ([{10: 0, 100: 0}, {"b": 0, "a": 0}], False),
+        ({"a": 0, "b": 0, "aa": 0}, True),
+    ],
+)
+def test_key_order_examples(value: object, accepted: bool) -> None:
+    data = cbor2.dumps(value)
+    if accepted:
+        assert _cbor.decode(data, error=ValueError, what="x") == value
+    else:
+        with pytest.raises(ValueError, match="canonical"):
+            _cbor.decode(data, error=ValueError, what="x")

@@ -38,33 +38,43 @@ def encode(value: Any) -> bytes:
     return bytes(cbor2.dumps(value, canonical=True))
 
 
-def _check_types(value: Any, depth: int) -> None:
+def _check_types(value: Any, depth: int) -> bool:
+    """Refuse any value medsecure never writes (raise ValueError). Return True when every map
+    inside has non-negative integer keys in ascending order: cbor2's plain encoding of such a
+    value is already the canonical one, which spares the slower canonical encoder."""
     if depth > MAX_DEPTH:
         raise ValueError("nesting too deep")
     kind = type(value)
     if kind is int:
         if not _INT_MIN <= value <= _INT_MAX:
             raise ValueError("CBOR tags are not allowed")  # a bignum
-        return
+        return True
+    plain = True
     if kind is list:
         items: Any = value
     elif kind is dict:
+        previous = -1
         for key in value:
             if type(key) is str:
+                plain = False
                 continue
             if type(key) is not int:
                 raise ValueError("unexpected map key type")
             _check_types(key, depth)
+            if key <= previous:  # negative, or not ascending: the canonical encoder decides
+                plain = False
+            previous = key
         items = value.values()
     elif kind in _STRINGS:
-        return
+        return True
     else:
         raise ValueError("unexpected CBOR type")
     # A string inside a container is checked here rather than by a call of its own, unless it
     # would sit deeper than MAX_DEPTH (the call raises then).
     for item in items:
-        if type(item) not in _STRINGS or depth >= MAX_DEPTH:
-            _check_types(item, depth + 1)
+        if (type(item) not in _STRINGS or depth >= MAX_DEPTH) and not _check_types(item, depth + 1):
+            plain = False
+    return plain
 
 
 def _reject_tag(decoder: Any, tag: Any) -> Any:
@@ -85,8 +95,9 @@ def decode(data: bytes, *, error: type[Exception], what: str) -> Any:
             allow_indefinite=False,
             allow_duplicate_keys=False,
         )
-        _check_types(value, 0)
-        canonical = encode(value)
+        # With only ascending non-negative integer keys, canonical order is the order received
+        # and cbor2's plain encoder (shortest heads, definite lengths) writes the canonical form.
+        canonical = cbor2.dumps(value) if _check_types(value, 0) else encode(value)
     except Exception as exc:  # cbor2 errors, ValueError, RecursionError, MemoryError, ...
         raise error(f"malformed {what}") from exc
     if canonical != data:

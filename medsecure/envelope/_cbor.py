@@ -12,8 +12,9 @@ Any failure — including cbor2's own errors, RecursionError and MemoryError on 
 is raised as the ``error`` class the caller passes, so no foreign exception escapes.
 
 Key order: cbor2's canonical mode sorts map keys length-first (RFC 8949 §4.2.3), which is the
-bytewise order of §4.2.1 for every map medsecure writes (integer keys only, or text keys only);
-the two differ only for maps that mix key types, which no medsecure structure has.
+bytewise order of §4.2.1 for every map medsecure writes (non-negative integer keys only, or
+text keys only); the two differ only for maps that mix key types or use negative keys, which no
+medsecure structure has.
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ def encode(value: Any) -> bytes:
     return bytes(cbor2.dumps(value, canonical=True))
 
 
+def _check_int(value: int) -> None:
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError("CBOR tags are not allowed")  # a bignum
+
+
 def _check_types(value: Any, depth: int) -> bool:
     """Refuse any value medsecure never writes (raise ValueError). Return True when every map
     inside has non-negative integer keys in ascending order: cbor2's plain encoding of such a
@@ -50,35 +55,38 @@ def _check_types(value: Any, depth: int) -> bool:
     if depth > MAX_DEPTH:
         raise ValueError("nesting too deep")
     kind = type(value)
-    if kind is int:
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise ValueError("CBOR tags are not allowed")  # a bignum
-        return True
     plain = True
-    if kind is list:
-        items: Any = value
-    elif kind is dict:
+    if kind is dict:
         previous = -1
         for key in value:
-            if type(key) is str:
+            if type(key) is int:
+                _check_int(key)
+                if key <= previous:  # negative, or not ascending: the canonical encoder decides
+                    plain = False
+                previous = key
+            elif type(key) is str:
                 plain = False
-                continue
-            if type(key) is not int:
+            else:
                 raise ValueError("unexpected map key type")
-            _check_types(key, depth)
-            if key <= previous:  # negative, or not ascending: the canonical encoder decides
-                plain = False
-            previous = key
-        items = value.values()
+        items: Any = value.values()
+    elif kind is list:
+        items = value
+    elif kind is int:
+        _check_int(value)
+        return True
     elif kind in _STRINGS:
         return True
     else:
         raise ValueError("unexpected CBOR type")
-    # A string inside a container is checked here rather than by a call of its own, unless it
-    # would sit deeper than MAX_DEPTH (the call raises then).
+    # Leaves inside a container are checked here rather than by a call of their own (this runs
+    # on every header), unless they would sit deeper than MAX_DEPTH (the call raises then).
     for item in items:
-        if (type(item) not in _STRINGS or depth >= MAX_DEPTH) and not _check_types(item, depth + 1):
-            plain = False
+        kind = type(item)
+        if depth >= MAX_DEPTH or not (kind in _STRINGS or kind is int):
+            if not _check_types(item, depth + 1):
+                plain = False
+        elif kind is int and not _INT_MIN <= item <= _INT_MAX:
+            raise ValueError("CBOR tags are not allowed")  # a bignum
     return plain
 
 

@@ -332,9 +332,8 @@ def _open_header(
     header = _cbor.decode(header_bytes, error=EnvelopeError, what="envelope header")
     if not isinstance(header, dict) or set(header) != {1, 2, 3, 4, 5, 6, 7}:
         raise EnvelopeError("malformed envelope header: unexpected fields")
-    version, suite, chunk_size, salt, stanzas, commitment, sender_block = (
-        header[k] for k in range(1, 8)
-    )
+    version, suite, chunk_size, salt = header[1], header[2], header[3], header[4]
+    stanzas, commitment, sender_block = header[5], header[6], header[7]
     if version != F.FORMAT_VERSION:
         raise EnvelopeError("unsupported medsecure envelope version")
     if suite not in F.SUITES:

@@ -16,7 +16,10 @@ import tempfile
 from pathlib import Path
 
 import medsecure as m
-from medsecure.trust import sign_binding
+from medsecure.directory import MemoryDirectory
+from medsecure.models import Code, Endpoint, KeyEntry, Practitioner
+from medsecure.transports import FileTransport
+from medsecure.trust import AuthorityPolicy, sign_binding
 
 
 def main() -> int:
@@ -27,9 +30,9 @@ def main() -> int:
 
         def practitioner(
             idnps: str, family: str, given: str
-        ) -> tuple[m.Identity, m.Practitioner, Path]:
+        ) -> tuple[m.Identity, Practitioner, Path]:
             identity = m.Identity.generate()
-            box = m.FileTransport.prepare(root / f"drop-{family.lower()}")
+            box = FileTransport.prepare(root / f"drop-{family.lower()}")
             binding = sign_binding(
                 authority,
                 idnps=idnps,
@@ -37,19 +40,19 @@ def main() -> int:
                 not_before=now,
                 not_after=now + dt.timedelta(days=365),
             )
-            entry = m.Practitioner(
+            entry = Practitioner(
                 idnps=idnps,
                 family_name=family,
                 given_name=given,
-                keys=(m.KeyEntry(public=identity.public, statements=(binding.to_text(),)),),
-                endpoints=(m.Endpoint(kind="drop", path=str(box)),),
+                keys=(KeyEntry(public=identity.public, statements=(binding.to_text(),)),),
+                endpoints=(Endpoint(kind="drop", path=str(box)),),
             )
             return identity, entry, box
 
         martin_id, martin, martin_box = practitioner("810000005479", "MARTIN", "Sophie")
         petit_id, petit, petit_box = practitioner("810000000019", "PETIT", "Luc")
-        directory = m.MemoryDirectory([martin, petit])
-        policy = m.AuthorityPolicy([authority.public])
+        directory = MemoryDirectory([martin, petit])
+        policy = AuthorityPolicy([authority.public])
 
         report = root / "compte-rendu.pdf"
         report.write_bytes(
@@ -59,7 +62,7 @@ def main() -> int:
         with m.Client(
             martin_id,
             directory,
-            m.FileTransport(martin_box),
+            FileTransport(martin_box),
             root / "home-martin",
             trust=policy,
             me=martin.idnps,
@@ -68,7 +71,7 @@ def main() -> int:
                 m.Document.from_path(
                     report,
                     title="Compte rendu de consultation",
-                    document_type=m.Code(
+                    document_type=Code(
                         code="11488-4", label="Consult note", system="http://loinc.org"
                     ),
                 ),
@@ -80,9 +83,9 @@ def main() -> int:
         with m.Client(
             petit_id,
             directory,
-            m.FileTransport(petit_box),
+            FileTransport(petit_box),
             root / "home-petit",
-            trust=m.AuthorityPolicy([authority.public]),
+            trust=AuthorityPolicy([authority.public]),
             me=petit.idnps,
         ) as dr_petit:
             (message,) = dr_petit.receive()

@@ -3,7 +3,8 @@
     python examples/receive_to_folder.py OUT [--home HOME]
 
 Messages are acknowledged only after their documents are saved (at-least-once: a crash in
-between delivers them again, under the same message id). With no arguments it runs on a
+between delivers them again, under the same message id). What is saved is health data: folders
+are created 0700 and files 0600, each written atomically. With no arguments it runs on a
 throw-away setup so the tests can run it as it is.
 """
 
@@ -11,18 +12,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import medsecure as m
+from medsecure.directory import FileDirectory
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by you only (0600), atomically: a temporary file, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def receive_into(client: m.Client, out: Path) -> int:
     count = 0
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     for msg in client.receive():
         folder = out / msg.message_id
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         for i, doc in enumerate(msg.documents):
             doc.save(folder / (doc.filename or f"document-{i + 1}"))
         meta = {
@@ -31,7 +46,7 @@ def receive_into(client: m.Client, out: Path) -> int:
             "subject": msg.subject,
             "body": msg.body,
         }
-        (folder / "message.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
+        write_private(folder / "message.json", json.dumps(meta, ensure_ascii=False).encode())
         msg.ack()
         count += 1
     for q in client.quarantine():
@@ -51,8 +66,8 @@ def demo() -> int:
         )
         m.init_home(root / "b", passphrase="demo", me="rpps:10000000019", family_name="PETIT")
         da, db = (
-            m.FileDirectory(root / "a" / "directory.json"),
-            m.FileDirectory(root / "b" / "directory.json"),
+            FileDirectory(root / "a" / "directory.json"),
+            FileDirectory(root / "b" / "directory.json"),
         )
         da.add(db.lookup("rpps:10000000019"))
         db.add(da.lookup("rpps:10000005479"))
@@ -80,8 +95,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.out is None:
         return demo()
-    with m.client_from_home(args.home) as client:
-        print(f"{receive_into(client, args.out)} message(s)")
+    try:
+        with m.client_from_home(args.home) as client:
+            print(f"{receive_into(client, args.out)} message(s)")
+    except m.MedsecureError as exc:
+        print(f"receive_to_folder: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # not the file name: a document's name may name the patient
+        print(f"receive_to_folder: error: cannot save: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import medsecure as m
+from medsecure.directory import FileDirectory
 
 
 def send_folder(client: m.Client, folder: Path, to: str) -> list[m.SendResult]:
@@ -34,8 +35,8 @@ def demo() -> int:
             root / "recipient", passphrase="demo", me="rpps:10000000019", family_name="PETIT"
         )
         # exchange directory entries (in real life: a shared directory, or the Annuaire + keys)
-        sender_dir = m.FileDirectory(root / "sender" / "directory.json")
-        recipient_dir = m.FileDirectory(root / "recipient" / "directory.json")
+        sender_dir = FileDirectory(root / "sender" / "directory.json")
+        recipient_dir = FileDirectory(root / "recipient" / "directory.json")
         sender_dir.add(recipient_dir.lookup("rpps:10000000019"))
         recipient_dir.add(sender_dir.lookup("rpps:10000005479"))
         folder = root / "to-send"
@@ -62,9 +63,22 @@ def main() -> int:
         return demo()
     if not args.to:
         parser.error("--to is required with a folder")
-    with m.client_from_home(args.home) as client:
-        send_folder(client, args.folder, args.to)
-    return 0
+    if not args.folder.is_dir():
+        print("send_folder: error: FOLDER does not exist or is not a folder", file=sys.stderr)
+        return 1
+    try:
+        with m.client_from_home(args.home) as client:
+            results = send_folder(client, args.folder, args.to)
+    except m.MedsecureError as exc:
+        print(f"send_folder: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # not the file name: it may name the patient
+        print(f"send_folder: error: cannot read a document: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not results:
+        print("send_folder: error: no PDF file in FOLDER", file=sys.stderr)
+        return 1
+    return 0 if all(r.all_sent for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,13 +41,21 @@ from ._errors import (
     DirectoryUnavailable,
     MedsecureError,
     StorageError,
+    TransportError,
     TransportUnavailable,
-    TrustError,
     UnknownMessage,
 )
-from ._identity import Identity, PublicIdentity
+from ._identity import Identity
 from ._inbox import Inbox
-from ._outbox import QUEUED, Outbox, RetryPolicy, mssante_address, route
+from ._outbox import (
+    Outbox,
+    RetryPolicy,
+    compose,
+    deadline_at,
+    make_plan,
+    plain_document,
+    resolve,
+)
 from ._results import (
     OutboxEntry,
     QuarantinedEnvelope,
@@ -57,13 +64,12 @@ from ._results import (
     SendResult,
     StatusEvent,
 )
-from ._store import Store
+from ._store import Store, default_home
 from .audit import AuditLog
 from .directory import Directory
-from .directory._base import normalize_ref
-from .envelope._message import Manifest, new_message_id
+from .envelope._message import Manifest
 from .identifiers import parse
-from .models import Endpoint, Practitioner
+from .models import Practitioner
 from .transports import Transport
 from .trust import TrustDecision, TrustPolicy
 
@@ -73,40 +79,6 @@ if TYPE_CHECKING:
 __all__ = ["Client", "default_home"]
 
 log = logging.getLogger("medsecure.client")
-
-
-def default_home() -> Path:
-    """``$MEDSECURE_HOME``, else the per-user data folder of the platform."""
-    env = os.environ.get("MEDSECURE_HOME")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":  # pragma: no cover - platform specific
-        return Path(os.environ.get("APPDATA", Path.home())) / "medsecure"
-    if sys.platform == "darwin":  # pragma: no cover - platform specific
-        return Path.home() / "Library" / "Application Support" / "medsecure"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "medsecure"
-
-
-def _ts(value: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(value, dt.UTC)
-
-
-def _plain_document(item: Any) -> Document:
-    """The ``Document`` of what was given to ``send`` (a Document, or an XDM wrapper)."""
-    if isinstance(item, Document):
-        return item
-    inner = getattr(item, "document", None)
-    if isinstance(inner, Document) and type(item).__name__ == "XdmDocument":
-        return inner
-    raise TypeError("documents must be Document objects (or medsecure.mail.XdmDocument)")
-
-
-def _mssante_endpoint(p: Practitioner) -> Endpoint | None:
-    """Where an MSSanté message for ``p`` goes: a mail endpoint's address, else the first
-    personal MSSanté mailbox the directory lists."""
-    if not p.mailboxes and not any(e.address for e in p.endpoints):
-        return None
-    return Endpoint(kind="mssante", address=mssante_address(p))
 
 
 class Client:
@@ -234,21 +206,6 @@ class Client:
         self.close()
 
     # -- sending ---------------------------------------------------------------------------
-    def _resolve(self, to: Any) -> list[Practitioner]:
-        items = list(to) if isinstance(to, (list, tuple)) else [to]
-        if not items:
-            raise ValueError("at least one recipient is required")
-        refs = [x for x in items if not isinstance(x, Practitioner)]
-        for r in refs:
-            if not isinstance(r, str):
-                raise TypeError("recipients are references (str) or Practitioner objects")
-        found = self.directory.lookup_many(refs) if refs else {}
-        out: dict[str, Practitioner] = {}
-        for x in items:
-            p = x if isinstance(x, Practitioner) else found[normalize_ref(x)[0]]
-            out.setdefault(p.idnps, p)
-        return list(out.values())
-
     def send(
         self,
         documents: Document | Sequence[Document],
@@ -278,27 +235,21 @@ class Client:
         of CDA documents.
         """
         given = [documents] if not isinstance(documents, (list, tuple)) else list(documents)
-        docs = [_plain_document(d) for d in given]
-        if not docs and body is None:
-            raise ValueError("nothing to send: give documents or a body")
+        docs = [plain_document(d) for d in given]
         if self.me is None:
             raise ValueError("the client needs to know who it sends as: Client(..., me='rpps:…')")
-        bad = [r for r in receipts if r not in receipts_rules.REQUESTABLE]
-        if bad:
-            raise ValueError(f"unknown receipt kind {bad[0]!r}: expected 'delivered' or 'read'")
-        deadline_ts = self._deadline(deadline)
-        practitioners = self._resolve(to)
         now = self._clock()
-        manifest = Manifest(
-            message_id=new_message_id(_ts(now)),
-            created=_ts(now),
-            sender_idnps=self.me,
-            recipients=tuple(p.idnps for p in practitioners),
+        deadline_ts = deadline_at(deadline, now)
+        practitioners = resolve(self.directory, to)
+        manifest = compose(
+            docs,
+            practitioners,
+            sender=self.me,
             subject=subject,
             body=body,
             in_reply_to=in_reply_to,
-            documents=tuple(d.describe(d.size) for d in docs),
-            receipts=tuple(dict.fromkeys(receipts)),
+            receipts=receipts,
+            now=now,
         )
         patients = sorted(
             {self.audit.link(d.patient.ins.matricule) for d in docs if d.patient is not None}
@@ -318,145 +269,35 @@ class Client:
                 plain=given if fallback else None,
             )
 
-    def _deadline(self, deadline: dt.timedelta | dt.datetime | None) -> float | None:
-        if isinstance(deadline, dt.timedelta):
-            return self._clock() + deadline.total_seconds()
-        if isinstance(deadline, dt.datetime):
-            if deadline.tzinfo is None:
-                raise ValueError("deadline must be timezone-aware")
-            return deadline.timestamp()
-        if deadline is None:
-            return None
-        raise TypeError("deadline is a timedelta or a datetime")
-
-    def _plan(
-        self,
-        manifest: Manifest,
-        practitioners: Sequence[Practitioner],
-        *,
-        fallback: bool = False,
-    ) -> tuple[list[PublicIdentity], list[tuple[str, list[Endpoint]]], list[Practitioner]]:
-        """Every recipient's trusted keys and endpoints (trust refusals are audited), and, with
-        ``fallback``, the recipients who get the MSSanté profile instead: those whose entry has
-        no medsecure key at all and an MSSanté mailbox a transport can reach. A recipient whose
-        keys are merely untrusted is never downgraded to plain text."""
-        keys: list[PublicIdentity] = []
-        plans: list[tuple[str, list[Endpoint]]] = []
-        plain: list[Practitioner] = []
-        try:
-            for p in practitioners:
-                if fallback and not p.keys:
-                    endpoint = _mssante_endpoint(p)
-                    if endpoint is not None:
-                        plans.append(
-                            (
-                                p.idnps,
-                                route(
-                                    p.model_copy(update={"endpoints": (endpoint,)}), self.transports
-                                ),
-                            )
-                        )
-                        plain.append(p)
-                        continue
-                for decision in self.trust.decisions(p):
-                    self._audit_trust(decision)
-                    if decision.key not in keys:
-                        keys.append(decision.key)
-                plans.append((p.idnps, route(p, self.transports)))
-        except TrustError as exc:
-            self.audit.append(
-                "trust-refused",
-                message_id=manifest.message_id,
-                result=type(exc).__name__,
-                answer=str(exc),
-            )
-            raise
-        return keys, plans, plain
-
     def _submit(
         self,
         manifest: Manifest,
         docs: Sequence[Document],
         practitioners: Sequence[Practitioner],
         *,
-        allow_classic: bool = False,
-        progress: Callable[[int], None] | None = None,
-        deadline: float | None = None,
-        patients: Sequence[str] = (),
         plain: Sequence[Any] | None = None,
+        **options: Any,
     ) -> SendResult:
-        """Seal into the outbox, commit the delivery plan, attempt delivery (shared by messages
-        and receipts). ``plain`` (the documents as given, XDM wrappers included) allows the
-        MSSanté fallback."""
-        keys, plans, fallback = self._plan(manifest, practitioners, fallback=plain is not None)
-        payloads: dict[str, str] = {}
-        mss_file: tuple[str, int, str] | None = None
-        if fallback:
-            assert plain is not None and self.mssante is not None
-            mss_file = self._outbox.write_mssante(
-                manifest, plain, fallback, self.mssante, now=self._clock()
-            )
-            payloads = {p.idnps: mss_file[0] for p in fallback}
-        try:
-            if keys:
-                sealed = self._outbox.seal(
-                    manifest,
-                    docs,
-                    identity=self.identity,
-                    keys=keys,
-                    allow_classic=allow_classic,
-                    progress=progress,
-                )
-            else:
-                assert mss_file is not None
-                sealed = mss_file
-        except BaseException:
-            if mss_file is not None:
-                (self.store.outbox_dir / mss_file[0]).unlink(missing_ok=True)
-            raise
-        self._outbox.accept(manifest, sealed, plans, deadline=deadline, payloads=payloads)
-        log.info("message %s accepted for %d recipient(s)", manifest.message_id, len(plans))
-        # From here on the message is accepted: a failure of the audit log or of a delivery's
-        # bookkeeping must not make the caller believe the send failed (and send it again).
-        try:
-            with self.audit.batch():
-                if fallback:
-                    self.audit.append(
-                        "send-mssante",
-                        message_id=manifest.message_id,
-                        counterparty=[p.idnps for p in fallback],
-                        documents=len(docs),
-                        result="tls-only",
-                        patients=list(patients) or None,
-                    )
-                self.audit.append(
-                    "send" if manifest.kind == "message" else "receipt-send",
-                    message_id=manifest.message_id,
-                    envelope_id=sealed[2],
-                    counterparty=[idnps for idnps, _ in plans if idnps not in payloads],
-                    keys=[k.fingerprint for k in keys],
-                    documents=len(docs),
-                    size=sealed[1],
-                    receipts=list(manifest.receipts) or None,
-                    patients=list(patients) or None,
-                    of=(manifest.extra or {}).get("of"),
-                    result=(manifest.extra or {}).get("status"),
-                )
-                for row in self._outbox.due(message_id=manifest.message_id):
-                    self._outbox.deliver(row, self.transports)
-            return SendResult(
-                manifest.message_id, tuple(self._outbox.statuses(manifest.message_id))
-            )
-        except MedsecureError as exc:
-            log.error(
-                "message %s is accepted but its delivery attempt failed (%s); flush() retries it",
-                manifest.message_id,
-                exc,
-            )
-            return SendResult(
-                manifest.message_id,
-                tuple(RecipientStatus(idnps, QUEUED, error=str(exc)) for idnps, _ in plans),
-            )
+        """Plan, seal into the outbox, commit, attempt delivery (messages and receipts)."""
+        plan = make_plan(
+            manifest,
+            practitioners,
+            trust=self.trust,
+            transports=self.transports,
+            audit=self.audit,
+            on_trust=self._audit_trust,
+            fallback=plain is not None,
+        )
+        return self._outbox.submit(
+            manifest,
+            docs,
+            plan,
+            identity=self.identity,
+            transports=self.transports,
+            plain=plain,
+            mssante=self.mssante,
+            **options,
+        )
 
     def _audit_trust(self, decision: TrustDecision) -> None:
         if decision.newly_pinned or decision.reason in ("rotation", "new-authority-statement"):
@@ -547,7 +388,12 @@ class Client:
     def _take(self, limit: int | None) -> None:
         budget = limit
         for t in self.transports:
-            got = self._inbox.take(t, budget, on_report=self._outbox.apply_report)
+            try:
+                got = self._inbox.take(t, budget, on_report=self._outbox.apply_report)
+            except TransportError as exc:
+                # one unreachable mailbox (an IMAP outage) does not keep the others unread
+                log.warning("could not read the %s mailbox: %s", t.name, exc)
+                continue
             if budget is not None:
                 budget = max(0, budget - got)
                 if budget == 0:

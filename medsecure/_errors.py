@@ -9,8 +9,14 @@ Every error medsecure raises on purpose is a :class:`MedsecureError`::
     ├── UnknownMessage
     ├── DirectoryError ── PractitionerNotFound, AmbiguousPractitioner, DirectoryUnavailable
     ├── TrustError ── KeyChanged, UntrustedKey, RevokedKey
-    ├── TransportError ── DeliveryRejected (permanent), TransportUnavailable (transient)
+    ├── TransportError
+    │   ├── DeliveryRejected (permanent) ── PatientMailboxForbidden
+    │   ├── TransportUnavailable (transient)
+    │   └── MailFormatError
     └── StorageError
+
+``MailFormatError`` and ``PatientMailboxForbidden`` belong to the mail transport: they are
+imported from :mod:`medsecure.mail` (not from the top level).
 
 Authentication failures are opaque: an envelope that was tampered with, truncated, extended or
 wrongly signed raises one :class:`EnvelopeError` whose message never says which check failed
@@ -31,8 +37,10 @@ __all__ = [
     "EnvelopeError",
     "IdentityError",
     "KeyChanged",
+    "MailFormatError",
     "MedsecureError",
     "NotARecipient",
+    "PatientMailboxForbidden",
     "PractitionerNotFound",
     "RevokedKey",
     "SenderMismatch",
@@ -115,6 +123,17 @@ class DeliveryRejected(TransportError):
 
 class TransportUnavailable(TransportError):
     """The endpoint could not be reached now (transient failure; retry later)."""
+
+
+class MailFormatError(TransportError):
+    """A mail message, a MIME structure, a delivery report or an IHE XDM package is malformed
+    or exceeds a limit. The message says what is wrong, never what the message contained. The
+    mail transport moves such a message to its quarantine folder (never lost)."""
+
+
+class PatientMailboxForbidden(DeliveryRejected):
+    """The message must not go to the patient's mailbox: the patient's recorded opposition, or
+    a document marked ``INVISIBLE_PATIENT`` (not visible to the patient)."""
 
 
 class StorageError(MedsecureError):

@@ -139,6 +139,16 @@ register_transport("drop", _drop)
 register_transport("relay", _relay)
 
 
+def _mail(home: Path, section: dict[str, Any], identity: Identity) -> Transport:
+    # imported on use: the mail modules are an optional extra (dnspython for DNS discovery)
+    from .transports._mail import MailTransport
+
+    return MailTransport.from_config(section, base=home)
+
+
+register_transport("mail", _mail)
+
+
 def _transports(home: Path, cfg: dict[str, Any], identity: Identity) -> list[Transport]:
     sections = cfg.get("transports")
     if sections is None and isinstance(cfg.get("mailbox"), str):
@@ -186,13 +196,23 @@ def client_from_home(
     if not secret:
         raise ConfigError(f"the identity is encrypted: set {PASSPHRASE_ENV}")
     identity = Identity.load(_resolve(root, cfg.get("identity", "identity.key")), passphrase=secret)
+    transports = _transports(root, cfg, identity)
+    # the MSSanté profile's settings come from the first mail section that has a product
+    # reference (its fallback switch included)
+    mssante, fallback = None, False
+    for t in transports:
+        if getattr(t, "product_reference", None) and hasattr(t, "mssante_options"):
+            mssante, fallback = t.mssante_options(), bool(getattr(t, "mssante_fallback", False))
+            break
     return Client(
         identity,
         _directory(root, cfg),
-        _transports(root, cfg, identity),
+        transports,
         root,
         trust=_trust(root, cfg),
         me=cfg.get("me"),
+        mssante=mssante,
+        mssante_fallback=fallback,
     )
 
 
@@ -230,13 +250,11 @@ def init_home(
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity = Identity.generate(suite)
-        extra_sections = list(transports)
-        extra_endpoints = list(endpoints)
-        if relay is not None:
-            extra_sections.insert(0, {"kind": "relay", "url": relay})
-            extra_endpoints.insert(
-                0, Endpoint(kind="relay", url=relay, mailbox=identity.fingerprint)
-            )
+        first_sections: list[dict[str, Any]] = []
+        first_endpoints: list[Endpoint] = []
+        if relay is not None:  # a relay first: online, end to end, and it keeps what waits
+            first_sections.append({"kind": "relay", "url": relay})
+            first_endpoints.append(Endpoint(kind="relay", url=relay, mailbox=identity.fingerprint))
         made.append(root / "identity.key")
         identity.save(root / "identity.key", passphrase=passphrase)
         box_path = Path(mailbox).expanduser() if mailbox is not None else root / "mailbox"
@@ -248,7 +266,11 @@ def init_home(
             family_name=family_name,
             given_name=given_name,
             keys=(KeyEntry(public=identity.public),),
-            endpoints=(*extra_endpoints, Endpoint(kind="drop", path=str(box.resolve()))),
+            endpoints=(
+                *first_endpoints,
+                Endpoint(kind="drop", path=str(box.resolve())),
+                *endpoints,
+            ),
         )
         made.append(root / "directory.json")
         FileDirectory(root / "directory.json").add(own)
@@ -257,7 +279,11 @@ def init_home(
             "version": 1,
             "me": idnps,
             "identity": "identity.key",
-            "transports": [*extra_sections, {"kind": "drop", "path": str(box.resolve())}],
+            "transports": [
+                *first_sections,
+                {"kind": "drop", "path": str(box.resolve())},
+                *transports,
+            ],
             "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
             "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
         }

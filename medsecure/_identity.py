@@ -274,6 +274,16 @@ class PublicIdentity:
         return F.PUBLIC_TEXT_PREFIX + _b32(self._encoded + check)
 
     @classmethod
+    def from_key_file(cls, path: str | os.PathLike[str]) -> PublicIdentity:
+        """The public identity a key file carries in clear (format 2), read without its
+        passphrase. A hint until the key is unlocked (``Identity.load`` checks it against the
+        secret key); raises :class:`IdentityError` for a version 1 file, which does not hold
+        it."""
+        from ._keyfile import read_public  # key-file I/O lives outside the core
+
+        return read_public(path)
+
+    @classmethod
     def from_text(cls, text: str) -> PublicIdentity:
         """Parse the text form produced by ``str(pub)`` (surrounding whitespace is ignored)."""
         if not isinstance(text, str):

@@ -41,16 +41,20 @@ from typing import TYPE_CHECKING, Any
 
 from . import _receipts as receipts
 from ._document import Document
-from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError
+from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError, TrustError
 from ._fs import atomic_output
 from ._identity import Identity, PublicIdentity
-from ._results import OutboxEntry, RecipientStatus, StatusEvent
+from ._receipts import REQUESTABLE
+from ._results import OutboxEntry, RecipientStatus, SendResult, StatusEvent
 from ._store import Store
 from .audit import AuditLog
-from .envelope._message import Manifest, MessageReader
+from .directory import Directory
+from .directory._base import normalize_ref
+from .envelope._message import Manifest, MessageReader, new_message_id
 from .envelope._seal import envelope_id, seal_stream
 from .models import Endpoint, Practitioner
 from .transports import DeliveryReport, Transport
+from .trust import TrustDecision, TrustPolicy
 
 if TYPE_CHECKING:
     from .mail import MssanteOptions
@@ -85,6 +89,128 @@ def route(practitioner: Practitioner, transports: Sequence[Transport]) -> list[E
             f"(its endpoints: {', '.join(kinds)})"
         )
     return [e for _, _, _, e in sorted(usable, key=lambda x: x[:3])]
+
+
+def plain_document(item: Any) -> Document:
+    """The ``Document`` of what was given to ``send`` (a Document, or an XDM wrapper)."""
+    if isinstance(item, Document):
+        return item
+    inner = getattr(item, "document", None)
+    if isinstance(inner, Document) and type(item).__name__ == "XdmDocument":
+        return inner
+    raise TypeError("documents must be Document objects (or medsecure.mail.XdmDocument)")
+
+
+def resolve(directory: Directory, to: Any) -> list[Practitioner]:
+    """The practitioners ``to`` names (references looked up in one batch, objects as given),
+    each once."""
+    items = list(to) if isinstance(to, (list, tuple)) else [to]
+    if not items:
+        raise ValueError("at least one recipient is required")
+    refs = [x for x in items if not isinstance(x, Practitioner)]
+    for r in refs:
+        if not isinstance(r, str):
+            raise TypeError("recipients are references (str) or Practitioner objects")
+    found = directory.lookup_many(refs) if refs else {}
+    out: dict[str, Practitioner] = {}
+    for x in items:
+        p = x if isinstance(x, Practitioner) else found[normalize_ref(x)[0]]
+        out.setdefault(p.idnps, p)
+    return list(out.values())
+
+
+def deadline_at(deadline: dt.timedelta | dt.datetime | None, now: float) -> float | None:
+    """A ``send(deadline=…)`` as a timestamp."""
+    if isinstance(deadline, dt.timedelta):
+        return now + deadline.total_seconds()
+    if isinstance(deadline, dt.datetime):
+        if deadline.tzinfo is None:
+            raise ValueError("deadline must be timezone-aware")
+        return deadline.timestamp()
+    if deadline is None:
+        return None
+    raise TypeError("deadline is a timedelta or a datetime")
+
+
+def compose(
+    docs: Sequence[Document],
+    practitioners: Sequence[Practitioner],
+    *,
+    sender: str,
+    subject: str | None,
+    body: str | None,
+    in_reply_to: str | None,
+    receipts: Sequence[str],
+    now: float,
+) -> Manifest:
+    """The manifest of a new message (its arguments checked)."""
+    if not docs and body is None:
+        raise ValueError("nothing to send: give documents or a body")
+    bad = [r for r in receipts if r not in REQUESTABLE]
+    if bad:
+        raise ValueError(f"unknown receipt kind {bad[0]!r}: expected 'delivered' or 'read'")
+    return Manifest(
+        message_id=new_message_id(_ts(now)),
+        created=_ts(now),
+        sender_idnps=sender,
+        recipients=tuple(p.idnps for p in practitioners),
+        subject=subject,
+        body=body,
+        in_reply_to=in_reply_to,
+        documents=tuple(d.describe(d.size) for d in docs),
+        receipts=tuple(dict.fromkeys(receipts)),
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who gets what: the keys the envelope is sealed to, each recipient's endpoints in the
+    order they are tried, and the recipients who get the MSSanté profile instead."""
+
+    keys: tuple[PublicIdentity, ...]
+    routes: tuple[tuple[str, tuple[Endpoint, ...]], ...]
+    plain: tuple[Practitioner, ...] = ()
+
+
+def make_plan(
+    manifest: Manifest,
+    practitioners: Sequence[Practitioner],
+    *,
+    trust: TrustPolicy,
+    transports: Sequence[Transport],
+    audit: AuditLog,
+    on_trust: Callable[[TrustDecision], None],
+    fallback: bool = False,
+) -> Plan:
+    """Every recipient's trusted keys and endpoints (a trust refusal is audited, then raised),
+    and, with ``fallback``, the recipients who get the MSSanté profile instead: those whose
+    entry has *no* medsecure key and an MSSanté mailbox a transport can reach. A recipient
+    whose keys are merely untrusted is never downgraded to plain text."""
+    keys: list[PublicIdentity] = []
+    routes: list[tuple[str, tuple[Endpoint, ...]]] = []
+    plain: list[Practitioner] = []
+    try:
+        for p in practitioners:
+            if fallback and not p.keys and (p.mailboxes or any(e.address for e in p.endpoints)):
+                endpoint = Endpoint(kind="mssante", address=mssante_address(p))
+                only = p.model_copy(update={"endpoints": (endpoint,)})
+                routes.append((p.idnps, tuple(route(only, transports))))
+                plain.append(p)
+                continue
+            for decision in trust.decisions(p):
+                on_trust(decision)
+                if decision.key not in keys:
+                    keys.append(decision.key)
+            routes.append((p.idnps, tuple(route(p, transports))))
+    except TrustError as exc:
+        audit.append(
+            "trust-refused",
+            message_id=manifest.message_id,
+            result=type(exc).__name__,
+            answer=str(exc),
+        )
+        raise
+    return Plan(tuple(keys), tuple(routes), tuple(plain))
 
 
 def transport_for(endpoint: Endpoint, transports: Sequence[Transport]) -> Transport:
@@ -327,6 +453,88 @@ class Outbox:
                 with contextlib.suppress(OSError):
                     (self.store.outbox_dir / file).unlink()
             raise
+
+    def submit(
+        self,
+        manifest: Manifest,
+        docs: Sequence[Document],
+        plan: Plan,
+        *,
+        identity: Identity,
+        transports: Sequence[Transport],
+        plain: Sequence[Any] | None = None,
+        mssante: MssanteOptions | None = None,
+        allow_classic: bool = False,
+        progress: Callable[[int], None] | None = None,
+        deadline: float | None = None,
+        patients: Sequence[str] = (),
+    ) -> SendResult:
+        """Seal (and write the MSSanté message for ``plan.plain``), accept, audit, and make one
+        delivery attempt per recipient. ``plain`` is the documents as given (XDM wrappers)."""
+        payloads: dict[str, str] = {}
+        mss_file: tuple[str, int, str] | None = None
+        if plan.plain:
+            if plain is None or mssante is None:
+                raise ValueError("the MSSanté profile needs MssanteOptions")
+            mss_file = self.write_mssante(manifest, plain, plan.plain, mssante, now=self.clock())
+            payloads = {p.idnps: mss_file[0] for p in plan.plain}
+        try:
+            sealed = mss_file
+            if plan.keys:
+                sealed = self.seal(
+                    manifest,
+                    docs,
+                    identity=identity,
+                    keys=plan.keys,
+                    allow_classic=allow_classic,
+                    progress=progress,
+                )
+            assert sealed is not None
+        except BaseException:
+            if mss_file is not None:
+                (self.store.outbox_dir / mss_file[0]).unlink(missing_ok=True)
+            raise
+        self.accept(manifest, sealed, plan.routes, deadline=deadline, payloads=payloads)
+        log.info("message %s accepted for %d recipient(s)", manifest.message_id, len(plan.routes))
+        # From here on the message is accepted: a failure of the audit log or of a delivery's
+        # bookkeeping must not make the caller believe the send failed (and send it again).
+        try:
+            with self.audit.batch():
+                if plan.plain:
+                    self.audit.append(
+                        "send-mssante",
+                        message_id=manifest.message_id,
+                        counterparty=[p.idnps for p in plan.plain],
+                        documents=len(docs),
+                        result="tls-only",
+                        patients=list(patients) or None,
+                    )
+                self.audit.append(
+                    "send" if manifest.kind == "message" else "receipt-send",
+                    message_id=manifest.message_id,
+                    envelope_id=sealed[2],
+                    counterparty=[idnps for idnps, _ in plan.routes if idnps not in payloads],
+                    keys=[k.fingerprint for k in plan.keys],
+                    documents=len(docs),
+                    size=sealed[1],
+                    receipts=list(manifest.receipts) or None,
+                    patients=list(patients) or None,
+                    of=(manifest.extra or {}).get("of"),
+                    result=(manifest.extra or {}).get("status"),
+                )
+                for row in self.due(message_id=manifest.message_id):
+                    self.deliver(row, transports)
+            return SendResult(manifest.message_id, tuple(self.statuses(manifest.message_id)))
+        except MedsecureError as exc:
+            log.error(
+                "message %s is accepted but its delivery attempt failed (%s); flush() retries it",
+                manifest.message_id,
+                exc,
+            )
+            return SendResult(
+                manifest.message_id,
+                tuple(RecipientStatus(idnps, QUEUED, error=str(exc)) for idnps, _ in plan.routes),
+            )
 
     # -- delivering ------------------------------------------------------------------------
     def due(self, *, message_id: str | None = None, force: bool = False) -> list[sqlite3.Row]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,20 @@ from typing import Any
 from ._errors import StorageError
 from ._sqlite import Database
 
-__all__ = ["Store"]
+__all__ = ["Store", "default_home"]
+
+
+def default_home() -> Path:
+    """``$MEDSECURE_HOME``, else the per-user data folder of the platform."""
+    env = os.environ.get("MEDSECURE_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":  # pragma: no cover - platform specific
+        return Path(os.environ.get("APPDATA", Path.home())) / "medsecure"
+    if sys.platform == "darwin":  # pragma: no cover - platform specific
+        return Path.home() / "Library" / "Application Support" / "medsecure"
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "medsecure"
+
 
 # Version 1: the tables as the first releases created them.
 SCHEMA_V1 = """

@@ -450,9 +450,18 @@ class Dovecot:
     APP_USER = "app"
     TOKEN = "app-oauth-token-1"
 
-    def __init__(self, pki: Pki, binary: str | None = None, *, extra: str = "") -> None:
+    def __init__(
+        self,
+        pki: Pki,
+        binary: str | None = None,
+        *,
+        extra: str = "",
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.pki = pki
         self.extra = extra
+        #: user -> password of every mailbox (the two above and ``users``)
+        self.passwords = {self.USER: self.PASSWORD, self.APP_USER: self.TOKEN, **(users or {})}
         self.binary = (
             binary
             or os.environ.get("MEDSECURE_TEST_DOVECOT")
@@ -466,7 +475,11 @@ class Dovecot:
     @property
     def maildir(self) -> Path:
         """The user's Maildir (INBOX; sub-folders are ``.Name`` inside, Maildir++)."""
-        return self.root / "mail" / self.USER
+        return self.maildir_of(self.USER)
+
+    def maildir_of(self, user: str) -> Path:
+        """The Maildir of any of the configured users."""
+        return self.root / "mail" / user
 
     def _config(self) -> str:
         root = self.root
@@ -482,9 +495,10 @@ class Dovecot:
             internal = login = me
             mail_uid, mail_gid = os.geteuid(), os.getegid()
         (root / "passwd").write_text(
-            f"{self.USER}:{{PLAIN}}{self.PASSWORD}:{mail_uid}:{mail_gid}::{self.maildir}::\n"
-            f"{self.APP_USER}:{{PLAIN}}{self.TOKEN}:{mail_uid}:{mail_gid}::"
-            f"{root / 'mail' / self.APP_USER}::\n"
+            "".join(
+                f"{user}:{{PLAIN}}{password}:{mail_uid}:{mail_gid}::{self.maildir_of(user)}::\n"
+                for user, password in self.passwords.items()
+            )
         )
         (root / "passwd").chmod(0o644)
         for sub in ("mail", "state"):
@@ -617,19 +631,49 @@ service stats {{
         self.stop()
 
 
+def start_dovecot(pki: Pki, **kwargs: Any) -> Dovecot:
+    """A started dovecot, or: fail in CI (``CI`` set), skip locally saying why."""
+    import pytest
+
+    server = Dovecot(pki, **kwargs)
+    try:
+        return server.start()
+    except DovecotUnavailable as exc:
+        server.stop()
+        if os.environ.get("CI"):
+            pytest.fail(f"dovecot is required in CI and could not be started: {exc}")
+        pytest.skip(f"dovecot cannot be started here: {exc}")
+
+
+def empty_mailboxes(server: Dovecot) -> None:
+    """Every user's INBOX emptied and every other folder removed."""
+    for user in server.passwords:
+        with imap_admin(server, user) as imap:
+            _, folders = imap.list()
+            for line in folders:
+                name = line.decode().rsplit(' "." ', 1)[-1].strip('"')  # type: ignore[union-attr]
+                if name != "INBOX":
+                    imap.delete(f'"{name}"')
+            _, exists = imap.select("INBOX")
+            if exists[0] != b"0":
+                imap.store("1:*", "+FLAGS.SILENT", "(\\Deleted)")
+                imap.expunge()
+            imap.logout()
+
+
 def imap_admin(server: Dovecot, user: str | None = None) -> imaplib.IMAP4_SSL:
     """A plain imaplib session (the test's own, not the driver's) to set up and inspect."""
     ctx = ssl.create_default_context(cafile=str(server.pki.ca))
     imap = imaplib.IMAP4_SSL(HOST, server.ssl_port, ssl_context=ctx, timeout=30)
-    if user is None or user == server.USER:
-        imap.login(server.USER, server.PASSWORD)
-    else:
-        imap.login(user, server.TOKEN)
+    name = user or server.USER
+    imap.login(name, server.passwords[name])
     return imap
 
 
-def imap_append(server: Dovecot, data: bytes, folder: str = "INBOX", flags: str = "") -> None:
-    with imap_admin(server) as imap:
+def imap_append(
+    server: Dovecot, data: bytes, folder: str = "INBOX", flags: str = "", user: str | None = None
+) -> None:
+    with imap_admin(server, user) as imap:
         imap.create(folder)
         typ, resp = imap.append(folder, flags or None, None, data)
         assert typ == "OK", resp
@@ -754,24 +798,44 @@ class DnsResponder:
 
 
 class _SinkHandler:
+    def __init__(self, maildir: str | None = None) -> None:
+        self.maildir = Path(maildir) if maildir else None
+        self.count = 0
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         digest = hashlib.sha256(content).hexdigest()
         envelope.original_content = envelope.content = None
-        print(f"received {len(content)} {digest}", flush=True)
+        if self.maildir is not None:
+            # what a local delivery agent does: write in tmp/, rename into new/
+            self.count += 1
+            name = f"{int(time.time())}.sink{os.getpid()}_{self.count}.sink"
+            tmp = self.maildir / "tmp" / name
+            with open(tmp, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.geteuid() == 0:
+                st = os.stat(self.maildir)
+                os.chown(tmp, st.st_uid, st.st_gid)
+            os.rename(tmp, self.maildir / "new" / name)
+        size = len(content)
+        del content
+        print(f"received {size} {digest}", flush=True)
         return "250 2.0.0 OK"
 
 
-def _serve_sink(cert: str, key: str) -> None:
+def _serve_sink(cert: str, key: str, maildir: str | None = None) -> None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     loop = asyncio.new_event_loop()
+    handler = _SinkHandler(maildir)
 
     def factory() -> SMTP:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return SMTP(
-                _SinkHandler(),
+                handler,
                 hostname="sink.test",
                 data_size_limit=None,
                 tls_context=ctx,
@@ -789,10 +853,12 @@ def _serve_sink(cert: str, key: str) -> None:
 
 
 @contextlib.contextmanager
-def smtp_sink(pki: Pki) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    """Start the sink subprocess; yield (port, process); its stdout has one line per message."""
+def smtp_sink(pki: Pki, maildir: Path | None = None) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """Start the sink subprocess; yield (port, process); its stdout has one line per message
+    (``received <size> <sha256>``). With ``maildir``, each message is also delivered there."""
+    extra = [str(maildir)] if maildir is not None else []
     proc = subprocess.Popen(
-        [sys.executable, __file__, "smtp-sink", str(pki.server_cert), str(pki.server_key)],
+        [sys.executable, __file__, "smtp-sink", str(pki.server_cert), str(pki.server_key), *extra],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -812,7 +878,7 @@ def smtp_sink(pki: Pki) -> Iterator[tuple[int, subprocess.Popen[str]]]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "smtp-sink":
-        _serve_sink(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "smtp-sink":
+        _serve_sink(*sys.argv[2:])
     else:
-        sys.exit("usage: mailservers.py smtp-sink CERT KEY")
+        sys.exit("usage: mailservers.py smtp-sink CERT KEY [MAILDIR]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "MARTIN",
             "--given",
             "Sophie",
+            "--unsafe-tofu",
             "--json",
         ],
         d,
@@ -49,6 +51,7 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "PETIT",
                 "--given",
                 "Luc",
+                "--unsafe-tofu",
                 "--directory",
                 str(d / "alice" / "directory.json"),
             ],
@@ -64,7 +67,7 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert (d / "alice" / "identity.key").stat().st_mode & 0o777 == 0o600
     assert "already a medsecure home" in one_error_line(
-        run(["init", "--home", "alice", "--me", "rpps:10000005479"], d)
+        run(["init", "--home", "alice", "--me", "rpps:10000005479", "--unsafe-tofu"], d)
     )
     return d
 
@@ -103,6 +106,11 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
     (msg,) = listing["messages"]
     assert msg["message_id"] == sent["message_id"] and msg["subject"] == "Suivi"
     folder = out / sent["message_id"]
+    # health data: folders 0700, files 0600
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert folder.stat().st_mode & 0o777 == 0o700
+    for f in ("cr.pdf", "plaie.jpg", "message.json"):
+        assert (folder / f).stat().st_mode & 0o777 == 0o600, f
     assert (folder / "cr.pdf").read_bytes() == doc.read_bytes()
     assert (folder / "plaie.jpg").read_bytes() == photo.read_bytes()
     meta = json.loads((folder / "message.json").read_text())
@@ -119,9 +127,10 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
 def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "x.txt"
     doc.write_text("hello")
-    assert "no practitioner matches" in one_error_line(
+    line = one_error_line(
         run(["send", str(doc), "--to", "rpps:10000000027", "--home", "alice"], homes)
     )
+    assert "--to: no practitioner matches" in line
     line = one_error_line(
         run(
             [
@@ -169,12 +178,29 @@ def test_module_level_send_uses_medsecure_home(homes: Path, tmp_path: Path) -> N
         bob.close()
 
 
-def test_default_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("MEDSECURE_HOME", str(tmp_path / "h"))
-    assert medsecure.client.default_home() == tmp_path / "h"
-    monkeypatch.delenv("MEDSECURE_HOME")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert medsecure.client.default_home() == tmp_path / "xdg" / "medsecure"
+def test_the_cli_and_the_library_agree_on_the_default_home(tmp_path: Path) -> None:
+    """``medsecure init`` without --home creates the home that ``medsecure.send`` then uses."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSECURE_")}
+    env.update(XDG_DATA_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path), MEDSECURE_PASSPHRASE="pw")
+    proc = subprocess.run(
+        [sys.executable, "-m", "medsecure", "init", "--me", "rpps:10000005479", "--unsafe-tofu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "xdg" / "medsecure" / "config.json").is_file()
+    script = (
+        "import medsecure\n"
+        "r = medsecure.send(medsecure.Document(content=b'x', filename='n.txt'), "
+        "to='rpps:10000005479')\n"
+        "print(r.all_sent)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
 
 
 def test_status_and_audit_commands(homes: Path, tmp_path: Path) -> None:
@@ -233,6 +259,113 @@ def test_status_and_audit_commands(homes: Path, tmp_path: Path) -> None:
     lines = log.read_bytes().splitlines(keepends=True)
     lines[1] = lines[1].replace(b'"action":"', b'"action":"x', 1)
     log.write_bytes(b"".join(lines))
-    assert "audit log broken at record 2" in one_error_line(
-        run(["audit", "verify", "--home", "alice"], homes)
+    line = one_error_line(run(["audit", "verify", "--home", "alice"], homes))
+    assert "audit log broken at record 2" in line and "None" not in line
+
+
+def test_init_says_how_keys_are_trusted_and_what_comes_next(tmp_path: Path) -> None:
+    line = one_error_line(run(["init", "--home", "h", "--me", "rpps:10000005479"], tmp_path))
+    assert "--authority" in line and "--unsafe-tofu" in line
+    assert not (tmp_path / "h").exists()
+    assert run(["keygen", "-o", "authority.key"], tmp_path).returncode == 0
+    proc = run(
+        [
+            "init",
+            "--home",
+            "h",
+            "--me",
+            "rpps:10000005479",
+            "--authority",
+            "authority.key.pub",
+        ],
+        tmp_path,
     )
+    assert proc.returncode == 0, proc.stderr
+    assert "Next steps" in proc.stderr
+    assert "medsecure trust sign" in proc.stderr and "medsecure directory add" in proc.stderr
+    assert "unsafe" not in proc.stderr
+    pub = tmp_path / "h" / "identity.key.pub"
+    assert pub.read_text().strip() in proc.stdout
+    # the public key of a home needs no passphrase
+    proc = run(["pubkey", "h/identity.key"], tmp_path, passphrase=None)
+    assert proc.returncode == 0 and proc.stdout.strip() == pub.read_text().strip()
+
+
+def test_a_failed_init_leaves_nothing(tmp_path: Path) -> None:
+    assert run(["keygen", "-o", "authority.key"], tmp_path).returncode == 0
+    assert run(["pubkey", "authority.key", "-o", "authority.pub"], tmp_path).returncode == 0
+    (tmp_path / "a-file").write_text("")
+    base = ["init", "--authority", "authority.pub"]
+    # an invalid identifier
+    line = one_error_line(run([*base, "--home", "new/home", "--me", "rpps:1"], tmp_path))
+    assert not (tmp_path / "new").exists()
+    assert "--me" in line
+    # a mailbox that cannot be created (under a file): fails after the key was written
+    line = one_error_line(
+        run(
+            [*base, "--home", "new/home", "--me", "rpps:10000005479", "--mailbox", "a-file/box"],
+            tmp_path,
+        )
+    )
+    assert "No such file" not in line
+    assert not (tmp_path / "new").exists()
+    # an existing, empty folder is kept, and left empty
+    (tmp_path / "empty").mkdir()
+    one_error_line(
+        run(
+            [*base, "--home", "empty", "--me", "rpps:10000005479", "--mailbox", "a-file/b"],
+            tmp_path,
+        )
+    )
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_received_message_json_is_replaced_not_followed(homes: Path, tmp_path: Path) -> None:
+    """message.json is written atomically: a link planted where it goes is replaced, and what
+    it points to is never written."""
+    doc = tmp_path / "d.txt"
+    doc.write_text("bilan")
+    proc = run(["send", str(doc), "--to", "rpps:10000000019", "--home", "alice", "--json"], homes)
+    mid = json.loads(proc.stdout)["message_id"]
+    out = tmp_path / "in"
+    (out / mid).mkdir(parents=True)
+    bait = tmp_path / "bait.json"
+    (out / mid / "message.json").symlink_to(bait)
+    assert run(["receive", "--home", "bob", "-o", str(out)], homes).returncode == 0
+    assert not bait.exists()
+    meta = out / mid / "message.json"
+    assert not meta.is_symlink() and meta.stat().st_mode & 0o777 == 0o600
+    assert json.loads(meta.read_text())["message_id"] == mid
+    assert (out / mid).stat().st_mode & 0o777 == 0o700
+
+
+def test_audit_verify_and_export_accept_the_same_homes(homes: Path, tmp_path: Path) -> None:
+    assert (
+        run(["pubkey", "alice/identity.key", "-o", str(tmp_path / "a.pub")], homes).returncode == 0
+    )
+    (tmp_path / "empty").mkdir()
+    for home in (tmp_path / "missing", tmp_path / "empty"):
+        verify = one_error_line(
+            run(["audit", "verify", "--home", str(home), "--key", str(tmp_path / "a.pub")], homes)
+        )
+        export = one_error_line(run(["audit", "export", "--home", str(home)], homes))
+        assert "not a medsecure home" in verify and "not a medsecure home" in export
+    # a home whose audit log is missing: both say so
+    fresh = tmp_path / "fresh"
+    shutil.copytree(homes / "alice", fresh, ignore=shutil.ignore_patterns("audit"))
+    verify = one_error_line(run(["audit", "verify", "--home", str(fresh)], homes))
+    export = one_error_line(run(["audit", "export", "--home", str(fresh)], homes))
+    assert "no audit log" in verify and "no audit log" in export
+
+
+def test_audit_verify_never_says_record_none(homes: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "d.txt"
+    doc.write_text("x")
+    assert (
+        run(["send", str(doc), "--to", "rpps:10000000019", "--home", "bob"], homes).returncode == 0
+    )
+    copy = tmp_path / "bob"
+    shutil.copytree(homes / "bob", copy)
+    (copy / "audit" / "HEAD").unlink()
+    line = one_error_line(run(["audit", "verify", "--home", str(copy)], homes))
+    assert "HEAD is missing" in line and "None" not in line

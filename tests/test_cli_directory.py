@@ -226,3 +226,114 @@ def test_directory_cli_errors(work: Path) -> None:
     assert "at least one" in one_error_line(
         run(["directory", "search", "--directory", "practice.json"], work)
     )
+
+
+def _entry(work: Path, directory: str, ref: str) -> dict[str, object]:
+    proc = run(["directory", "lookup", ref, "--directory", directory, "--json"], work)
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads(proc.stdout)
+    return entry  # type: ignore[no-any-return]
+
+
+def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -> None:
+    add = ["directory", "add", "--directory", "keys.json", "--idnps", "rpps:10000000019"]
+    assert run([*add, "--family", "PETIT", "--key", "bob.pub"], work).returncode == 0
+    # the same key again: still one key entry
+    assert run([*add, "--key", "bob.pub"], work).returncode == 0
+    assert run([*add, "--key", "bob.key"], work).returncode == 0  # via bob.key.pub beside it
+    entry = _entry(work, "keys.json", "rpps:10000000019")
+    assert len(entry["keys"]) == 1  # type: ignore[arg-type]
+    # a revocation for the key already there, given alone: attached to it, never dropped
+    assert (
+        run(
+            [
+                "trust",
+                "revoke",
+                "--issuer",
+                "bob.key",
+                "--idnps",
+                "rpps:10000000019",
+                "--key",
+                "bob.pub",
+                "--reason",
+                "keyCompromise",
+                "-o",
+                "bob.revocation",
+            ],
+            work,
+        ).returncode
+        == 0
+    )
+    proc = run([*add, "--statement", "bob.revocation"], work)
+    assert proc.returncode == 0, proc.stderr
+    (key,) = _entry(work, "keys.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    assert len(key["statements"]) == 1
+    assert "1 statement(s)" in proc.stderr
+    # adding it again, with its key, changes nothing
+    assert run([*add, "--statement", "bob.revocation", "--key", "bob.pub"], work).returncode == 0
+    (key,) = _entry(work, "keys.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    assert len(key["statements"]) == 1
+    # a key already listed, re-added with a statement: still one key entry, with the statement
+    other = ["directory", "add", "--directory", "other.json", "--idnps", "rpps:10000000019"]
+    assert run([*other, "--key", "bob.pub"], work).returncode == 0
+    assert run([*other, "--key", "bob.pub", "--statement", "bob.revocation"], work).returncode == 0
+    (key,) = _entry(work, "other.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    assert len(key["statements"]) == 1
+    # a statement about a key the entry does not list, or about someone else: refused, loudly
+    line = one_error_line(
+        run(
+            [
+                "directory",
+                "add",
+                "--directory",
+                "keys.json",
+                "--idnps",
+                "rpps:10000005479",
+                "--statement",
+                "bob.revocation",
+            ],
+            work,
+        )
+    )
+    assert "--statement" in line and "810000000019" in line
+    assert (
+        run(
+            [
+                "trust",
+                "revoke",
+                "--issuer",
+                "other.key",
+                "--idnps",
+                "rpps:10000000019",
+                "--key",
+                "other.pub",
+                "-o",
+                "other.revocation",
+            ],
+            work,
+        ).returncode
+        == 0
+    )
+    line = one_error_line(run([*add, "--statement", "other.revocation"], work))
+    assert "--statement" in line and "does not list" in line
+
+
+def test_directory_add_does_not_overwrite_a_broken_file(work: Path) -> None:
+    (work / "damaged.json").write_text("{oops")
+    line = one_error_line(
+        run(
+            [
+                "directory",
+                "add",
+                "--directory",
+                "damaged.json",
+                "--idnps",
+                "rpps:10000005479",
+                "--key",
+                "bob.pub",
+            ],
+            work,
+        )
+    )
+    assert "not valid JSON" in line
+    assert (work / "damaged.json").read_text() == "{oops"

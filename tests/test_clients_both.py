@@ -307,3 +307,18 @@ def test_through_a_real_relay_with_receipts_and_expiry(
         (st,) = a.status(late)
         assert st.status == "expired" and "not collected" in (st.error or "")
         assert "expired" in [e.status for e in a.events() if e.message_id == late]
+
+
+def test_an_unreachable_mailbox_does_not_keep_the_others_unread(
+    make: Callable[..., Driver], world: Any
+) -> None:
+    alice, bob, directory = world
+
+    class Down(MockTransport):
+        def list(self) -> list[Any]:
+            raise m.TransportUnavailable("the IMAP server is down")
+
+    a = make(alice, directory)
+    a.send(m.Document(content=b"x"), to=bob.ref)
+    b = make(bob, directory, [Down(), FileTransport(bob.box)])
+    assert len(b.receive()) == 1

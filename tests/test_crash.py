@@ -107,7 +107,12 @@ def test_kill_minus_nine_in_a_loop(tmp_path: Path) -> None:
             received.append(msg.message_id)
             msg.ack()
         assert bob.receive() == [] and bob.quarantine() == []
-        rows = bob.store.query("SELECT message_id, status FROM inbox WHERE message_id IS NOT NULL")
+        # a copy delivered twice (a crash between delivery and its bookkeeping) may be recorded
+        # as a dropped duplicate; what matters is that a message is received once
+        rows = bob.store.query(
+            "SELECT message_id, status FROM inbox WHERE message_id IS NOT NULL"
+            " AND status IN ('received', 'acked')"
+        )
     inbox_ids = [r["message_id"] for r in rows]
     assert len(inbox_ids) == len(set(inbox_ids))  # never twice in the inbox
     assert set(promised) <= sent_ids  # every send() that returned is in the outbox…

@@ -21,14 +21,15 @@ from mailservers import (
     HOST,
     DnsResponder,
     Dovecot,
-    DovecotUnavailable,
     HostileImap,
     Pki,
     Received,
     SmtpServer,
+    empty_mailboxes,
     imap_admin,
     imap_append,
     make_pki,
+    start_dovecot,
 )
 
 from medsecure import StorageError, TransportError, TransportUnavailable
@@ -50,20 +51,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _start(pki: Pki, extra: str = "") -> Dovecot:
-    server = Dovecot(pki, extra=extra)
-    try:
-        return server.start()
-    except DovecotUnavailable as exc:
-        server.stop()
-        if os.environ.get("CI"):
-            pytest.fail(f"dovecot is required in CI and could not be started: {exc}")
-        pytest.skip(f"dovecot cannot be started here: {exc}")
-
-
 @pytest.fixture(scope="module")
 def dovecot(pki: Pki) -> Iterator[Dovecot]:
-    server = _start(pki)
+    server = start_dovecot(pki)
     yield server
     server.stop()
 
@@ -71,17 +61,7 @@ def dovecot(pki: Pki) -> Iterator[Dovecot]:
 @pytest.fixture
 def fresh(dovecot: Dovecot) -> Dovecot:
     """The module's dovecot with an empty INBOX and no other folder."""
-    with imap_admin(dovecot) as imap:
-        _, folders = imap.list()
-        for line in folders:
-            name = line.decode().rsplit(' "." ', 1)[-1].strip('"')  # type: ignore[union-attr]
-            if name != "INBOX":
-                imap.delete(f'"{name}"')
-        _, exists = imap.select("INBOX")
-        if exists[0] != b"0":
-            imap.store("1:*", "+FLAGS.SILENT", "(\\Deleted)")
-            imap.expunge()
-        imap.logout()
+    empty_mailboxes(dovecot)
     return dovecot
 
 
@@ -237,7 +217,7 @@ def test_move_processed_and_leave_the_others_untouched(fresh: Dovecot) -> None:
 
 def test_move_without_the_move_extension_expunges_only_that_message(pki: Pki) -> None:
     caps = "IMAP4rev1 SASL-IR LITERAL+ UIDPLUS IDLE NAMESPACE UNSELECT CHILDREN"
-    server = _start(pki, extra=f"imap_capability = {caps}")
+    server = start_dovecot(pki, extra=f"imap_capability = {caps}")
     try:
         msgs = [message(i) for i in range(3)]
         for m in msgs:
@@ -360,7 +340,7 @@ def test_unknown_ca_is_refused(fresh: Dovecot, tmp_path: Path) -> None:
 
 
 def test_server_without_starttls_is_refused_before_login(pki: Pki) -> None:
-    server = _start(pki, extra="ssl = no\ndisable_plaintext_auth = no")
+    server = start_dovecot(pki, extra="ssl = no\ndisable_plaintext_auth = no")
     try:
         with (
             ImapMailbox(settings(server, port=server.port, security="starttls")) as box,

@@ -15,7 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mailservers import HOST, Pki, SmtpServer, make_pki, smtp_sink
 
-from medsecure import DeliveryRejected, StorageError, TransportError, TransportUnavailable
+from medsecure import (
+    ConfigError,
+    DeliveryRejected,
+    StorageError,
+    TransportError,
+    TransportUnavailable,
+)
 from medsecure.mail._config import MailServer
 from medsecure.mail._smtp import (
     DataEncoder,
@@ -117,8 +123,26 @@ def test_password_from_environment_variable(
         submit(sub)
     assert len(server.state.messages) == 1
     monkeypatch.delenv("MEDSECURE_TEST_SMTP_PASSWORD")
-    with SmtpSubmitter(conf) as sub, pytest.raises(TransportError, match="is not set"):
+    with SmtpSubmitter(conf) as sub, pytest.raises(ConfigError, match="is not set"):
         submit(sub)
+    assert len(server.state.messages) == 1
+    # nothing was sent in place of the missing password
+    assert all(mechanism == "PLAIN" for mechanism, _ in server.state.auth_seen)
+    assert len(server.state.auth_seen) == 1
+
+
+def test_configuration_errors_are_config_errors(pki: Pki, server: SmtpServer) -> None:
+    # an unusable token from its source, an unreadable certificate file: ConfigError, not a
+    # transport failure as if the server were at fault
+    with SmtpServer(pki, tokens={"alice": "x"}) as srv:
+        conf = settings(pki, srv, password=None, oauth_token=lambda: "two words")
+        with SmtpSubmitter(conf) as sub, pytest.raises(ConfigError, match="unusable token"):
+            submit(sub)
+        assert srv.state.auth_seen == []
+    with pytest.raises(ConfigError, match="TLS certificates"):
+        SmtpSubmitter(settings(pki, server, client_cert="/nonexistent/client.pem"))
+    with pytest.raises(ConfigError, match="TLS certificates"):
+        SmtpSubmitter(settings(pki, server, ca_file="/nonexistent/ca.pem"))
 
 
 def test_xoauth2_token_from_a_callable_each_connection(pki: Pki) -> None:
@@ -335,6 +359,16 @@ def test_messages_reuse_one_connection(pki: Pki, server: SmtpServer) -> None:
     assert server.state.connections == 1
     assert len(server.state.messages) == 5
     assert server.state.auth_seen == [("PLAIN", True)]
+
+
+def test_no_nagle_delay_on_the_connection(pki: Pki, server: SmtpServer) -> None:
+    # Commands and DATA are small writes each waiting for a reply: with Nagle's algorithm on,
+    # every one of them can wait for the peer's delayed ACK (about 40 ms on Linux), which
+    # capped a reused connection at a few dozen messages per second.
+    with SmtpSubmitter(settings(pki, server)) as sub:
+        submit(sub)
+        assert sub._smtp is not None and sub._smtp.sock is not None
+        assert sub._smtp.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_reconnects_when_the_server_closed_the_connection(pki: Pki, server: SmtpServer) -> None:

@@ -5,7 +5,7 @@ no traceback is ever shown and no partial output file is left behind (outputs ar
 temporary file beside the target and renamed into place once complete).
 
 Start-up: the key and envelope commands (``keygen``, ``pubkey``, ``seal``, ``unseal``, in
-``_app``) load only the core — no pydantic, httpx, client or directory. The modules of the other
+``_keys``) load only the core — no pydantic, httpx, client or directory. The modules of the other
 commands (``_client``, ``_directory``, ``_relay``) register themselves when imported, which
 happens only when one of their commands runs, or for the full command list (``medsecure``,
 ``medsecure --help``).
@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from . import _keys  # noqa: F401 - keygen, pubkey, seal, unseal: they need only the core
     from ._app import cli, run
 
     args = sys.argv[1:] if argv is None else list(argv)

@@ -1,31 +1,66 @@
-"""Commands of the ``medsecure`` CLI, built with click."""
+"""The ``medsecure`` command group, and how every command fails: one line, never a traceback.
+
+Errors name the option (or argument) and the step that failed, never a document's file name (it
+may name the patient). SIGINT, SIGTERM and SIGHUP all unwind the command the same way, so every
+temporary file is removed and every open client is closed before the process exits.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from types import FrameType
 
 import click
 
-from .._errors import MedsecureError
-from .._fs import atomic_output, atomic_write
-from .._identity import Identity, PublicIdentity
-from ..envelope import seal_stream, unseal_stream
+import medsecure
 
 PASSPHRASE_ENV = "MEDSECURE_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 PROGRESS_THRESHOLD = 4 << 20  # progress bars for files over 4 MiB, on a terminal only
+PUBLIC_SUFFIX = ".pub"  # the public key is written beside the key file: alice.key.pub
 
 
 class CliError(Exception):
     """A failure to report as one line."""
 
 
-def _passphrase(confirm: bool) -> str:
+def reason(exc: OSError) -> str:
+    """What an OSError means, without the file name it carries (which may name a patient)."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file or folder"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a folder"
+    if isinstance(exc, NotADirectoryError):
+        return "a part of the path is not a folder"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+@contextlib.contextmanager
+def about(flag: str, what: str) -> Iterator[None]:
+    """Name ``flag`` and the step ``what`` in any failure raised inside the block."""
+    try:
+        yield
+    except CliError:
+        raise
+    except OSError as exc:
+        raise CliError(f"{flag}: cannot {what}: {reason(exc)}") from exc
+    except (medsecure.MedsecureError, ValueError) as exc:
+        raise CliError(f"{flag}: {exc}") from exc
+
+
+def passphrase(confirm: bool) -> str:
+    """The passphrase from ``$MEDSECURE_PASSPHRASE``, else asked on the terminal."""
     env = os.environ.get(PASSPHRASE_ENV)
     if env:
         return env
@@ -35,158 +70,62 @@ def _passphrase(confirm: bool) -> str:
     return value
 
 
-def _load_identity(path: str) -> Identity:
-    return Identity.load(path, passphrase=_passphrase(confirm=False))
+def load_identity(path: str, flag: str) -> medsecure.Identity:
+    """Decrypt the key file given with ``flag``."""
+    secret = passphrase(confirm=False)
+    try:
+        return medsecure.Identity.load(path, passphrase=secret)
+    except medsecure.IdentityError as exc:
+        # the message quotes the path; a document given here by mistake may name a patient
+        text = str(exc).replace(f"key file {path!r}", "the key file")
+        raise CliError(f"{flag}: {text.replace(repr(path), 'the file')}") from exc
 
 
-def _load_public(ref: str) -> PublicIdentity:
-    """A public key given as its text form, or as a file holding it (or a private key file)."""
+def public_beside(path: str | Path) -> medsecure.PublicIdentity | None:
+    """The public key written beside a key file (``<key>.pub``), if there is one.
+
+    It spares the passphrase when only the public half is needed. (It is as trustworthy as the
+    folder it sits in: whoever can replace it could replace the key file too.)
+    """
+    beside = Path(f"{os.fspath(path)}{PUBLIC_SUFFIX}")
+    try:
+        text = beside.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read the public key beside the key file: {exc}") from exc
+    try:
+        return medsecure.PublicIdentity.from_text(text.strip())
+    except medsecure.MedsecureError as exc:
+        raise CliError(f"the public key beside the key file is damaged: {exc}") from exc
+
+
+def load_public(ref: str, flag: str) -> medsecure.PublicIdentity:
+    """A public key given as its text form, a ``.pub`` file, or a key file (whose ``.pub``
+    beside it is read when it exists; otherwise the key file is decrypted)."""
     text = ref.strip()
     if text.startswith("msp1"):
-        return PublicIdentity.from_text(text)
-    path = Path(ref)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CliError(f"public key file {ref!r} does not exist") from exc
-    except OSError as exc:
-        raise CliError(f"cannot read {ref!r}: {exc.strerror}") from exc
-    if raw.startswith(b"MEDSECK"):
-        return _load_identity(ref).public
-    try:
-        return PublicIdentity.from_text(raw.decode("ascii"))
-    except UnicodeDecodeError as exc:
-        raise CliError(f"{ref!r} is not a medsecure public key") from exc
-
-
-class _Progress:
-    """Wraps a binary reader and advances a click progress bar as it is read."""
-
-    def __init__(self, raw: Any, bar: Any) -> None:
-        self._raw = raw
-        self._bar = bar
-
-    def readinto(self, buf: Any) -> int:
-        n = self._raw.readinto(buf)
-        if n:
-            self._bar.update(n)
-        return n or 0
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self._raw.read(n)
-        self._bar.update(len(data))
-        return data
-
-
-@contextlib.contextmanager
-def _maybe_progress(fh: IO[bytes], size: int, label: str) -> Iterator[BinaryIO]:
-    if size >= PROGRESS_THRESHOLD and sys.stderr.isatty():
-        with click.progressbar(length=size, label=label, file=sys.stderr) as bar:
-            yield _Progress(fh, bar)  # type: ignore[misc]
-    else:
-        yield fh  # type: ignore[misc]
-
-
-def _open_input(path: str) -> IO[bytes]:
-    try:
-        return Path(path).open("rb")
-    except FileNotFoundError as exc:
-        # document paths are not repeated in messages: a file name may name the patient
-        raise CliError("the input file does not exist") from exc
-    except IsADirectoryError as exc:
-        raise CliError("the input file is a folder") from exc
-    except OSError as exc:
-        raise CliError(f"cannot read the input file: {exc.strerror}") from exc
+        with about(flag, "read the public key"):
+            return medsecure.PublicIdentity.from_text(text)
+    with about(flag, "read the public key file"):
+        with Path(ref).open("rb") as fh:
+            raw = fh.read(1 << 16)
+        if raw.startswith(b"MEDSECK"):
+            try:  # a key file of format 2 carries its public identity in clear
+                return medsecure.PublicIdentity.from_key_file(ref)
+            except medsecure.IdentityError:
+                beside = public_beside(ref)
+                return beside if beside is not None else load_identity(ref, flag).public
+        try:
+            return medsecure.PublicIdentity.from_text(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, medsecure.MedsecureError) as exc:
+            raise CliError(f"{flag}: the file is not a medsecure public key") from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medsecure", prog_name="medsecure")
 def cli() -> None:
     """medsecure: end-to-end encrypted, signed health documents."""
-
-
-@cli.command()
-@click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Key file to create."
-)
-@click.option("--classic", is_flag=True, help="X25519 + Ed25519 only (not post-quantum).")
-@click.option("--force", is_flag=True, help="Replace an existing key file.")
-def keygen(output: str, classic: bool, force: bool) -> None:
-    """Create a new identity and save it encrypted under a passphrase."""
-    if Path(output).exists() and not force:
-        raise CliError(f"{output!r} already exists (use --force to replace it)")
-    identity = Identity.generate("classic" if classic else "hybrid")
-    identity.save(output, passphrase=_passphrase(confirm=True))
-    click.echo(f"fingerprint: {identity.fingerprint}")
-    click.echo(f"public key: {identity.public}")
-
-
-@cli.command()
-@click.argument("keyfile", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the public key here.")
-def pubkey(keyfile: str, output: str | None) -> None:
-    """Print the public key (text form) of a key file."""
-    public = _load_identity(keyfile).public
-    if output:
-        atomic_write(output, (str(public) + "\n").encode("ascii"), mode=0o644)
-        click.echo(f"fingerprint: {public.fingerprint}", err=True)
-    else:
-        click.echo(str(public))
-
-
-@cli.command(name="seal")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--from", "sender", required=True, help="Sender's key file.")
-@click.option(
-    "--to",
-    "recipients",
-    required=True,
-    multiple=True,
-    help="Recipient public key (file or text); repeatable.",
-)
-@click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Envelope to write."
-)
-@click.option("--allow-classic", is_flag=True, help="Accept a classic (non post-quantum) envelope.")
-def seal_cmd(
-    file: str, sender: str, recipients: tuple[str, ...], output: str, allow_classic: bool
-) -> None:
-    """Seal FILE for the recipients, signed by the sender."""
-    publics = [_load_public(r) for r in recipients]
-    identity = _load_identity(sender)
-    with _open_input(file) as src:
-        size = os.fstat(src.fileno()).st_size
-        with (
-            atomic_output(output, mode=0o600) as dst,
-            _maybe_progress(src, size, "sealing") as reader,
-        ):
-            seal_stream(
-                reader, dst, sender=identity, recipients=publics, allow_classic=allow_classic
-            )
-
-
-@cli.command(name="unseal")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--key", required=True, help="Recipient's key file.")
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the document.",
-)
-@click.option("--from", "expected", help="Require this sender (public key file or text).")
-def unseal_cmd(file: str, key: str, output: str, expected: str | None) -> None:
-    """Open an envelope; the output appears only if it is authentic."""
-    expected_sender = _load_public(expected) if expected else None
-    identity = _load_identity(key)
-    with _open_input(file) as src:
-        size = os.fstat(src.fileno()).st_size
-        with _maybe_progress(src, size, "opening") as reader:
-            result = unseal_stream(
-                reader, output, identity=identity, expected_sender=expected_sender
-            )
-    click.echo(f"verified sender: {result.sender.fingerprint}", err=True)
 
 
 def _one_line(message: str) -> str:
@@ -209,6 +148,60 @@ class _Deferred(logging.Handler):
             click.echo(line, err=True)
 
 
+class Stopped(BaseException):
+    """SIGINT, SIGTERM or SIGHUP, raised where the command is so that it unwinds: temporary
+    files are removed and clients closed on the way out.
+
+    A BaseException, as KeyboardInterrupt is: nothing that catches Exception swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn the first SIGINT/SIGTERM/SIGHUP into an exception; ignore the ones after it, which
+    would otherwise interrupt the clean-up the first one started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (CLI run in-process)
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Stopped(signum)  # not KeyboardInterrupt, which click turns into a blank line
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold the stop signals for a few statements that must not be cut in two (creating a
+    temporary file and remembering to remove it); they are delivered right after."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _fail(message: str, code: int) -> int:
     click.echo(f"medsecure: error: {_one_line(message)}", err=True)
     return code
@@ -221,23 +214,28 @@ def run(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(deferred)
     logger.propagate = False
     try:
-        cli.main(
-            args=list(argv) if argv is not None else None,
-            prog_name="medsecure",
-            standalone_mode=False,
-        )
+        with _stop_on_signals():
+            cli.main(
+                args=list(argv) if argv is not None else None,
+                prog_name="medsecure",
+                standalone_mode=False,
+            )
     except click.exceptions.Abort:
-        return _fail("aborted", 130)
+        return _fail("interrupted", 130)
     except click.ClickException as exc:
         return _fail(exc.format_message(), exc.exit_code if exc.exit_code else 2)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
-    except (CliError, MedsecureError, ValueError) as exc:
+    except (CliError, medsecure.MedsecureError, ValueError) as exc:
         return _fail(str(exc), 1)
     except OSError as exc:  # the file name is not repeated: it may name a patient
-        return _fail(f"{exc.strerror or type(exc).__name__}", 1)
+        return _fail(f"a file operation failed: {reason(exc)}", 1)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted: nothing was left half-written", 130)
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        what = "interrupted" if exc.signum == signal.SIGINT else f"stopped by {name}"
+        return _fail(f"{what}: nothing was left half-written", 128 + exc.signum)
     except Exception as exc:  # never a traceback, even for a bug of ours
         return _fail(f"unexpected {type(exc).__name__}: {exc}", 70)
     finally:

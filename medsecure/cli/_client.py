@@ -1,10 +1,13 @@
-"""``medsecure init | send | receive | outbox | flush | quarantine``."""
+"""``medsecure init | send | receive | outbox | flush | quarantine | status | audit``."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +15,26 @@ from typing import Any
 
 import click
 
-from .._document import Document
-from .._home import client_from_home, init_home
-from ..client import Client, RecipientStatus, default_home
-from ._app import PROGRESS_THRESHOLD, CliError, _load_public, _passphrase, cli
+import medsecure
+import medsecure.identifiers
+from medsecure.client import default_home
+
+from ._app import (
+    PROGRESS_THRESHOLD,
+    PUBLIC_SUFFIX,
+    CliError,
+    about,
+    cli,
+    load_public,
+    passphrase,
+    public_beside,
+)
+from ._files import output as output_file
+from ._files import private_folder, write_file
 
 _home_option = click.option(
     "--home",
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     help="The medsecure home (default: $MEDSECURE_HOME or the per-user data folder).",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -29,11 +44,30 @@ def _home(home: str | None) -> Path:
     return Path(home).expanduser() if home else default_home()
 
 
-def _client(home: str | None) -> Client:
-    return client_from_home(_home(home), passphrase=_passphrase(confirm=False))
+def _existing_home(home: str | None) -> tuple[Path, dict[str, Any]]:
+    """A home folder and its configuration; what every command that reads a home accepts."""
+    root = _home(home)
+    try:
+        cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CliError(
+            f"--home: {str(root)!r} is not a medsecure home (no config.json): run 'medsecure init'"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise CliError("--home: cannot read the home's config.json") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != "medsecure-home":
+        raise CliError(f"--home: {str(root)!r} is not a medsecure home (bad config.json)")
+    return root, cfg
 
 
-def _status_dict(s: RecipientStatus) -> dict[str, Any]:
+def _client(home: str | None) -> medsecure.Client:
+    root = _home(home)
+    secret = passphrase(confirm=False)
+    with about("--home", "open the home"):
+        return medsecure.client_from_home(root, passphrase=secret)
+
+
+def _status_dict(s: medsecure.RecipientStatus) -> dict[str, Any]:
     return {
         "recipient": s.recipient,
         "status": s.status,
@@ -52,12 +86,74 @@ def _bar(total: int, label: str) -> Iterator[Any]:
         yield None
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating it will add)."""
+    missing = None
+    p = path.absolute()
+    while not os.path.lexists(p):
+        missing = p
+        if p.parent == p:
+            break
+        p = p.parent
+    return missing
+
+
+@contextlib.contextmanager
+def _undone_on_failure(root: Path, mailbox: Path | None) -> Iterator[None]:
+    """Remove what a failed (or interrupted) init created, and only that."""
+    created = [m for m in (_first_missing(root), mailbox and _first_missing(mailbox)) if m]
+    before = set(os.listdir(root)) if root.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        for top in created:
+            shutil.rmtree(top, ignore_errors=True)
+        if before is not None and root.is_dir():
+            for name in set(os.listdir(root)) - before:
+                path = root / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        raise
+
+
+def _next_steps(root: Path, me: str, authorities: bool) -> str:
+    key_pub = root / f"identity.key{PUBLIC_SUFFIX}"
+    home = f" --home {root}"
+    lines = [
+        "Next steps (docs/getting-started.md walks through them):",
+        f"  1. Give your public key file to the practitioners who will write to you: {key_pub}",
+        "     and compare its fingerprint with them over another channel (phone, in person).",
+    ]
+    if authorities:
+        lines += [
+            "  2. Have your directory authority sign your key; give the statement with your key:",
+            f"       medsecure trust sign --authority AUTHORITY.key --idnps {me} --key {key_pub}"
+            " -o me.binding",
+        ]
+    else:
+        lines += [
+            "  2. (trust on first use: no authority signs keys; the first key your directory",
+            "     lists for a practitioner is pinned, so add only keys you have checked)",
+        ]
+    lines += [
+        "  3. Add each correspondent to your directory, with their key and drop folder:",
+        f"       medsecure directory add --directory {root / 'directory.json'} --idnps rpps:…"
+        " --key THEIR.pub"
+        + (" --statement THEIR.binding" if authorities else "")
+        + " --drop THEIR_FOLDER",
+        f"  4. Send:    medsecure send FILE --to rpps:…{home}",
+        f"     Receive: medsecure receive -o received/{home}",
+    ]
+    return "\n".join(lines)
+
+
 @cli.command()
 @_home_option
 @click.option("--me", required=True, help="Who you are: rpps:…, adeli:… or your IDNPS.")
-@click.option(
-    "--mailbox", type=click.Path(file_okay=False), help="Your drop folder (default: HOME/mailbox)."
-)
+@click.option("--mailbox", type=click.Path(), help="Your drop folder (default: HOME/mailbox).")
 @click.option("--family", help="Your family name (for your directory entry).")
 @click.option("--given", help="Your given name.")
 @click.option("--classic", is_flag=True, help="X25519 + Ed25519 only (not post-quantum).")
@@ -68,10 +164,15 @@ def _bar(total: int, label: str) -> Iterator[Any]:
     help="Trusted directory authority public key (repeatable).",
 )
 @click.option(
+    "--unsafe-tofu",
+    is_flag=True,
+    help="No authority: trust the first key your directory lists for each practitioner.",
+)
+@click.option(
     "--directory",
     "directory_files",
     multiple=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="Directory file(s) to use (default: HOME/directory.json).",
 )
 @click.option(
@@ -88,14 +189,28 @@ def init(
     given: str | None,
     classic: bool,
     authorities: tuple[str, ...],
+    unsafe_tofu: bool,
     directory_files: tuple[str, ...],
     fhir_url: str | None,
     as_json: bool,
 ) -> None:
-    """Create a medsecure home: identity, configuration, mailbox; print your public key."""
+    """Create a medsecure home: identity, configuration, mailbox; print your public key and
+    the next steps. Say who vouches for keys: --authority KEY, or explicitly --unsafe-tofu."""
+    if bool(authorities) == unsafe_tofu:
+        raise CliError(
+            "say how keys are trusted: --authority AUTHORITY.pub (a key that signs "
+            "practitioners' keys) or --unsafe-tofu (trust the first key seen), not both"
+            if authorities
+            else "say how keys are trusted: --authority AUTHORITY.pub (a key that signs "
+            "practitioners' keys) or --unsafe-tofu (trust the first key seen)"
+        )
+    with about("--me", "read the identifier"):
+        idnps = medsecure.identifiers.parse(me).idnps
     root = _home(home)
+    if (root / "config.json").exists():
+        raise CliError(f"--home: {str(root)!r} is already a medsecure home")
     trust: dict[str, Any] = (
-        {"authorities": [str(_load_public(a)) for a in authorities]}
+        {"authorities": [str(load_public(a, "--authority")) for a in authorities]}
         if authorities
         else {"mode": "unsafe-tofu"}
     )
@@ -104,17 +219,26 @@ def init(
     ]
     if fhir_url:
         sources.append({"fhir": fhir_url, "api_key_env": "ESANTE_API_KEY"})
-    identity = init_home(
-        root,
-        passphrase=_passphrase(confirm=True),
-        me=me,
-        mailbox=mailbox,
-        suite="classic" if classic else "hybrid",
-        directory=sources,
-        trust=trust,
-        family_name=family,
-        given_name=given,
-    )
+    secret = passphrase(confirm=True)
+    box = Path(mailbox).expanduser() if mailbox else None
+    with _undone_on_failure(root, box), about("--home", "create the home"):
+        identity = medsecure.init_home(
+            root,
+            passphrase=secret,
+            me=idnps,
+            mailbox=box,
+            suite="classic" if classic else "hybrid",
+            directory=sources,
+            trust=trust,
+            family_name=family,
+            given_name=given,
+        )
+        write_file(
+            root / f"identity.key{PUBLIC_SUFFIX}",
+            (str(identity.public) + "\n").encode("ascii"),
+            flag="--home",
+            mode=0o644,
+        )
     if as_json:
         click.echo(
             json.dumps(
@@ -122,6 +246,7 @@ def init(
                     "home": str(root),
                     "fingerprint": identity.fingerprint,
                     "public_key": str(identity.public),
+                    "public_key_file": str(root / f"identity.key{PUBLIC_SUFFIX}"),
                 }
             )
         )
@@ -131,13 +256,15 @@ def init(
         click.echo(f"public key: {identity.public}")
     if not authorities:
         click.echo(
-            "warning: no directory authority given: keys are trusted on first use (unsafe-tofu); compare fingerprints out of band",
+            "warning: no directory authority: keys are trusted on first use (unsafe-tofu); "
+            "compare fingerprints out of band",
             err=True,
         )
+    click.echo(_next_steps(root, idnps, bool(authorities)), err=True)
 
 
 @cli.command(name="send")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--to",
     "to",
@@ -168,14 +295,16 @@ def send_cmd(
     """Send FILES end to end encrypted to the recipients."""
     docs = []
     for i, f in enumerate(files, 1):
-        try:
-            docs.append(Document.from_path(f))
-        except ValueError as exc:
-            raise CliError(f"file #{i} of the command line: {exc}") from exc
+        # the document is named by its position: its file name may name the patient
+        with about(f"FILES (document #{i})", "read the document"):
+            docs.append(medsecure.Document.from_path(f))
     with _client(home) as client, _bar(sum(d.size for d in docs), "sealing") as update:
-        result = client.send(
-            docs, to=list(to), subject=subject, body=body, receipts=receipts, progress=update
-        )
+        try:
+            result = client.send(
+                docs, to=list(to), subject=subject, body=body, receipts=receipts, progress=update
+            )
+        except (medsecure.DirectoryError, medsecure.TrustError) as exc:
+            raise CliError(f"--to: {exc}") from exc  # which recipient could not be resolved
     if as_json:
         click.echo(
             json.dumps(
@@ -201,12 +330,49 @@ def _safe_name(name: str | None, fallback: str) -> str:
     return cleaned[:120] or fallback
 
 
+_MESSAGE_ID = re.compile(r"[0-9A-Z]{26}")
+
+
+def _save_message(msg: medsecure.ReceivedMessage, out_dir: Path) -> list[str]:
+    """Save a message's documents and ``message.json`` (sender, subject, body: health data) in
+    a folder of its own, every file 0600 and written atomically, every folder 0700."""
+    flag = "-o/--output"
+    name = msg.message_id if _MESSAGE_ID.fullmatch(msg.message_id) else _safe_name(None, "message")
+    folder = private_folder(out_dir / name, flag)
+    with about(flag, "protect the message folder"):
+        os.chmod(folder, 0o700)  # a folder left by an older version may be wider
+    saved: list[str] = []
+    used: set[str] = set()
+    for i, doc in enumerate(msg.documents):
+        file_name = _safe_name(doc.filename, f"document-{i + 1}")
+        while file_name in used or file_name == "message.json":
+            file_name = f"{i + 1}-{file_name}"
+        used.add(file_name)
+        with about(flag, f"save document #{i + 1}"):
+            doc.save(folder / file_name)
+        saved.append(str(folder / file_name))
+    meta = {
+        "message_id": msg.message_id,
+        "sender": msg.sender.model_dump(mode="json", exclude_defaults=True),
+        "subject": msg.subject,
+        "body": msg.body,
+        "in_reply_to": msg.in_reply_to,
+        "documents": [
+            {"file": Path(p).name, "media_type": d.media_type, "title": d.title}
+            for p, d in zip(saved, msg.documents, strict=True)
+        ],
+    }
+    data = json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8")
+    write_file(folder / "message.json", data, flag=flag, force=True, mode=0o600)
+    return saved
+
+
 @cli.command()
 @click.option(
     "-o",
     "--output",
-    type=click.Path(file_okay=False),
-    help="Save documents into this folder and acknowledge the messages.",
+    type=click.Path(),
+    help="Save each message in a folder of its own (mode 0700) here, then acknowledge it.",
 )
 @click.option(
     "--limit", type=click.IntRange(1, 100000), help="Process at most this many new envelopes."
@@ -215,7 +381,7 @@ def _safe_name(name: str | None, fallback: str) -> str:
 @_json_option
 def receive(output: str | None, limit: int | None, home: str | None, as_json: bool) -> None:
     """Fetch and verify incoming messages; with -o, save them and acknowledge them."""
-    out_dir = Path(output) if output else None
+    out_dir = private_folder(Path(output), "-o/--output") if output else None
     listing = []
     with _client(home) as client:
         messages = client.receive(limit=limit)
@@ -228,29 +394,8 @@ def receive(output: str | None, limit: int | None, home: str | None, as_json: bo
                 "documents": [],
             }
             if out_dir is not None:
-                folder = out_dir / msg.message_id
-                folder.mkdir(parents=True, exist_ok=True)
-                used: set[str] = set()
-                for i, doc in enumerate(msg.documents):
-                    name = _safe_name(doc.filename, f"document-{i + 1}")
-                    while name in used or name == "message.json":
-                        name = f"{i + 1}-{name}"
-                    used.add(name)
-                    doc.save(folder / name)
-                    entry["documents"].append(str(folder / name))
-                meta = {
-                    "message_id": msg.message_id,
-                    "sender": msg.sender.model_dump(mode="json", exclude_defaults=True),
-                    "subject": msg.subject,
-                    "body": msg.body,
-                    "in_reply_to": msg.in_reply_to,
-                    "documents": [
-                        {"file": Path(p).name, "media_type": d.media_type, "title": d.title}
-                        for p, d in zip(entry["documents"], msg.documents, strict=True)
-                    ],
-                }
-                (folder / "message.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
-                msg.ack()
+                entry["documents"] = _save_message(msg, out_dir)
+                msg.ack()  # only once everything is on disk
             else:
                 entry["documents"] = [d.filename or d.id for d in msg.documents]
             listing.append(entry)
@@ -364,7 +509,7 @@ def status(message_id: str, home: str | None, as_json: bool) -> None:
     with _client(home) as client:
         try:
             statuses = client.status(message_id)
-        except KeyError as exc:
+        except medsecure.UnknownMessage as exc:
             raise CliError(f"no message {message_id!r} in the outbox") from exc
     if as_json:
         click.echo(
@@ -392,12 +537,35 @@ def audit() -> None:
     """Check and export the tamper-evident audit log of a home."""
 
 
-def _home_public(root: Path, key: str | None) -> Any:
-    if key:
-        return _load_public(key)
-    from .._identity import Identity
+def _audit_folder(home: str | None) -> Path:
+    """The audit log of a home; ``audit verify`` and ``audit export`` accept the same homes."""
+    root, _ = _existing_home(home)
+    folder = root / "audit"
+    if not folder.is_dir():
+        raise CliError(
+            f"--home: {str(root)!r} has no audit log yet (nothing was sent or received), "
+            "or it was removed"
+        )
+    return folder
 
-    return Identity.load(root / "identity.key", passphrase=_passphrase(confirm=False)).public
+
+def _checkpoint_key(home: str | None, key: str | None) -> medsecure.PublicIdentity:
+    """The key that signs a home's checkpoints: --key, else the home identity's public key
+    (read from identity.key.pub when present, so no passphrase is needed)."""
+    if key:
+        return load_public(key, "--key")
+    root, cfg = _existing_home(home)
+    identity = cfg.get("identity", "identity.key")
+    if not isinstance(identity, str):
+        raise CliError("--home: config.json names no identity file")
+    path = Path(identity).expanduser()
+    path = path if path.is_absolute() else root / path
+    beside = public_beside(path)
+    if beside is not None:
+        return beside
+    secret = passphrase(confirm=False)
+    with about("--home", "read the home's identity"):
+        return medsecure.Identity.load(path, passphrase=secret).public
 
 
 @audit.command(name="verify")
@@ -406,10 +574,10 @@ def _home_public(root: Path, key: str | None) -> Any:
 @_json_option
 def audit_verify(home: str | None, key: str | None, as_json: bool) -> None:
     """Verify the chain and the signed checkpoints; report the first broken record."""
-    from ..audit import verify
+    from medsecure.audit import verify
 
-    root = _home(home)
-    report = verify(root / "audit", public=_home_public(root, key))
+    folder = _audit_folder(home)
+    report = verify(folder, public=_checkpoint_key(home, key))
     if as_json:
         click.echo(
             json.dumps(
@@ -431,12 +599,15 @@ def audit_verify(home: str | None, key: str | None, as_json: bool) -> None:
         if report.ok:
             click.echo(f"ok: {report.records} records, {report.checkpoints} signed checkpoints")
     if not report.ok:
+        where = [f"record {report.first_broken}"] if report.first_broken is not None else []
+        if report.file:
+            where.append(f"in {report.file}")
         raise CliError(
-            f"audit log broken at record {report.first_broken} ({report.file}): {report.problem}"
+            "audit log broken" + (f" at {' '.join(where)}" if where else "") + f": {report.problem}"
         )
 
 
-def _date(value: str | None) -> Any:
+def _date(value: str | None, flag: str) -> Any:
     import datetime as dt
 
     if value is None:
@@ -444,7 +615,7 @@ def _date(value: str | None) -> Any:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except ValueError as exc:
-        raise CliError(f"bad date {value!r}: use YYYY-MM-DD or an ISO 8601 time") from exc
+        raise CliError(f"{flag}: bad date {value!r}: use YYYY-MM-DD or an ISO 8601 time") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
@@ -455,21 +626,21 @@ def _date(value: str | None) -> Any:
 @click.option(
     "--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True
 )
-@click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout."
-)
+@click.option("-o", "--output", type=click.Path(), help="Write here instead of stdout.")
 def audit_export(
     home: str | None, since: str | None, until: str | None, fmt: str, output: str | None
 ) -> None:
     """Export records for a compliance officer (never any health data: there is none)."""
-    from ..audit import export
+    from medsecure.audit import export
 
-    root = _home(home)
-    if not (root / "audit").is_dir():
-        raise CliError(f"{str(root)!r} has no audit log")
+    folder = _audit_folder(home)
+    start, end = _date(since, "--since"), _date(until, "--until")
     if output:
-        with open(output, "w", newline="", encoding="utf-8") as out:
-            n = export(root / "audit", out, since=_date(since), until=_date(until), fmt=fmt)
+        with output_file(output, flag="-o/--output", force=True) as dst:
+            text = io.TextIOWrapper(dst, encoding="utf-8", newline="")
+            n = export(folder, text, since=start, until=end, fmt=fmt)
+            text.flush()
+            text.detach()
     else:
-        n = export(root / "audit", sys.stdout, since=_date(since), until=_date(until), fmt=fmt)
+        n = export(folder, sys.stdout, since=start, until=end, fmt=fmt)
     click.echo(f"{n} record(s)", err=True)

@@ -11,17 +11,19 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from .._fs import atomic_write
-from ..directory import (
+from medsecure import PractitionerNotFound
+from medsecure.directory import (
     Directory,
     FhirDirectory,
     FileDirectory,
     merge_practitioners,
     practitioners_from_bundle,
 )
-from ..models import Endpoint, KeyEntry, Mailbox, Practitioner
-from ..trust import Statement, sign_binding, sign_revocation, sign_rotation
-from ._app import CliError, _load_identity, _load_public, cli
+from medsecure.models import Endpoint, KeyEntry, Mailbox, Practitioner
+from medsecure.trust import Statement, sign_binding, sign_revocation, sign_rotation
+
+from ._app import CliError, about, cli, load_identity, load_public
+from ._files import write_file
 
 API_KEY_ENV = "ESANTE_API_KEY"
 
@@ -30,7 +32,7 @@ def _source_options(f: Any) -> Any:
     f = click.option(
         "--directory",
         "directory_path",
-        type=click.Path(dir_okay=False),
+        type=click.Path(),
         help="A medsecure directory file (.json or .cbor).",
     )(f)
     f = click.option("--fhir", "fhir_url", help="An Annuaire Santé FHIR base URL.")(f)
@@ -137,18 +139,16 @@ def search(
         click.echo(f"{len(found)} practitioner(s)", err=True)
 
 
-def _statement(ref: str) -> Statement:
+def _statement(ref: str, flag: str) -> Statement:
     text = ref
-    if not ref.strip().startswith("mst1"):
-        try:
-            text = Path(ref).read_text()
-        except OSError as exc:
-            raise CliError(f"cannot read statement {ref!r}: {exc.strerror}") from exc
-    return Statement.parse(text)
+    with about(flag, "read the statement"):
+        if not ref.strip().startswith("mst1"):
+            text = Path(ref).read_text(encoding="ascii")
+        return Statement.parse(text.strip())
 
 
 @directory.command()
-@click.option("--directory", "directory_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--directory", "directory_path", required=True, type=click.Path())
 @click.option("--idnps", required=True, help="rpps:…, adeli:… or the IDNPS.")
 @click.option("--family", help="Family name.")
 @click.option("--given", help="Given name.")
@@ -172,13 +172,13 @@ def add(
     relay: str | None,
     relay_mailbox: str | None,
 ) -> None:
-    """Add or update a practitioner in a directory file (merged with an existing entry)."""
-    parsed = [_statement(s) for s in statements]
-    entries = []
-    for k in keys:
-        pub = _load_public(k)
-        attached = tuple(s.to_text() for s in parsed if pub.fingerprint in (s.key, s.new_key))
-        entries.append(KeyEntry(public=pub, statements=attached))
+    """Add or update a practitioner in a directory file (merged with an existing entry).
+
+    A --statement is attached to the key it is about (the old and the new key of a rotation),
+    whether that key is given with --key now or is already in the entry; a statement about no
+    key of the entry, or about another practitioner, is refused rather than dropped."""
+    parsed = [_statement(s, "--statement") for s in statements]
+    publics = [load_public(k, "--key") for k in keys]
     endpoints = [Endpoint(kind="drop", path=str(Path(d).resolve())) for d in drops]
     if relay or relay_mailbox:
         endpoints.append(Endpoint(kind="relay", url=relay, mailbox=relay_mailbox))
@@ -188,7 +188,7 @@ def add(
             family_name=family,
             given_name=given,
             mailboxes=tuple(Mailbox(address=m) for m in mailboxes),
-            keys=tuple(entries),
+            keys=tuple(KeyEntry(public=pub) for pub in publics),
             endpoints=tuple(endpoints),
         )
     except ValidationError as exc:
@@ -197,17 +197,75 @@ def add(
             f"invalid entry: {'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
         ) from exc
     d = FileDirectory(directory_path)
+    existing = _existing_entry(d, new.idnps)
+    merged = _merge(new, existing)
+    keys_by_fp = {k.fingerprint: k for k in merged.keys}
+    attach: dict[str, list[str]] = {}
+    for st in parsed:
+        if st.subject != merged.idnps:
+            raise CliError(f"--statement: this {st.type} is about practitioner {st.subject}")
+        targets = [fp for fp in (st.key, st.new_key) if fp and fp in keys_by_fp]
+        if not targets:
+            raise CliError(
+                f"--statement: this {st.type} is about key {st.key}, which the entry does not "
+                "list; give that key with --key"
+            )
+        for fp in targets:
+            attach.setdefault(fp, []).append(st.to_text())
+    merged = _with_statements(merged, attach)
+    d.add(merged)
+    verb = "updated" if existing is not None else "added"
+    click.echo(
+        f"{verb} {merged.idnps} in {directory_path}: {len(merged.keys)} key(s), "
+        f"{sum(len(k.statements) for k in merged.keys)} statement(s)",
+        err=True,
+    )
+
+
+def _existing_entry(d: FileDirectory, idnps: str) -> Practitioner | None:
     try:
-        existing = d.lookup(f"idnps:{new.idnps}")
-    except Exception:
-        existing = None
-    d.add(merge_practitioners([new, existing]) if existing else new)
-    click.echo(f"saved {new.idnps} in {directory_path}", err=True)
+        return d.lookup(f"idnps:{idnps}")
+    except PractitionerNotFound:
+        return None
+
+
+def _with_statements(p: Practitioner, extra: dict[str, list[str]]) -> Practitioner:
+    """``p`` with each key's statements unioned with ``extra`` (in order, no repeats)."""
+    keys = []
+    for k in p.keys:
+        statements = tuple(dict.fromkeys([*k.statements, *extra.get(k.fingerprint, [])]))
+        keys.append(k.model_copy(update={"statements": statements}))
+    return Practitioner.model_validate({**p.model_dump(), "keys": keys})
+
+
+def _merge(new: Practitioner, existing: Practitioner | None) -> Practitioner:
+    """Merge an entry into the existing one: one key entry per key (statements unioned, the
+    first validity given wins), the other fields as ``merge_practitioners`` does."""
+    if existing is None:
+        return _merge(new, new) if len({k.fingerprint for k in new.keys}) != len(new.keys) else new
+    by_fp: dict[str, KeyEntry] = {}
+    statements: dict[str, list[str]] = {}
+    for k in (*new.keys, *existing.keys):
+        first = by_fp.setdefault(k.fingerprint, k)
+        if first is not k:
+            by_fp[k.fingerprint] = first.model_copy(
+                update={
+                    "not_before": first.not_before or k.not_before,
+                    "not_after": first.not_after or k.not_after,
+                }
+            )
+        statements.setdefault(k.fingerprint, []).extend(k.statements)
+    merged = merge_practitioners([new.model_copy(update={"keys": ()}), existing])
+    keys = tuple(
+        k.model_copy(update={"statements": tuple(dict.fromkeys(statements[fp]))})
+        for fp, k in by_fp.items()
+    )
+    return Practitioner.model_validate({**merged.model_dump(), "keys": keys})
 
 
 @directory.command(name="import")
-@click.option("--directory", "directory_path", required=True, type=click.Path(dir_okay=False))
-@click.argument("source", type=click.Path(dir_okay=False, exists=True))
+@click.option("--directory", "directory_path", required=True, type=click.Path())
+@click.argument("source", type=click.Path(exists=True))
 def import_cmd(directory_path: str, source: str) -> None:
     """Merge SOURCE (a medsecure directory file or an Annuaire FHIR Bundle) into a directory file."""
     try:
@@ -224,24 +282,17 @@ def import_cmd(directory_path: str, source: str) -> None:
     else:
         incoming = FileDirectory(source).all()
     d = FileDirectory(directory_path)
-    merged = []
-    for p in incoming:
-        try:
-            merged.append(merge_practitioners([p, d.lookup(f"idnps:{p.idnps}")]))
-        except Exception:
-            merged.append(p)
+    merged = [_merge(p, _existing_entry(d, p.idnps)) for p in incoming]
     d.add_many(merged)
     click.echo(f"imported {len(merged)} practitioner(s) into {directory_path}", err=True)
 
 
 @directory.command()
-@click.option(
-    "--directory", "directory_path", required=True, type=click.Path(dir_okay=False, exists=True)
-)
+@click.option("--directory", "directory_path", required=True, type=click.Path(exists=True))
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="Write here (.json or .cbor) instead of stdout.",
 )
 def export(directory_path: str, output: str | None) -> None:
@@ -265,7 +316,9 @@ def trust() -> None:
 
 def _write_statement(st: Statement, output: str | None) -> None:
     if output:
-        atomic_write(output, (st.to_text() + "\n").encode(), mode=0o644)
+        write_file(
+            output, (st.to_text() + "\n").encode(), flag="-o/--output", force=True, mode=0o644
+        )
         click.echo(f"wrote {st.type} statement to {output}", err=True)
     else:
         click.echo(st.to_text())
@@ -278,11 +331,11 @@ def _write_statement(st: Statement, output: str | None) -> None:
     "--key", "key_ref", required=True, help="The practitioner's public key (file or text)."
 )
 @click.option("--days", default=365, show_default=True, type=click.IntRange(1, 3650))
-@click.option("-o", "--output", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path())
 def sign(authority: str, idnps: str, key_ref: str, days: int, output: str | None) -> None:
     """Sign a binding: KEY belongs to IDNPS for DAYS days from now."""
-    pub = _load_public(key_ref)
-    issuer = _load_identity(authority)
+    pub = load_public(key_ref, "--key")
+    issuer = load_identity(authority, "--authority")
     now = dt.datetime.now(dt.UTC)
     try:
         st = sign_binding(
@@ -297,11 +350,11 @@ def sign(authority: str, idnps: str, key_ref: str, days: int, output: str | None
 @click.option("--old", required=True, help="The old (current) key file.")
 @click.option("--idnps", required=True)
 @click.option("--new", "new_ref", required=True, help="The new public key (file or text).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path())
 def rotate(old: str, idnps: str, new_ref: str, output: str | None) -> None:
     """Sign, with the old key, a rotation to a new key."""
-    new = _load_public(new_ref)
-    st = sign_rotation(_load_identity(old), idnps=idnps, new_key=new)
+    new = load_public(new_ref, "--new")
+    st = sign_rotation(load_identity(old, "--old"), idnps=idnps, new_key=new)
     _write_statement(st, output)
 
 
@@ -310,11 +363,11 @@ def rotate(old: str, idnps: str, new_ref: str, output: str | None) -> None:
 @click.option("--idnps", required=True)
 @click.option("--key", "key_ref", required=True, help="The public key to revoke (file or text).")
 @click.option("--reason", default="unspecified", show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path())
 def revoke(issuer: str, idnps: str, key_ref: str, reason: str, output: str | None) -> None:
     """Sign a revocation of KEY for IDNPS."""
-    pub = _load_public(key_ref)
-    st = sign_revocation(_load_identity(issuer), idnps=idnps, key=pub, reason=reason)
+    pub = load_public(key_ref, "--key")
+    st = sign_revocation(load_identity(issuer, "--issuer"), idnps=idnps, key=pub, reason=reason)
     _write_statement(st, output)
 
 
@@ -325,10 +378,10 @@ def revoke(issuer: str, idnps: str, key_ref: str, reason: str, output: str | Non
 )
 def verify(statement: str, authorities: tuple[str, ...]) -> None:
     """Verify a statement's signature and, with --authority, that an accepted authority issued it."""
-    st = _statement(statement)
+    st = _statement(statement, "STATEMENT")
     issuer_ok = True
     if authorities:
-        accepted = {_load_public(a).fingerprint for a in authorities}
+        accepted = {load_public(a, "--authority").fingerprint for a in authorities}
         issuer_ok = st.issuer.fingerprint in accepted or (
             st.type != "binding" and st.issuer.fingerprint == st.key
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ._app import CliError, _load_public, cli
+from ._app import CliError, cli, load_public
 
 
 def _server() -> Any:
@@ -123,7 +123,7 @@ def serve(
         rate_burst=burst,
         retention_days=retention_days,
         signature_window=signature_window,
-        authorities=tuple(_load_public(a) for a in authorities),
+        authorities=tuple(load_public(a, "--authority") for a in authorities),
         sweep_interval=sweep_interval,
     )
     server.serve(

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .._errors import TransportError, TransportUnavailable
+from .._errors import ConfigError, TransportError, TransportUnavailable
 
 __all__ = [
     "DiscoveredServer",
@@ -120,32 +120,36 @@ class MailServer:
         return bool(self.password_env or self.password or self.oauth_token)
 
     def secret(self) -> str:
-        """The password, read now from its source (never kept by the drivers)."""
+        """The password, read now from its source (never kept by the drivers). Raises
+        :class:`~medsecure.ConfigError` when the variable is not set or the value is unusable."""
         if self.password is not None:
             value = self.password()
         elif self.password_env is not None:
             value = os.environ.get(self.password_env, "")
             if not value:
-                raise TransportError(f"the mail password variable {self.password_env} is not set")
+                raise ConfigError(f"the mail password variable {self.password_env} is not set")
         else:
-            raise TransportError("no mail password is configured")
+            raise ConfigError("no mail password is configured")
         if not isinstance(value, str) or not value or "\r" in value or "\n" in value:
-            raise TransportError("the configured mail password is not a usable string")
+            raise ConfigError("the configured mail password is not a usable string")
         return value
 
     def token(self) -> str:
-        """A fresh OAuth access token from ``oauth_token`` (never kept by the drivers)."""
+        """A fresh OAuth access token from ``oauth_token`` (never kept by the drivers). Raises
+        :class:`~medsecure.ConfigError` when no source is configured or it returns an unusable
+        token; what the callable itself raises passes through."""
         if self.oauth_token is None:
-            raise TransportError("no OAuth token source is configured")
+            raise ConfigError("no OAuth token source is configured")
         value = self.oauth_token()
         if not isinstance(value, str) or not re.fullmatch(r"[\x21-\x7e]{1,16384}", value):
-            raise TransportError("the OAuth token source returned an unusable token")
+            raise ConfigError("the OAuth token source returned an unusable token")
         return value
 
 
 def tls_context(server: MailServer) -> ssl.SSLContext:
     """A client TLS context for ``server``: TLS 1.2 or newer, certificate and host-name
-    verification, the system's CAs or ``server.ca_file``, and the client certificate if any."""
+    verification, the system's CAs or ``server.ca_file``, and the client certificate if any.
+    Raises :class:`~medsecure.ConfigError` when a configured file cannot be read or used."""
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=server.ca_file)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -157,7 +161,7 @@ def tls_context(server: MailServer) -> ssl.SSLContext:
             )
     except (OSError, ssl.SSLError) as exc:
         # The file names are configuration, not health data; the reason is the library's.
-        raise TransportError(
+        raise ConfigError(
             f"cannot load the TLS certificates configured for {server.host}: "
             f"{getattr(exc, 'strerror', None) or type(exc).__name__}"
         ) from exc

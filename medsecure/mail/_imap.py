@@ -45,6 +45,7 @@ from ._config import MailItem, MailServer, server_text, tls_context, tls_failure
 __all__ = ["ImapMailbox", "imap_utf7"]
 
 T = TypeVar("T")
+_Items = list[MailItem]  # ``list`` is also a method name of ImapMailbox
 
 CHUNK_SIZE = 1 << 20
 HEADER_LIMIT = 64 << 10
@@ -410,21 +411,7 @@ class ImapMailbox:
             uids = sorted(found)[:limit]
             # Headers only for the messages returned, in batches: memory is bounded by
             # ``limit`` x ``header_limit``, not by the size of the folder.
-            heads: dict[int, bytes] = {}
-            for i in range(0, len(uids) if headers else 0, 100):
-                batch = uids[i : i + 100]
-                imap.max_literal = self._header_limit
-                imap.budget = (64 << 10) + len(batch) * (self._header_limit + 200)
-                spec = f"(UID BODY.PEEK[HEADER]<0.{self._header_limit}>)"
-                typ, data = imap.uid("FETCH", ",".join(map(str, batch)), spec)
-                if typ != "OK":
-                    raise TransportError(
-                        f"IMAP server {self.server.host} refused to read message headers"
-                    )
-                for text, literals in _responses(data):
-                    uid_m = _UID_RE.search(text)
-                    if uid_m is not None and int(uid_m.group(1)) in found:
-                        heads[int(uid_m.group(1))] = literals[0] if literals else b""
+            heads = self._fetch_headers(imap, uids) if headers else {}
             return [
                 MailItem(
                     handle=f"imap:{self.uidvalidity}:{uid}",
@@ -435,6 +422,42 @@ class ImapMailbox:
             ]
 
         return self._session(op, "list the folder")
+
+    def _fetch_headers(self, imap: _IMAP4 | _IMAP4_SSL, uids: Sequence[int]) -> dict[int, bytes]:
+        """The header start of each UID still in the folder, 100 UIDs a command."""
+        wanted = set(uids)
+        heads: dict[int, bytes] = {}
+        for i in range(0, len(uids), 100):
+            batch = uids[i : i + 100]
+            imap.max_literal = self._header_limit
+            imap.budget = (64 << 10) + len(batch) * (self._header_limit + 200)
+            spec = f"(UID BODY.PEEK[HEADER]<0.{self._header_limit}>)"
+            typ, data = imap.uid("FETCH", ",".join(map(str, batch)), spec)
+            if typ != "OK":
+                raise TransportError(
+                    f"IMAP server {self.server.host} refused to read message headers"
+                )
+            for text, literals in _responses(data):
+                uid_m = _UID_RE.search(text)
+                if uid_m is not None and int(uid_m.group(1)) in wanted:
+                    heads[int(uid_m.group(1))] = literals[0] if literals else b""
+        return heads
+
+    def peek(self, items: Sequence[MailItem]) -> _Items:
+        """``items`` with :attr:`MailItem.header` filled (``BODY.PEEK``: ``\\Seen`` stays as
+        it was), in batched commands; items no longer in the folder are left out. Memory is
+        bounded by ``len(items)`` x ``header_limit``: callers pass bounded batches."""
+
+        def op(imap: _IMAP4 | _IMAP4_SSL) -> _Items:
+            uids = [self._uid_of(item) for item in items]
+            heads = self._fetch_headers(imap, uids)
+            return [
+                MailItem(handle=item.handle, size=item.size, header=heads[uid])
+                for item, uid in zip(items, uids, strict=True)
+                if uid in heads
+            ]
+
+        return self._session(op, "read message headers")
 
     def headers(self, item: MailItem) -> bytes:
         """The start of the message header (at most ``header_limit`` bytes), without setting

@@ -143,9 +143,9 @@ def test_sealing_opening_and_reading_a_manifest_load_nothing_above_the_core() ->
 
 
 def test_the_envelope_package_exposes_the_envelope_functions() -> None:
+    """The same objects as the top-level names (test_surface pins the list)."""
     import medsecure.envelope as envelope
 
-    assert envelope.__all__ == ["Unsealed", "seal", "seal_stream", "unseal", "unseal_stream"]
     for name in envelope.__all__:
         assert getattr(envelope, name) is getattr(medsecure, name)
 

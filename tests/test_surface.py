@@ -129,6 +129,7 @@ SUBPACKAGES = {
         "normalize_ref",
         "practitioners_from_bundle",
     ],
+    "medsecure.envelope": ["Unsealed", "seal", "seal_stream", "unseal", "unseal_stream"],
     "medsecure.identifiers": [
         "IDNPS_SYSTEM",
         "IDNST_SYSTEM",

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import medsecure
-from medsecure import _format as F
+from medsecure.envelope import _labels as F
 
 CHUNK = 1 << 20
 
@@ -257,8 +257,13 @@ def small_bench(repeat: int) -> None:
     doc = os.urandom(10 * 1024)
     env = medsecure.seal(doc, sender=alice, recipients=[bob.public])
 
-    def per_op(fn: Callable[[], object]) -> float:
-        return best(lambda: [fn() for _ in range(n)], repeat)[0] / n
+    def per_ops(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+        """Best time per operation, rounds interleaved (a load change hits every op alike)."""
+        out = dict.fromkeys(fns, float("inf"))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                out[name] = min(out[name], best(lambda f=fn: [f() for _ in range(n // 3)], 1)[0])
+        return {name: t / (n // 3) for name, t in out.items()}
 
     suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
     bob_pub = bob.public._hpke_key()
@@ -275,15 +280,28 @@ def small_bench(repeat: int) -> None:
         h.update(ct)
         return h.finalize()
 
-    t_wrap = per_op(lambda: suite.encrypt(ck, bob_pub, info=b"info"))
-    t_unwrap = per_op(lambda: suite.decrypt(wrapped, bob_priv, info=b"info"))
-    t_enc = per_op(lambda: aead.encrypt(bytes(12), doc, None))
-    t_dec = per_op(lambda: aead.decrypt(bytes(12), ct, None))
-    t_hash = per_op(sha)
-    t_sign = per_op(lambda: alice._sign(message))
-    t_verify = per_op(lambda: alice.public._verify(message, sigs))
-    t_seal = per_op(lambda: medsecure.seal(doc, sender=alice, recipients=[bob.public]))
-    t_unseal = per_op(lambda: medsecure.unseal(env, identity=bob))
+    t = per_ops(
+        {
+            "wrap": lambda: suite.encrypt(ck, bob_pub, info=b"info"),
+            "unwrap": lambda: suite.decrypt(wrapped, bob_priv, info=b"info"),
+            "enc": lambda: aead.encrypt(bytes(12), doc, None),
+            "dec": lambda: aead.decrypt(bytes(12), ct, None),
+            "hash": sha,
+            "sign": lambda: alice._sign(message),
+            "verify": lambda: alice.public._verify(message, sigs),
+            "seal": lambda: medsecure.seal(doc, sender=alice, recipients=[bob.public]),
+            "unseal": lambda: medsecure.unseal(env, identity=bob),
+        },
+        rounds=repeat * 5,
+    )
+    t_wrap, t_unwrap, t_enc, t_dec = t["wrap"], t["unwrap"], t["enc"], t["dec"]
+    t_hash, t_sign, t_verify, t_seal, t_unseal = (
+        t["hash"],
+        t["sign"],
+        t["verify"],
+        t["seal"],
+        t["unseal"],
+    )
     prim_seal = t_wrap + t_enc + t_hash + t_sign
     prim_unseal = t_unwrap + t_dec + t_hash + t_verify
     print("## 10 KiB document, one hybrid recipient (µs per operation)")
@@ -297,7 +315,7 @@ def small_bench(repeat: int) -> None:
     )
     print(f"seal {t_seal * 1e6:.0f} µs, unseal {t_unseal * 1e6:.0f} µs")
     print(f"RATIO seal / primitives   = {t_seal / prim_seal:.2f}  (target <= 1.3)")
-    print(f"RATIO unseal / primitives = {t_unseal / prim_unseal:.2f}  (target <= 1.3)")
+    print(f"RATIO unseal / primitives = {t_unseal / prim_unseal:.2f}  (target <= 1.2)")
 
     many = [medsecure.Identity.generate().public for _ in range(100)]
     t1 = best(lambda: medsecure.seal(doc, sender=alice, recipients=many[:1]), repeat * 3)[0]

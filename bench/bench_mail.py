@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mailservers import HOST, Dovecot, DovecotUnavailable, make_pki, smtp_sink
 
 import medsecure
-from medsecure._message import new_message_id
+from medsecure.envelope._message import new_message_id
 from medsecure.mail import build_e2e_message
 from medsecure.mail._config import MailServer
 from medsecure.models import Endpoint

@@ -19,7 +19,8 @@ import atheris
 
 with atheris.instrument_imports():
     import medsecure
-    from medsecure import _message
+    from medsecure._inbox import check_manifest_models
+    from medsecure.envelope._message import parse_manifest
     from medsecure.trust import Statement
 
 # A fixed identity, so that a corpus of envelopes addressed to it stays meaningful across runs.
@@ -43,7 +44,7 @@ def one_input(data: bytes) -> None:
         elif which == 3:
             Statement.parse(payload)
         else:
-            _message.parse_manifest(payload)
+            check_manifest_models(parse_manifest(payload))
     except ALLOWED:
         pass
 

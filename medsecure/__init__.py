@@ -45,10 +45,10 @@ if _typing.TYPE_CHECKING:
     from ._aclient import AsyncClient
     from ._client import Client
     from ._document import Document
-    from ._envelope import Unsealed, seal, seal_stream, unseal, unseal_stream
     from ._home import client_from_home, default_client, init_home, send
     from ._identity import Identity, PublicIdentity
     from ._results import ReceivedMessage, RecipientStatus, SendResult
+    from .envelope import Unsealed, seal, seal_stream, unseal, unseal_stream
 
 __version__ = "0.1.0.dev0"
 
@@ -97,11 +97,11 @@ _LAZY = {
     "AsyncClient": "._aclient",
     "Client": "._client",
     "Document": "._document",
-    "Unsealed": "._envelope",
-    "seal": "._envelope",
-    "seal_stream": "._envelope",
-    "unseal": "._envelope",
-    "unseal_stream": "._envelope",
+    "Unsealed": ".envelope",
+    "seal": ".envelope",
+    "seal_stream": ".envelope",
+    "unseal": ".envelope",
+    "unseal_stream": ".envelope",
     "client_from_home": "._home",
     "default_client": "._home",
     "init_home": "._home",

@@ -47,7 +47,6 @@ from ._errors import (
 )
 from ._identity import Identity
 from ._inbox import Inbox
-from ._message import Manifest
 from ._outbox import (
     Outbox,
     RetryPolicy,
@@ -68,6 +67,7 @@ from ._results import (
 from ._store import Store, default_home
 from .audit import AuditLog
 from .directory import Directory
+from .envelope._message import Manifest
 from .identifiers import parse
 from .models import Practitioner
 from .transports import Transport

@@ -32,9 +32,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa, mlkem, x25519
 
-from . import _cbor
-from . import _format as F
 from ._errors import IdentityError
+from .envelope import _cbor
+from .envelope import _labels as F
 
 __all__ = ["Identity", "PublicIdentity"]
 
@@ -116,7 +116,9 @@ def _unb32(text: str) -> bytes:
     return base64.b32decode(padded, casefold=False)
 
 
+@functools.lru_cache(maxsize=1024)
 def _fingerprint_text(digest: bytes) -> str:
+    # cached: opening an envelope names every recipient, and the same ones come back
     return F.FINGERPRINT_TEXT_PREFIX + _b32(digest)
 
 
@@ -126,7 +128,17 @@ class PublicIdentity:
     Values are immutable and compare equal when their canonical encodings are equal.
     """
 
-    __slots__ = ("_ed25519", "_encoded", "_fp", "_fp_text", "_mldsa", "_mlkem", "_suite", "_x25519")
+    __slots__ = (
+        "_ed25519",
+        "_encoded",
+        "_fp",
+        "_fp_text",
+        "_hpke",
+        "_mldsa",
+        "_mlkem",
+        "_suite",
+        "_x25519",
+    )
     _suite: str
     _x25519: x25519.X25519PublicKey
     _ed25519: ed25519.Ed25519PublicKey
@@ -135,6 +147,7 @@ class PublicIdentity:
     _encoded: bytes
     _fp: bytes
     _fp_text: str
+    _hpke: Any  # the HPKE recipient key, built once (sealing uses it for every envelope)
 
     def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
         raise TypeError("use Identity.public, PublicIdentity.from_bytes or from_text")
@@ -154,6 +167,11 @@ class PublicIdentity:
         self._ed25519 = ed25519_pub
         self._mlkem = mlkem_pub
         self._mldsa = mldsa_pub
+        self._hpke = (
+            hpke.MLKEM768X25519PublicKey(mlkem_pub, x25519_pub)
+            if mlkem_pub is not None
+            else x25519_pub
+        )
         fields: dict[int, Any] = {
             1: F.FORMAT_VERSION,
             2: suite,
@@ -302,10 +320,7 @@ class PublicIdentity:
 
     # -- used by the envelope ---------------------------------------------------------------
     def _hpke_key(self) -> Any:
-        if self._suite == F.SUITE_HYBRID:
-            assert self._mlkem is not None
-            return hpke.MLKEM768X25519PublicKey(self._mlkem, self._x25519)
-        return self._x25519
+        return self._hpke
 
     def _signature_lengths(self) -> tuple[int, ...]:
         if self._suite == F.SUITE_HYBRID:
@@ -332,12 +347,13 @@ class PublicIdentity:
 class Identity:
     """A private identity: KEM and signing key pairs. Never printed, never logged."""
 
-    __slots__ = ("_ed25519", "_mldsa", "_mlkem", "_public", "_suite", "_x25519")
+    __slots__ = ("_ed25519", "_hpke", "_mldsa", "_mlkem", "_public", "_suite", "_x25519")
     _suite: str
     _x25519: x25519.X25519PrivateKey
     _ed25519: ed25519.Ed25519PrivateKey
     _mlkem: mlkem.MLKEM768PrivateKey | None
     _mldsa: mldsa.MLDSA65PrivateKey | None
+    _hpke: Any  # the HPKE private key, built once (opening uses it for every envelope)
     _public: PublicIdentity
 
     def __init__(self) -> None:  # pragma: no cover - construction goes through the factories
@@ -378,6 +394,11 @@ class Identity:
                 raise ValueError("a hybrid identity needs ML-KEM and ML-DSA seeds")
             self._mlkem = mlkem.MLKEM768PrivateKey.from_seed_bytes(mlkem_seed)
             self._mldsa = mldsa.MLDSA65PrivateKey.from_seed_bytes(mldsa_seed)
+        self._hpke = (
+            hpke.MLKEM768X25519PrivateKey(self._mlkem, self._x25519)
+            if self._mlkem is not None
+            else self._x25519
+        )
         self._public = PublicIdentity._build(
             suite,
             self._x25519.public_key(),
@@ -410,10 +431,7 @@ class Identity:
 
     # -- used by the envelope ---------------------------------------------------------------
     def _hpke_key(self) -> Any:
-        if self._suite == F.SUITE_HYBRID:
-            assert self._mlkem is not None
-            return hpke.MLKEM768X25519PrivateKey(self._mlkem, self._x25519)
-        return self._x25519
+        return self._hpke
 
     def _sign(self, message: bytes) -> list[bytes]:
         signatures = [self._ed25519.sign(message)]

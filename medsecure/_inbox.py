@@ -44,10 +44,9 @@ import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import _receipts as receipts
-from ._envelope import envelope_id, unseal_stream
 from ._errors import (
     DirectoryError,
     DirectoryUnavailable,
@@ -60,17 +59,27 @@ from ._errors import (
 )
 from ._fs import fsync_dir
 from ._identity import Identity, PublicIdentity
-from ._message import Manifest, read_manifest
 from ._results import QuarantinedEnvelope, ReceivedDocument, ReceivedMessage
 from ._store import Store
 from .audit import AuditLog
 from .directory import Directory
+from .envelope._message import Manifest
+from .envelope._message import read_manifest as read_manifest_structure
+from .envelope._seal import envelope_id, unseal_stream
+from .identifiers import parse as parse_identifier
 from .models import Code, Patient, Practitioner
 from .transports import DeliveryReport, Incoming, Transport
 from .transports._base import UnsupportedItem
 from .trust import TrustDecision, TrustPolicy
 
-__all__ = ["TRANSITIONS", "Inbox", "InvalidTransition", "next_state"]
+__all__ = [
+    "TRANSITIONS",
+    "Inbox",
+    "InvalidTransition",
+    "check_manifest_models",
+    "next_state",
+    "read_manifest",
+]
 
 log = logging.getLogger("medsecure.inbox")
 
@@ -751,8 +760,38 @@ def _ts(value: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.UTC)
 
 
+def read_manifest(fh: BinaryIO, total: int) -> tuple[Manifest, int]:
+    """Read the manifest at the start of a message plaintext and validate it completely: its
+    structure (the envelope core's parser), then what needs the models
+    (:func:`check_manifest_models`). Return it and the offset of the first document."""
+    manifest, offset = read_manifest_structure(fh, total)
+    check_manifest_models(manifest)
+    return manifest, offset
+
+
+def check_manifest_models(manifest: Manifest) -> None:
+    """The checks of a manifest that need the identifiers and the models, which the envelope
+    core does not load: the sender names a practitioner's identifier, and each document's
+    patient and type validate as models. Raise :class:`EnvelopeError` like the structural
+    parser (``malformed message: …``), never quoting the input."""
+    if manifest.sender_idnps is not None:
+        try:
+            if not parse_identifier(manifest.sender_idnps).is_professional:
+                raise ValueError("not a professional")
+        except ValueError as exc:
+            raise EnvelopeError("malformed message: the sender's identifier is malformed") from exc
+    try:
+        for entry in manifest.documents:
+            if "patient" in entry:
+                Patient.model_validate(entry["patient"])
+            if "document_type" in entry:
+                Code.model_validate(entry["document_type"])
+    except ValueError as exc:  # pydantic's ValidationError; it never quotes the input here
+        raise EnvelopeError("malformed message: bad patient or document type") from exc
+
+
 def _document(entry: Mapping[str, Any], file: Path, offset: int) -> ReceivedDocument:
-    """A document of a verified manifest (whose entries :func:`parse_manifest` validated)."""
+    """A document of a verified manifest (whose entries :func:`read_manifest` validated)."""
     return ReceivedDocument(
         id=entry["id"],
         media_type=entry["media_type"],

@@ -36,11 +36,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
-from . import _cbor
-from . import _format as F
 from ._errors import IdentityError
 from ._fs import atomic_write
 from ._identity import Identity, PublicIdentity
+from .envelope import _cbor
+from .envelope import _labels as F
 
 __all__ = ["KdfParams", "decode", "encode", "public_of", "read", "read_public", "write"]
 

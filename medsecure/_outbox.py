@@ -41,17 +41,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import _receipts as receipts
 from ._document import Document
-from ._envelope import envelope_id, seal_stream
 from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError, TrustError
 from ._fs import atomic_output
 from ._identity import Identity, PublicIdentity
-from ._message import Manifest, MessageReader, new_message_id
 from ._receipts import REQUESTABLE
 from ._results import OutboxEntry, RecipientStatus, SendResult, StatusEvent
 from ._store import Store
 from .audit import AuditLog
 from .directory import Directory
 from .directory._base import normalize_ref
+from .envelope._message import Manifest, MessageReader, new_message_id
+from .envelope._seal import envelope_id, seal_stream
 from .models import Endpoint, Practitioner
 from .transports import DeliveryReport, Transport
 from .trust import TrustDecision, TrustPolicy

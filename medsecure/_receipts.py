@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._message import Manifest, new_message_id
+from .envelope._message import Manifest, new_message_id
 
 __all__ = [
     "RECEIPT_KINDS",

@@ -89,11 +89,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ._errors import StorageError
 from ._fs import atomic_write, fsync_dir
 from ._identity import Identity, PublicIdentity
+from .envelope._labels import LABEL_AUDIT_CHECKPOINT as LABEL_CHECKPOINT
+from .envelope._labels import LABEL_AUDIT_RECORD_MAC as LABEL_RECORD_MAC
 
 __all__ = ["Anchor", "AuditLog", "FileAnchor", "VerifyReport", "export", "verify"]
 
-LABEL_CHECKPOINT = b"medsecure/v1/audit-checkpoint"
-LABEL_RECORD_MAC = b"medsecure/v1/audit-record-mac"
 GENESIS = "0" * 64
 GENESIS_B = GENESIS.encode()
 FILE_RE = re.compile(r"audit-(\d{6,})\.jsonl")

@@ -9,10 +9,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from medsecure import _cbor
-from medsecure import _format as F
-from medsecure._envelope import _hpke_info, _Keys
 from medsecure._identity import Identity, hpke_suite
+from medsecure.envelope import _cbor
+from medsecure.envelope import _labels as F
+from medsecure.envelope._seal import _hpke_info, _Keys
 
 MAGIC_LEN = len(F.ENVELOPE_MAGIC)
 
@@ -50,7 +50,7 @@ def content_key(envelope: bytes, identity: Identity) -> bytes:
 
 
 def trailer_length(sender_suite: str) -> int:
-    from medsecure._envelope import _trailer_plain_length
+    from medsecure.envelope._seal import _trailer_plain_length
 
     return _trailer_plain_length(sender_suite) + F.TAG_BYTES
 

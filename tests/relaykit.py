@@ -125,7 +125,7 @@ def seal_for(sender, recipient, text: bytes = b"compte rendu", name: str = "cr.t
 def message_id() -> str:
     import datetime as dt
 
-    from medsecure._message import new_message_id
+    from medsecure.envelope._message import new_message_id
 
     return new_message_id(dt.datetime.now(dt.UTC))
 

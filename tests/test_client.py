@@ -576,7 +576,7 @@ def test_malformed_sender_identifier_is_quarantined(
     import datetime as dt
     import struct
 
-    from medsecure._message import Manifest, new_message_id
+    from medsecure.envelope._message import Manifest, new_message_id
 
     alice, bob, directory = world
     now = dt.datetime.now(dt.UTC)

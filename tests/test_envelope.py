@@ -16,14 +16,14 @@ from medsecure import (
     Identity,
     NotARecipient,
     SenderMismatch,
-    _cbor,
     seal,
     seal_stream,
     unseal,
     unseal_stream,
 )
-from medsecure import _format as F
-from medsecure._envelope import _Keys
+from medsecure.envelope import _cbor
+from medsecure.envelope import _labels as F
+from medsecure.envelope._seal import _Keys
 
 CS = F.MIN_CHUNK_SIZE  # 16 KiB chunks keep boundary tests small
 SIZES = sorted(
@@ -276,8 +276,8 @@ def test_recipient_cannot_forge_content(alice: Identity, bob: Identity, carol: I
 
 def test_key_commitment(alice: Identity, bob: Identity, carol: Identity) -> None:
     """A malicious sender gives Bob and Carol different content keys: Carol must refuse."""
-    from medsecure._envelope import _hpke_info
     from medsecure._identity import hpke_suite
+    from medsecure.envelope._seal import _hpke_info
 
     env = seal(b"for bob", sender=alice, recipients=[bob.public, carol.public])
     parts = craft.split(env)
@@ -466,6 +466,27 @@ def test_cbor_canonical_reencode_rejects() -> None:
     with pytest.raises(EnvelopeError, match="canonical"):
         _cbor.decode(b"\x18\x01", error=EnvelopeError, what="x")
     assert _cbor.decode(b"\x01", error=EnvelopeError, what="x") == 1
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "c249010000000000000000",  # tag 2: 2**64
+        "c349010000000000000000",  # tag 3: -(2**64) - 1
+        "a101c249010000000000000000",  # as a map value
+        "a1c24901000000000000000001",  # as a map key
+        "81c24a01" + "00" * 9,  # inside an array (a 73-bit number)
+    ],
+)
+def test_cbor_bignum_tags_are_refused(encoded: str) -> None:
+    """docs/format.md §8 refuses every tag; cbor2 decodes the bignum tags 2 and 3 into plain
+    ints even without semantic decoders, and the decoder used to let them through."""
+    with pytest.raises(EnvelopeError, match="malformed x"):
+        _cbor.decode(bytes.fromhex(encoded), error=EnvelopeError, what="x")
+    assert (
+        _cbor.decode(bytes.fromhex("1bffffffffffffffff"), error=ValueError, what="x") == 2**64 - 1
+    )
+    assert _cbor.decode(bytes.fromhex("3bffffffffffffffff"), error=ValueError, what="x") == -(2**64)
 
 
 @settings(

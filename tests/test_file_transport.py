@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import medsecure as m
-from medsecure._message import new_message_id
+from medsecure.envelope._message import new_message_id
 from medsecure.models import Endpoint
 from medsecure.transports import FileTransport
 

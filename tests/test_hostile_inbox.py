@@ -18,10 +18,10 @@ import pytest
 from clientkit import Party, client, entry, party
 
 import medsecure as m
-from medsecure import _cbor
-from medsecure._message import MESSAGE_MAGIC, new_message_id
 from medsecure.audit import export
 from medsecure.directory import MemoryDirectory
+from medsecure.envelope import _cbor
+from medsecure.envelope._message import MESSAGE_MAGIC, new_message_id
 from medsecure.models import Endpoint
 from medsecure.transports import FileTransport
 
@@ -125,6 +125,25 @@ def test_out_of_range_date_from_a_stranger_is_quarantined(
             {9: [{"id": "d", "media_type": "text/plain", "size": 0, "patient": {"ins": 5}}]},
             "patient",
         ),
+        (
+            {
+                9: [
+                    {
+                        "id": "d",
+                        "media_type": "text/plain",
+                        "size": 0,
+                        "document_type": {"code": ""},
+                    }
+                ]
+            },
+            "document type",
+        ),
+        (
+            {9: [{"id": "d", "media_type": "text/plain", "size": 0, "patient": "Jane Doe"}]},
+            "patient",
+        ),
+        ({4: "8100000000190"}, "identifier"),  # not an IDNPS: the inbox checks it
+        ({4: "1" + "0" * 200}, "identifier"),
         (
             {11: "receipt", 12: {"status": "delivered", "of": "x", "envelope": "y", "at": 0}},
             "receipt",

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import medsecure
-from medsecure import EnvelopeError, Identity, IdentityError, PublicIdentity, _cbor, _keyfile
-from medsecure import _format as F
+from medsecure import EnvelopeError, Identity, IdentityError, PublicIdentity, _keyfile
+from medsecure.envelope import _cbor
+from medsecure.envelope import _labels as F
 
 # Low-order X25519 u-coordinates (canonical and non-canonical encodings), as listed by
 # libsodium and Bernstein's "Curve25519: new Diffie-Hellman speed records" follow-ups.

@@ -9,10 +9,10 @@ import pytest
 from clientkit import Party, client, entry, party
 
 import medsecure as m
-from medsecure._message import Manifest, new_message_id
 from medsecure.audit import verify
 from medsecure.client import StatusEvent
 from medsecure.directory import MemoryDirectory
+from medsecure.envelope._message import Manifest, new_message_id
 from medsecure.identifiers import INS
 from medsecure.models import Patient
 from medsecure.transports import FileTransport

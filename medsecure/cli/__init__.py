@@ -3,6 +3,12 @@
 Every failure prints exactly one line on stderr (``medsecure: error: …``) and exits non-zero;
 no traceback is ever shown and no partial output file is left behind (outputs are written to a
 temporary file beside the target and renamed into place once complete).
+
+Start-up: the key and envelope commands (``keygen``, ``pubkey``, ``seal``, ``unseal``, in
+``_keys``) load only the core — no pydantic, httpx, client or directory. The modules of the other
+commands (``_client``, ``_directory``, ``_relay``) register themselves when imported, which
+happens only when one of their commands runs, or for the full command list (``medsecure``,
+``medsecure --help``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from . import _client, _directory, _keys, _relay  # noqa: F401 - register their commands
-    from ._app import run
+    from . import _keys  # noqa: F401 - keygen, pubkey, seal, unseal: they need only the core
+    from ._app import cli, run
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    # The group takes no option with a value, so a leading word is the command's name.
+    name = args[0] if args and not args[0].startswith("-") else None
+    if name not in cli.commands:
+        from . import _client, _directory, _relay  # noqa: F401 - register their commands
 
     del click
     return run(argv)

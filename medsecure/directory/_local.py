@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .. import _cbor
 from .._errors import DirectoryError, PractitionerNotFound
 from .._fs import atomic_write
+from ..envelope import _cbor
 from ..models import Practitioner
 from ._base import Directory, Ref, normalize_ref, search_matches, unique
 

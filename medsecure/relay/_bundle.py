@@ -16,14 +16,14 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .. import _cbor
 from .._errors import IdentityError
 from .._identity import Identity, PublicIdentity
+from ..envelope import _cbor
+from ..envelope._labels import LABEL_RELAY_BUNDLE as LABEL_BUNDLE
 from ..identifiers import parse
 
 __all__ = ["LABEL_BUNDLE", "MAX_BUNDLE_BYTES", "KeyBundle", "sign_bundle"]
 
-LABEL_BUNDLE: Final = b"medsecure/v1/relay-bundle"
 MAX_BUNDLE_BYTES: Final = 64 * 1024
 _MAX_IDENTIFIERS: Final = 16
 _MAX_STATEMENTS: Final = 8

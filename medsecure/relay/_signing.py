@@ -48,6 +48,7 @@ from http_message_signatures.exceptions import HTTPMessageSignaturesException
 from http_message_signatures.structures import CaseInsensitiveDict
 
 from .._identity import Identity, PublicIdentity
+from ..envelope._labels import LABEL_RELAY_REQUEST as MLDSA_CONTEXT
 from ._digest import format_digest, parse_digest
 
 __all__ = [
@@ -63,7 +64,6 @@ SIGNATURE_TAG: Final = "medsecure-relay-v1"
 COVERED_COMPONENTS: Final = ("@method", "@authority", "@path", "@query", "content-digest")
 LABEL_ED25519: Final = "sig1"
 LABEL_MLDSA: Final = "sig2"
-MLDSA_CONTEXT: Final = b"medsecure/v1/relay-request"
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _KEYID_RE = re.compile(r"ms1[a-z2-7]{52}")
 

@@ -64,8 +64,8 @@ from .._errors import (
     TransportError,
     TransportUnavailable,
 )
-from .._format import ENVELOPE_MAGIC
-from .._message import MESSAGE_ID_RE
+from ..envelope._labels import ENVELOPE_MAGIC
+from ..envelope._message import MESSAGE_ID_RE
 from ..mail import MailLimits, MssanteOptions, build_e2e_message, parse_message
 from ..mail._config import MailItem, MailServer, discover
 from ..mail._headers import check_address

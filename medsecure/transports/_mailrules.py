@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .._message import MESSAGE_ID_RE
+from ..envelope._message import MESSAGE_ID_RE
 from ..mail import E2E_SUBJECT
 from ..mail import DeliveryReport as MailReport
 from ..mail._config import server_text

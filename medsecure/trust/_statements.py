@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _cbor
-from .. import _format as F
 from .._errors import IdentityError, TrustError
 from .._identity import Identity, PublicIdentity, _fingerprint_text, _unb32
+from ..envelope import _cbor
+from ..envelope import _labels as F
 from ..identifiers import parse
 
 __all__ = [
@@ -33,8 +33,8 @@ __all__ = [
     "sign_rotation",
 ]
 
-LABEL_STATEMENT = b"medsecure/v1/statement"
-STATEMENT_TEXT_PREFIX = "mst1"
+LABEL_STATEMENT = F.LABEL_STATEMENT
+STATEMENT_TEXT_PREFIX = F.STATEMENT_TEXT_PREFIX
 BINDING, ROTATION, REVOCATION = "binding", "rotation", "revocation"
 _TYPES = (BINDING, ROTATION, REVOCATION)
 _MAX_STATEMENT = 16384

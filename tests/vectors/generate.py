@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand  # noqa: E402
 
 from medsecure import (  # noqa: E402
     Identity,
-    _cbor,
     seal,
 )
-from medsecure import _format as F  # noqa: E402
+from medsecure.envelope import _cbor  # noqa: E402
+from medsecure.envelope import _labels as F  # noqa: E402
 
 
 def seeded(label: str) -> Callable[[int], bytes]:

@@ -1,6 +1,10 @@
-"""Wire-format constants of medsecure v1, quoted verbatim from docs/format.md.
+"""Every wire-format label and constant of medsecure v1, quoted verbatim from the specs.
 
-Every label here appears literally in the spec; change one only with a new format version.
+The envelope, public identities, key files and the message plaintext are specified in
+docs/format.md (sections cited below); signed statements in docs/trust.md; the relay's in
+docs/relay.md; audit checkpoints at the top of medsecure/audit.py (docs/traceability.md).
+Every label here appears literally there, and no other module spells a label out (a test
+checks it): change one only with a new format version.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ LABEL_SIGNATURE: Final = b"medsecure/v1/signature"
 LABEL_FINGERPRINT: Final = b"medsecure/v1/fingerprint"
 LABEL_KEYFILE_AAD: Final = b"medsecure/v1/keyfile"
 
-# --- §5: sizes and bounds -----------------------------------------------------------------------
+# --- §5: the one message every authentication failure shares (opaque on purpose) ---------------
+AUTH_FAILED: Final = "envelope authentication failed"
+
+# --- §5: sizes and bounds -------------------------------------------------------------------------
 CONTENT_KEY_BYTES: Final = 32
 SALT_BYTES: Final = 32
 COMMITMENT_BYTES: Final = 32
@@ -81,3 +88,25 @@ KEYFILE_MAX_BYTES: Final = 64 * 1024
 # --- §6: text form of a public identity ---------------------------------------------------------
 PUBLIC_TEXT_PREFIX: Final = "msp1"
 FINGERPRINT_TEXT_PREFIX: Final = "ms1"
+
+# --- §10: the message plaintext (manifest, then the documents' bytes) ---------------------------
+MESSAGE_MAGIC: Final = b"MEDSECM\x01"  # 8 bytes: name, then the message format version 1
+MANIFEST_VERSION: Final = 1
+MESSAGE_ID_LENGTH: Final = 26  # ULID layout, Crockford base32
+MAX_MANIFEST: Final = 1 << 20  # the manifest is at most 1 MiB
+MAX_DOCUMENTS: Final = 1000
+MESSAGE_KINDS: Final = ("message", "receipt")
+RECEIPT_REQUESTS: Final = ("delivered", "read")
+RECEIPT_STATUSES: Final = ("delivered", "read", "rejected")
+
+# --- docs/trust.md: signed statements about keys ------------------------------------------------
+LABEL_STATEMENT: Final = b"medsecure/v1/statement"
+STATEMENT_TEXT_PREFIX: Final = "mst1"
+
+# --- docs/relay.md: key bundles and signed requests of the relay protocol -----------------------
+LABEL_RELAY_BUNDLE: Final = b"medsecure/v1/relay-bundle"
+LABEL_RELAY_REQUEST: Final = b"medsecure/v1/relay-request"  # ML-DSA-65 context of a request
+
+# --- audit log checkpoints (medsecure/audit.py, docs/traceability.md) ---------------------------
+LABEL_AUDIT_CHECKPOINT: Final = b"medsecure/v1/audit-checkpoint"
+LABEL_AUDIT_RECORD_MAC: Final = b"medsecure/v1/audit-record-mac"  # HKDF info of the record MAC key

@@ -1,4 +1,4 @@
-"""The sealed envelope, format v1 (docs/format.md): seal / unseal, in memory and streaming.
+"""The sealed envelope, format v1 (docs/format.md): header, seal and unseal, in memory and streaming.
 
 Theory of operation
 -------------------
@@ -22,7 +22,8 @@ stream before the call returns is therefore not yet authentic; output to a path 
 after everything verified.
 
 Every failure while parsing untrusted bytes becomes an :class:`EnvelopeError`; authentication
-failures share one opaque message.
+failures share one opaque message. The STREAM framing of the payload (chunking, nonces, the
+payload digest) is in :mod:`._stream`; every label and size is quoted from :mod:`._labels`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import io
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,66 +40,49 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
+from .._errors import EnvelopeError, MedsecureError, NotARecipient, SenderMismatch, StorageError
+from .._fs import atomic_output
+from .._identity import Identity, PublicIdentity, _fingerprint_text, hpke_suite
 from . import _cbor
-from . import _format as F
-from ._errors import EnvelopeError, MedsecureError, NotARecipient, SenderMismatch, StorageError
-from ._fs import atomic_output
-from ._identity import Identity, PublicIdentity, _fingerprint_text, hpke_suite
+from . import _labels as F
+from ._stream import (
+    cipher_chunks_from_memory,
+    cipher_chunks_from_stream,
+    decrypt_chunks,
+    encrypt_chunks,
+    plain_chunks_from_memory,
+    plain_chunks_from_stream,
+    readfull,
+    sha256,
+)
 
-__all__ = ["Unsealed", "seal", "seal_stream", "unseal", "unseal_stream"]
+__all__ = ["Unsealed", "envelope_id", "seal", "seal_stream", "unseal", "unseal_stream"]
 
-_AUTH_FAILED = "envelope authentication failed"
+_AUTH_FAILED = F.AUTH_FAILED
 _ZERO_NONCE = bytes(F.NONCE_BYTES)
 _FRAME = struct.Struct(">I")
 
-# Hashing chunks is the dominant cost (AES-GCM with AES-NI/VAES is several times faster than
-# SHA-256); both release the GIL, so a small shared pool hashes chunk i while the caller's
-# thread reads, encrypts and writes chunk i+1. Envelopes of a single chunk hash inline.
-_HASH_POOL: ThreadPoolExecutor | None = None
+
+_SHA256 = hashes.SHA256()
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _HASH_POOL
-    if _HASH_POOL is None:
-        _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="medsecure-hash")
-    return _HASH_POOL
+def _hkdf_expand(prk: bytes, label: bytes) -> bytes:
+    return HKDFExpand(algorithm=_SHA256, length=32, info=label).derive(prk)
 
 
-def _forget_pool_after_fork() -> None:
-    # A forked child inherits the executor but not its threads: work submitted there would wait
-    # forever. Start a fresh pool on first use in the child instead.
-    global _HASH_POOL
-    _HASH_POOL = None
-
-
-if hasattr(os, "register_at_fork"):  # POSIX; there is no fork on Windows
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-def _sha256(data: Any) -> bytes:
-    h = hashes.Hash(hashes.SHA256())
-    h.update(data)
-    return h.finalize()
-
-
-def _hkdf(ck: bytes, salt: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=label).derive(ck)
-
-
-def _nonce(counter: int, last: bool) -> bytes:
-    # docs/format.md §4.4: 11-byte big-endian counter, then 0x01 on the last chunk, else 0x00.
-    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+# docs/format.md §4.6: the trailer's length is fixed by the sender's suite.
+_TRAILER_PLAIN_LENGTH = {
+    F.SUITE_HYBRID: len(
+        _cbor.encode([bytes(F.ED25519_SIGNATURE_BYTES), bytes(F.MLDSA65_SIGNATURE_BYTES)])
+    ),
+    F.SUITE_CLASSIC: len(_cbor.encode([bytes(F.ED25519_SIGNATURE_BYTES)])),
+}
 
 
 def _trailer_plain_length(sender_suite: str) -> int:
-    lengths = (
-        (F.ED25519_SIGNATURE_BYTES, F.MLDSA65_SIGNATURE_BYTES)
-        if sender_suite == F.SUITE_HYBRID
-        else (F.ED25519_SIGNATURE_BYTES,)
-    )
-    return len(_cbor.encode([bytes(n) for n in lengths]))
+    return _TRAILER_PLAIN_LENGTH[sender_suite]
 
 
 def _chunk_size_ok(value: object) -> bool:
@@ -125,39 +108,20 @@ def _hpke_info(
 
 
 class _Keys:
+    """docs/format.md §4.1: the four keys derived from the content key.
+
+    Each is HKDF(ikm=CK, salt=salt, info=label); the four share their extract step (RFC 5869
+    §2.2, the same PRK for the same salt and key material), so it runs once.
+    """
+
     __slots__ = ("commitment", "payload", "sender", "trailer")
 
     def __init__(self, ck: bytes, salt: bytes) -> None:
-        self.payload = AESGCM(_hkdf(ck, salt, F.LABEL_PAYLOAD_KEY))
-        self.commitment = _hkdf(ck, salt, F.LABEL_COMMITMENT)
-        self.sender = AESGCM(_hkdf(ck, salt, F.LABEL_SENDER_KEY))
-        self.trailer = AESGCM(_hkdf(ck, salt, F.LABEL_TRAILER_KEY))
-
-
-class _PayloadHash:
-    """payload digest = SHA-256(label ‖ SHA-256(chunk_0) ‖ SHA-256(chunk_1) ‖ …)."""
-
-    def __init__(self) -> None:
-        self._outer = hashes.Hash(hashes.SHA256())
-        self._outer.update(F.LABEL_PAYLOAD_HASH)
-        self._pending: list[Future[bytes]] = []
-
-    def add_inline(self, chunk: Any) -> None:
-        self.drain()
-        self._outer.update(_sha256(chunk))
-
-    def add_async(self, chunk: Any) -> Future[bytes]:
-        future = _pool().submit(_sha256, chunk)
-        self._pending.append(future)
-        return future
-
-    def drain(self, keep: int = 0) -> None:
-        while len(self._pending) > keep:
-            self._outer.update(self._pending.pop(0).result())
-
-    def finalize(self) -> bytes:
-        self.drain()
-        return self._outer.finalize()
+        prk = HKDF.extract(_SHA256, salt, ck)
+        self.payload = AESGCM(_hkdf_expand(prk, F.LABEL_PAYLOAD_KEY))
+        self.commitment = _hkdf_expand(prk, F.LABEL_COMMITMENT)
+        self.sender = AESGCM(_hkdf_expand(prk, F.LABEL_SENDER_KEY))
+        self.trailer = AESGCM(_hkdf_expand(prk, F.LABEL_TRAILER_KEY))
 
 
 def _transcript(header_hash: bytes, payload_digest: bytes, sender: PublicIdentity) -> bytes:
@@ -179,112 +143,6 @@ class Unsealed:
     recipients: tuple[str, ...]
     suite: str
     size: int
-
-
-# ----------------------------------------------------------------------------------------------
-# chunk producers: (plaintext or ciphertext view, is_last) pairs, from memory or from a stream
-# ----------------------------------------------------------------------------------------------
-
-
-def _readfull(src: BinaryIO, view: memoryview) -> int:
-    """Fill ``view`` from ``src`` (looping over short reads); return bytes read (< len at EOF)."""
-    got = 0
-    size = len(view)
-    readinto = getattr(src, "readinto", None)
-    while got < size:
-        if readinto is not None:
-            n = readinto(view[got:])
-        else:
-            block = src.read(size - got)
-            n = len(block)
-            view[got : got + n] = block
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _plain_chunks_from_memory(
-    data: memoryview, chunk_size: int
-) -> Iterator[tuple[memoryview, bool]]:
-    total = len(data)
-    if total == 0:
-        yield data, True
-        return
-    for start in range(0, total, chunk_size):
-        yield data[start : start + chunk_size], start + chunk_size >= total
-
-
-def _plain_chunks_from_stream(src: BinaryIO, chunk_size: int) -> Iterator[tuple[memoryview, bool]]:
-    # Two input buffers: chunk i is yielded only once chunk i+1 was read, which tells whether
-    # i is the last one. Buffer i%2 is refilled only after the consumer finished with it.
-    bufs = [memoryview(bytearray(chunk_size)), memoryview(bytearray(chunk_size))]
-    cur = bufs[0]
-    n = _readfull(src, cur)
-    i = 0
-    while True:
-        if n < chunk_size:
-            yield cur[:n], True
-            return
-        nxt = bufs[(i + 1) % 2]
-        m = _readfull(src, nxt)
-        yield cur, m == 0
-        if m == 0:
-            return
-        cur, n = nxt, m
-        i += 1
-
-
-def _split_tail(
-    tail: memoryview, chunk_len: int, tlen: int, first_index: int
-) -> tuple[list[memoryview], memoryview]:
-    """Split the last bytes of an envelope into its remaining chunks and the trailer."""
-    if len(tail) < tlen + F.TAG_BYTES:
-        raise EnvelopeError(_AUTH_FAILED)
-    region, trailer = tail[: len(tail) - tlen], tail[len(tail) - tlen :]
-    pieces = [region[s : s + chunk_len] for s in range(0, len(region), chunk_len)]
-    last = pieces[-1]
-    if len(last) < F.TAG_BYTES or (len(last) == F.TAG_BYTES and first_index + len(pieces) > 1):
-        # Only an empty payload may end with an empty chunk (docs/format.md §4.4).
-        raise EnvelopeError(_AUTH_FAILED)
-    return pieces, trailer
-
-
-def _cipher_chunks_from_memory(
-    view: memoryview, chunk_len: int, tlen: int, trailer_out: list[bytes]
-) -> Iterator[tuple[memoryview, bool]]:
-    pieces, trailer = _split_tail(view, chunk_len, tlen, 0)
-    trailer_out.append(bytes(trailer))
-    for i, piece in enumerate(pieces):
-        yield piece, i == len(pieces) - 1
-
-
-def _cipher_chunks_from_stream(
-    src: BinaryIO, chunk_len: int, tlen: int, trailer_out: list[bytes]
-) -> Iterator[tuple[memoryview, bool]]:
-    # A full chunk is known not to be the last one once more than a trailer's worth of bytes
-    # follows it; three buffers let the consumer hash chunk i while i+1 and i+2 are read.
-    bufs = [memoryview(bytearray(chunk_len)) for _ in range(3)]
-    cur = bufs[0]
-    n = _readfull(src, cur)
-    i = 0
-    while True:
-        if n == chunk_len:
-            nxt = bufs[(i + 1) % 3]
-            m = _readfull(src, nxt)
-            if m > tlen:
-                yield cur, False
-                cur, n = nxt, m
-                i += 1
-                continue
-            tail = memoryview(bytes(cur) + bytes(nxt[:m]))
-        else:
-            tail = cur[:n]
-        pieces, trailer = _split_tail(tail, chunk_len, tlen, i)
-        trailer_out.append(bytes(trailer))
-        for j, piece in enumerate(pieces):
-            yield piece, j == len(pieces) - 1
-        return
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,37 +226,13 @@ def _seal(
         dst.write(framed)
         if chunks is None:
             assert src is not None
-            chunks = _plain_chunks_from_stream(src, chunk_size)
-        payload_digest = _encrypt_chunks(chunks, dst, keys.payload, chunk_size)
-        transcript = _transcript(_sha256(framed), payload_digest, sender.public)
+            chunks = plain_chunks_from_stream(src, chunk_size)
+        payload_digest = encrypt_chunks(chunks, dst, keys.payload, chunk_size)
+        transcript = _transcript(sha256(framed), payload_digest, sender.public)
         trailer = _cbor.encode(sender._sign(transcript))
         dst.write(keys.trailer.encrypt(_ZERO_NONCE, trailer, None))
     except OSError as exc:
         raise StorageError(f"I/O error while sealing: {exc.strerror or exc}") from exc
-
-
-def _encrypt_chunks(
-    chunks: Iterator[tuple[memoryview, bool]], dst: BinaryIO, aead: AESGCM, chunk_size: int
-) -> bytes:
-    digest = _PayloadHash()
-    outbufs: list[memoryview] = []
-    for counter, (plain, last) in enumerate(chunks):
-        nonce = _nonce(counter, last)
-        if last and counter == 0:
-            # A single-chunk envelope: no buffers to allocate, hash inline.
-            chunk: Any = aead.encrypt(nonce, plain, None)
-            digest.add_inline(chunk)
-        else:
-            if not outbufs:
-                # Output buffers rotate; one is reused only after its hash was collected.
-                outbufs = [memoryview(bytearray(chunk_size + F.TAG_BYTES)) for _ in range(3)]
-            out = outbufs[counter % 3]
-            size = aead.encrypt_into(nonce, plain, None, out[: len(plain) + F.TAG_BYTES])
-            chunk = out[:size]
-            digest.add_async(chunk)
-        dst.write(chunk)
-        digest.drain(keep=1)
-    return digest.finalize()
 
 
 def seal_stream(
@@ -436,7 +270,7 @@ def seal(
         raise TypeError("data must be bytes")
     out = io.BytesIO()
     view = memoryview(data).cast("B")
-    chunks = _plain_chunks_from_memory(view, chunk_size) if isinstance(chunk_size, int) else None
+    chunks = plain_chunks_from_memory(view, chunk_size) if isinstance(chunk_size, int) else None
     _seal(chunks, None, out, sender, recipients, allow_classic, chunk_size, max_recipients, _random)
     return out.getvalue()
 
@@ -446,8 +280,10 @@ def seal(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Opened:
+    """What opening the header established (the sender is decrypted, not yet verified)."""
+
     keys: _Keys
     framed_hash: bytes
     chunk_size: int
@@ -456,21 +292,26 @@ class _Opened:
     recipients: tuple[str, ...]
 
 
+_PREFIX_BYTES = len(F.ENVELOPE_MAGIC) + _FRAME.size
+
+
 def _read_exact(src: BinaryIO, n: int) -> bytes:
     buf = bytearray(n)
-    got = _readfull(src, memoryview(buf))
+    got = readfull(src, memoryview(buf))
     if got != n:
         raise EnvelopeError("envelope is truncated")
     return bytes(buf)
 
 
-def _open_header(
-    src: BinaryIO,
-    identity: Identity,
-    expected_sender: PublicIdentity | None,
-    max_recipients: int,
-) -> _Opened:
-    prefix = _read_exact(src, len(F.ENVELOPE_MAGIC) + _FRAME.size)
+def _take(view: memoryview, start: int, end: int) -> bytes:
+    """``view[start:end]`` of an envelope held in memory, which must be that long."""
+    if len(view) < end:
+        raise EnvelopeError("envelope is truncated")
+    return bytes(view[start:end])
+
+
+def _header_length(prefix: bytes, max_recipients: int) -> int:
+    """docs/format.md §2: the magic, then the header length, bounded before it is read."""
     if prefix[: len(F.ENVELOPE_MAGIC)] != F.ENVELOPE_MAGIC:
         if prefix[:6] == F.ENVELOPE_MAGIC[:6]:
             raise EnvelopeError("unsupported medsecure envelope version")
@@ -478,13 +319,21 @@ def _open_header(
     (hlen,) = _FRAME.unpack(prefix[len(F.ENVELOPE_MAGIC) :])
     if hlen > _header_budget(max_recipients):
         raise EnvelopeError("envelope header too large")
-    header_bytes = _read_exact(src, hlen)
+    return int(hlen)
+
+
+def _open_header(
+    prefix: bytes,
+    header_bytes: bytes,
+    identity: Identity,
+    expected_sender: PublicIdentity | None,
+    max_recipients: int,
+) -> _Opened:
     header = _cbor.decode(header_bytes, error=EnvelopeError, what="envelope header")
     if not isinstance(header, dict) or set(header) != {1, 2, 3, 4, 5, 6, 7}:
         raise EnvelopeError("malformed envelope header: unexpected fields")
-    version, suite, chunk_size, salt, stanzas, commitment, sender_block = (
-        header[k] for k in range(1, 8)
-    )
+    version, suite, chunk_size, salt = header[1], header[2], header[3], header[4]
+    stanzas, commitment, sender_block = header[5], header[6], header[7]
     if version != F.FORMAT_VERSION:
         raise EnvelopeError("unsupported medsecure envelope version")
     if suite not in F.SUITES:
@@ -552,10 +401,9 @@ def _open_header(
         raise EnvelopeError("malformed envelope header: hybrid envelope labelled classic")
     if expected_sender is not None and sender != expected_sender:
         raise SenderMismatch("the envelope was not sealed by the expected sender")
-    framed = prefix + header_bytes
     return _Opened(
         keys=keys,
-        framed_hash=_sha256(framed),
+        framed_hash=sha256(prefix, header_bytes),
         chunk_size=chunk_size,
         suite=suite,
         sender=sender,
@@ -567,29 +415,7 @@ def _decrypt_chunks(
     chunks: Iterator[tuple[memoryview, bool]], dst: BinaryIO, opened: _Opened, trailer: list[bytes]
 ) -> int:
     """Decrypt and write the STREAM chunks; verify the trailer. Return the plaintext size."""
-    aead = opened.keys.payload
-    digest = _PayloadHash()
-    outbufs: list[memoryview] = []
-    size = 0
-    for counter, (chunk, last) in enumerate(chunks):
-        nonce = _nonce(counter, last)
-        try:
-            if last and counter == 0:
-                digest.add_inline(chunk)
-                plain: Any = aead.decrypt(nonce, chunk, None)
-            else:
-                if not outbufs:
-                    outbufs = [memoryview(bytearray(opened.chunk_size)) for _ in range(3)]
-                digest.add_async(chunk)
-                out = outbufs[counter % 3]
-                n = aead.decrypt_into(nonce, chunk, None, out[: len(chunk) - F.TAG_BYTES])
-                plain = out[:n]
-        except InvalidTag as exc:
-            raise EnvelopeError(_AUTH_FAILED) from exc
-        dst.write(plain)
-        size += len(plain)
-        digest.drain(keep=1)
-    payload_digest = digest.finalize()
+    payload_digest, size = decrypt_chunks(chunks, dst, opened.keys.payload, opened.chunk_size)
     try:
         trailer_plain = opened.keys.trailer.decrypt(_ZERO_NONCE, trailer[0], None)
     except InvalidTag as exc:
@@ -607,13 +433,8 @@ def envelope_id(src: BinaryIO, *, max_recipients: int = F.DEFAULT_MAX_RECIPIENTS
     """SHA-256 (hex) of an envelope's framed header: unique per envelope (the header holds a
     random salt) and read without going through the payload. Not an authentication: a
     tampered payload keeps the id, so only verified envelopes may be deduplicated on it."""
-    prefix = _read_exact(src, len(F.ENVELOPE_MAGIC) + _FRAME.size)
-    if prefix[: len(F.ENVELOPE_MAGIC)] != F.ENVELOPE_MAGIC:
-        raise EnvelopeError("not a medsecure envelope")
-    (hlen,) = _FRAME.unpack(prefix[len(F.ENVELOPE_MAGIC) :])
-    if hlen > _header_budget(max_recipients):
-        raise EnvelopeError("envelope header too large")
-    return _sha256(prefix + _read_exact(src, hlen)).hex()
+    prefix = _read_exact(src, _PREFIX_BYTES)
+    return sha256(prefix, _read_exact(src, _header_length(prefix, max_recipients))).hex()
 
 
 def _check_open_args(identity: object, expected_sender: object) -> None:
@@ -624,22 +445,30 @@ def _check_open_args(identity: object, expected_sender: object) -> None:
 
 
 def _unseal_into(
-    src: BinaryIO,
+    src: BinaryIO | memoryview,
     dst: BinaryIO,
     identity: Identity,
     expected_sender: PublicIdentity | None,
     max_recipients: int,
-    memory: memoryview | None = None,
-) -> Unsealed:
+) -> tuple[_Opened, int]:
+    """Open the envelope read from ``src`` (a stream, or the whole envelope in memory) into
+    ``dst``; return what the header established and the plaintext size."""
     try:
-        opened = _open_header(src, identity, expected_sender, max_recipients)
+        if isinstance(src, memoryview):
+            prefix = _take(src, 0, _PREFIX_BYTES)
+            end = _PREFIX_BYTES + _header_length(prefix, max_recipients)
+            header_bytes = _take(src, _PREFIX_BYTES, end)
+        else:
+            prefix = _read_exact(src, _PREFIX_BYTES)
+            header_bytes = _read_exact(src, _header_length(prefix, max_recipients))
+        opened = _open_header(prefix, header_bytes, identity, expected_sender, max_recipients)
         chunk_len = opened.chunk_size + F.TAG_BYTES
         tlen = _trailer_plain_length(opened.sender.suite) + F.TAG_BYTES
         trailer: list[bytes] = []
-        if memory is not None:
-            chunks = _cipher_chunks_from_memory(memory[src.tell() :], chunk_len, tlen, trailer)
+        if isinstance(src, memoryview):
+            chunks = cipher_chunks_from_memory(src[end:], chunk_len, tlen, trailer)
         else:
-            chunks = _cipher_chunks_from_stream(src, chunk_len, tlen, trailer)
+            chunks = cipher_chunks_from_stream(src, chunk_len, tlen, trailer)
         size = _decrypt_chunks(chunks, dst, opened, trailer)
     except MedsecureError:
         raise
@@ -647,8 +476,12 @@ def _unseal_into(
         raise StorageError(f"I/O error while opening an envelope: {exc.strerror or exc}") from exc
     except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise EnvelopeError("malformed envelope") from exc
+    return opened, size
+
+
+def _result(opened: _Opened, size: int, data: bytes | None) -> Unsealed:
     return Unsealed(
-        data=None, sender=opened.sender, recipients=opened.recipients, suite=opened.suite, size=size
+        data=data, sender=opened.sender, recipients=opened.recipients, suite=opened.suite, size=size
     )
 
 
@@ -673,12 +506,13 @@ def unseal_stream(
     if isinstance(dst, (str, os.PathLike)):
         try:
             with atomic_output(Path(dst), mode=0o600) as fh:
-                result = _unseal_into(src, fh, identity, expected_sender, max_recipients)
+                opened, size = _unseal_into(src, fh, identity, expected_sender, max_recipients)
         except OSError as exc:
             # the path is not repeated: a document's file name may name the patient
             raise StorageError(f"cannot write the output file: {exc.strerror or exc}") from exc
-        return result
-    return _unseal_into(src, dst, identity, expected_sender, max_recipients)
+    else:
+        opened, size = _unseal_into(src, dst, identity, expected_sender, max_recipients)
+    return _result(opened, size, None)
 
 
 def unseal(
@@ -694,12 +528,5 @@ def unseal(
     _check_open_args(identity, expected_sender)
     view = memoryview(envelope).cast("B")
     out = io.BytesIO()
-    src = io.BytesIO(view)
-    result = _unseal_into(src, out, identity, expected_sender, max_recipients, memory=view)
-    return Unsealed(
-        data=out.getvalue(),
-        sender=result.sender,
-        recipients=result.recipients,
-        suite=result.suite,
-        size=result.size,
-    )
+    opened, size = _unseal_into(view, out, identity, expected_sender, max_recipients)
+    return _result(opened, size, out.getvalue())

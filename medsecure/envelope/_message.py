@@ -10,6 +10,11 @@ Plaintext layout (docs/format.md §10)::
 
 The manifest lists each document's size, so documents are byte ranges of the plaintext and
 stream in and out with bounded memory.
+
+This module checks the manifest's *structure* completely: every field of its type and within
+its bounds. It loads no model (the envelope core stays below the models layer); what needs the
+models — the sender's identifier being a practitioner's, a document's patient and type — is
+checked by the inbox right after :func:`read_manifest`, before anything uses the manifest.
 """
 
 from __future__ import annotations
@@ -21,20 +26,25 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
+from .._errors import EnvelopeError, StorageError
 from . import _cbor
-from ._document import Document
-from ._errors import EnvelopeError, StorageError
-from .identifiers import parse
+from . import _labels as F
+from ._labels import MAX_DOCUMENTS, MAX_MANIFEST, MESSAGE_MAGIC
 
-__all__ = ["Manifest", "MessageReader", "new_message_id", "parse_manifest"]
+__all__ = [
+    "MESSAGE_MAGIC",
+    "DocumentSource",
+    "Manifest",
+    "MessageReader",
+    "new_message_id",
+    "parse_manifest",
+    "read_manifest",
+]
 
-MESSAGE_MAGIC = b"MEDSECM\x01"
-MAX_MANIFEST = 1 << 20
-MAX_DOCUMENTS = 1000
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-MESSAGE_ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+MESSAGE_ID_RE = re.compile(rf"[0-9A-HJKMNP-TV-Z]{{{F.MESSAGE_ID_LENGTH}}}")
 
 
 def new_message_id(now: dt.datetime) -> str:
@@ -66,7 +76,7 @@ class Manifest:
 
     def encode(self) -> bytes:
         fields: dict[int, Any] = {
-            1: 1,
+            1: F.MANIFEST_VERSION,
             2: self.message_id,
             3: int(self.created.timestamp() * 1000),
             5: list(self.recipients),
@@ -103,7 +113,7 @@ MEDIA_TYPE_RE = re.compile(
     r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}(\s*;[\x20-\x7e]*)?"
 )
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
-RECEIPT_STATUSES = ("delivered", "read", "rejected")
+RECEIPT_STATUSES = F.RECEIPT_STATUSES
 
 
 def _bad(what: str) -> EnvelopeError:
@@ -125,10 +135,9 @@ def _int(value: Any, low: int, high: int, what: str) -> int:
 
 
 def _check_doc(entry: Any) -> dict[str, Any]:
-    """Validate one document entry completely: every field a reader may use is of its type and
-    within its bounds (a patient and a document type are validated as models)."""
-    from .models import Code, Patient  # the models load pydantic: only when a message is read
-
+    """Validate one document entry's structure completely: every field a reader may use is of
+    its type and within its bounds (a patient and a document type must be maps here; the inbox
+    validates them as models)."""
     if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
         raise _bad("bad document entry")
     _int(entry.get("size"), 0, MAX_SIZE, "bad document size")
@@ -159,13 +168,9 @@ def _check_doc(entry: Any) -> dict[str, Any]:
             raise _bad("bad document date") from exc
         if created.tzinfo is None:
             raise _bad("bad document date")
-    try:
-        if "patient" in entry:
-            Patient.model_validate(entry["patient"])
-        if "document_type" in entry:
-            Code.model_validate(entry["document_type"])
-    except ValueError as exc:  # pydantic's ValidationError; it never quotes the input here
-        raise _bad("bad patient or document type") from exc
+    for name in ("patient", "document_type"):
+        if name in entry and not isinstance(entry[name], dict):
+            raise _bad("bad patient or document type")
     return entry
 
 
@@ -190,7 +195,7 @@ def parse_manifest(raw: bytes) -> Manifest:
     """Validate a decoded manifest completely (raises EnvelopeError with a structural message):
     after this, every field is of its type and within its bounds."""
     f = _cbor.decode(raw, error=EnvelopeError, what="message manifest")
-    if not isinstance(f, dict) or f.get(1) != 1:
+    if not isinstance(f, dict) or f.get(1) != F.MANIFEST_VERSION:
         raise _bad("unsupported manifest")
     allowed = set(range(1, 13))
     if not {1, 2, 3, 5, 9, 10, 11} <= set(f) <= allowed:
@@ -212,17 +217,14 @@ def parse_manifest(raw: bytes) -> Manifest:
     ):
         raise _bad("bad recipients")
     if 4 in f:
-        try:
-            if not isinstance(f[4], str) or not parse(f[4]).is_professional:
-                raise ValueError("not a professional")
-        except ValueError as exc:
-            raise _bad("the sender's identifier is malformed") from exc
+        # its syntax (a practitioner's IDNPS) is checked by the inbox, with the identifiers
+        _text(f[4], MAX_SHORT, "the sender's identifier is malformed")
     docs = f[9]
     if not isinstance(docs, list) or len(docs) > MAX_DOCUMENTS:
         raise _bad("bad documents")
-    if not isinstance(f[10], list) or not all(r in ("delivered", "read") for r in f[10]):
+    if not isinstance(f[10], list) or not all(r in F.RECEIPT_REQUESTS for r in f[10]):
         raise _bad("bad receipt request")
-    if f[11] not in ("message", "receipt"):
+    if f[11] not in F.MESSAGE_KINDS:
         raise _bad("unknown kind")
     extra = f.get(12)
     if f[11] == "receipt":
@@ -246,6 +248,14 @@ def parse_manifest(raw: bytes) -> Manifest:
     )
 
 
+class DocumentSource(Protocol):
+    """What :class:`MessageReader` needs of a document (``medsecure.Document`` is one)."""
+
+    def open(self) -> BinaryIO:
+        """A fresh binary reader over the document's bytes."""
+        ...
+
+
 class MessageReader(io.RawIOBase):
     """The plaintext of a message as one stream: header, manifest, then each document's bytes.
 
@@ -256,7 +266,7 @@ class MessageReader(io.RawIOBase):
     def __init__(
         self,
         manifest: Manifest,
-        documents: Sequence[Document],
+        documents: Sequence[DocumentSource],
         *,
         progress: Callable[[int], None] | None = None,
     ) -> None:

@@ -3,6 +3,7 @@
 The top level holds what most programs need: the envelope functions, identities, ``Document``,
 the client and its results, and the error tree. Everything else lives in public subpackages:
 
+* :mod:`medsecure.envelope` — the envelope core (the same functions as the top level)
 * :mod:`medsecure.directory` — directories (memory, file, FHIR Annuaire Santé, cached, chained)
 * :mod:`medsecure.transports` — transports (drop folder, mock, relay, mail)
 * :mod:`medsecure.trust` — trust policies, statements and pins
@@ -10,6 +11,8 @@ the client and its results, and the error tree. Everything else lives in public 
 * :mod:`medsecure.identifiers` — RPPS, ADELI, FINESS, SIRET, IDNPS, INS
 * :mod:`medsecure.audit` — the tamper-evident audit log
 * :mod:`medsecure.client` — the client's other result types
+* :mod:`medsecure.mail` — mail formats (end to end, MSSanté, IHE XDM, MDN/DSN) and drivers
+* :mod:`medsecure.relay` — the relay protocol (the server is the extra ``relay``)
 
 Names are loaded on first use, so ``import medsecure`` stays cheap for a command that only
 seals a file.
@@ -162,7 +165,19 @@ _MOVED = {
 
 
 _SUBMODULES = frozenset(
-    ("audit", "cli", "client", "directory", "identifiers", "models", "transports", "trust")
+    (
+        "audit",
+        "cli",
+        "client",
+        "directory",
+        "envelope",
+        "identifiers",
+        "mail",
+        "models",
+        "relay",
+        "transports",
+        "trust",
+    )
 )
 
 

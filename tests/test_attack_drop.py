@@ -11,7 +11,7 @@ import pytest
 from clientkit import Party, client, entry, party
 
 import medsecure as m
-from medsecure._message import new_message_id
+from medsecure.envelope._message import new_message_id
 from medsecure.directory import MemoryDirectory
 
 

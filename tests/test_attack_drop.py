@@ -11,8 +11,8 @@ import pytest
 from clientkit import Party, client, entry, party
 
 import medsecure as m
-from medsecure.envelope._message import new_message_id
 from medsecure.directory import MemoryDirectory
+from medsecure.envelope._message import new_message_id
 
 
 @pytest.fixture

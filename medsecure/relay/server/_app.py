@@ -11,10 +11,12 @@ answered only once the body is durable.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,6 +30,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..._errors import IdentityError, StorageError, TrustError
+from ..._identity import PublicIdentity
 from ...models import KeyEntry, Practitioner
 from ...trust import AuthorityPolicy, Statement
 from .._bundle import MAX_BUNDLE_BYTES, KeyBundle
@@ -38,7 +41,14 @@ from .._signing import AuthError, VerifiedRequest, verify_request
 from ._config import RelayConfig
 from ._limits import RateLimiter, retry_after
 from ._observe import Metrics, event
-from .storage._base import COLLECTED, Conflict, QuotaExceeded, Storage, StoredMessage
+from .storage._base import (
+    COLLECTED,
+    INLINE_MAX,
+    Conflict,
+    QuotaExceeded,
+    Storage,
+    StoredMessage,
+)
 
 __all__ = ["create_app"]
 
@@ -59,6 +69,33 @@ class Problem(Exception):
         self.headers = headers or {}
 
 
+class _KeyCache:
+    """Verification keys by fingerprint, bounded (least recently used out).
+
+    Safe to keep without expiry: a fingerprint is the hash of every public key of an identity,
+    so whatever bundle is published under it later carries the same keys (a republication
+    changes only identifiers and statements, which the sender policy reads from storage)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._keys: collections.OrderedDict[str, PublicIdentity] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fingerprint: str) -> PublicIdentity | None:
+        with self._lock:
+            found = self._keys.get(fingerprint)
+            if found is not None:
+                self._keys.move_to_end(fingerprint)
+            return found
+
+    def put(self, identity: PublicIdentity) -> None:
+        with self._lock:
+            self._keys[identity.fingerprint] = identity
+            self._keys.move_to_end(identity.fingerprint)
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+
+
 class _State:
     def __init__(self, storage: Storage, config: RelayConfig) -> None:
         self.storage = storage
@@ -67,6 +104,7 @@ class _State:
         self.metrics = Metrics(storage.stats)
         self.policy = AuthorityPolicy(list(config.authorities)) if config.authorities else None
         self._allowed: dict[str, tuple[bool, float]] = {}
+        self.keys = _KeyCache()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -98,40 +136,41 @@ def _url(request: Request) -> str:
 
 async def _authenticate(request: Request, *, offered: KeyBundle | None = None) -> VerifiedRequest:
     st = _state(request)
+    cfg = st.config
 
-    def resolve(keyid: str) -> Any:
+    def resolve(keyid: str) -> PublicIdentity | None:
         if offered is not None and offered.fingerprint == keyid:
             return offered.public
+        known = st.keys.get(keyid)
+        if known is not None:
+            return known
         raw = st.storage.key(keyid)
         if raw is None:
             return None
         try:
-            return _parse_bundle(raw).public
+            identity = _parse_bundle(raw).public
         except IdentityError:
             return None
+        st.keys.put(identity)
+        return identity
 
-    now = time.time()
-    try:
-        verified: VerifiedRequest = await _thread(
-            lambda: verify_request(
-                request.method,
-                _url(request),
-                request.headers.items(),
-                resolve=resolve,
-                now=now,
-                window=st.config.signature_window,
-            )
+    method, url, headers, now = request.method, _url(request), request.headers.items(), time.time()
+
+    def check() -> VerifiedRequest:
+        # One trip to a worker thread for the whole check: signature verification (OpenSSL
+        # releases the GIL, so the loop keeps serving meanwhile), then the nonce.
+        verified = verify_request(
+            method, url, headers, resolve=resolve, now=now, window=cfg.signature_window
         )
+        expires = verified.created + cfg.signature_window + 1
+        if not st.storage.remember_nonce(verified.fingerprint, verified.nonce, expires):
+            raise AuthError("nonce-replayed")
+        return verified
+
+    try:
+        verified: VerifiedRequest = await _thread(check)
     except AuthError as exc:
         raise Problem(exc.slug, exc.detail) from None
-    fresh = await _thread(
-        st.storage.remember_nonce,
-        verified.fingerprint,
-        verified.nonce,
-        verified.created + st.config.signature_window + 1,
-    )
-    if not fresh:
-        raise Problem("nonce-replayed")
     wait = st.limiter.take(verified.fingerprint, time.monotonic())
     if wait > 0:
         raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
@@ -287,13 +326,6 @@ async def upload(request: Request) -> Response:
     mailbox, message_id = _message_path(request)
     if not await _sender_allowed(st, verified.fingerprint):
         raise Problem("sender-not-allowed")
-    existing: StoredMessage | None = await _thread(st.storage.find, mailbox, message_id)
-    if existing is not None:
-        # The idempotency key is (sender, mailbox, message id): a retry gets the first answer.
-        if existing.sender == verified.fingerprint and existing.digest == verified.digest:
-            st.metrics.messages.labels("replayed").inc()
-            return JSONResponse(_record(existing), status_code=201)
-        raise Problem("message-id-conflict")
     length_header = request.headers.get("content-length")
     if length_header is None or "transfer-encoding" in request.headers:
         raise Problem("length-required")
@@ -304,10 +336,23 @@ async def upload(request: Request) -> Response:
         raise Problem(
             "envelope-too-large", f"the largest envelope is {cfg.max_envelope_bytes} bytes"
         )
-    used = await _thread(st.storage.usage, mailbox)
-    if used + length > cfg.mailbox_quota_bytes:
-        raise Problem("mailbox-quota-exceeded")
-    pending = await _thread(st.storage.begin_upload)
+    if length <= INLINE_MAX:
+        # A small body is read (into memory: bounded) before anything is looked up: the commit
+        # checks replay, conflict and quota atomically, in one shared transaction.
+        pending = st.storage.begin_upload(length)
+    else:
+        # A large one is worth refusing before it is read.
+        existing: StoredMessage | None = await _thread(st.storage.find, mailbox, message_id)
+        if existing is not None:
+            # The idempotency key is (sender, mailbox, message id): a retry gets the first answer.
+            if existing.sender == verified.fingerprint and existing.digest == verified.digest:
+                st.metrics.messages.labels("replayed").inc()
+                return JSONResponse(_record(existing), status_code=201)
+            raise Problem("message-id-conflict")
+        used = await _thread(st.storage.usage, mailbox)
+        if used + length > cfg.mailbox_quota_bytes:
+            raise Problem("mailbox-quota-exceeded")
+        pending = await _thread(st.storage.begin_upload, length)
     committed = False
     try:
         digest = StreamDigest()

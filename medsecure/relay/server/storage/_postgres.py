@@ -2,27 +2,43 @@
 
 Choices (docs/relay.md has the measurements and the reasoning):
 
-* **Bodies in large objects**, not in a shared folder: an instance needs nothing but the database
-  URL (no network file system to mount, back up and keep consistent with the tables), and one
-  commit makes the body and its row durable together. A body is written with ``lo_put`` in 1 MiB
-  pieces inside the upload's transaction; if the upload fails, is refused, or the instance dies,
-  the transaction rolls back and the large object vanishes with it — nothing partial is ever
-  visible. Downloads read with ``lo_get`` by range, in short autocommit statements, so a slow
-  reader holds no transaction open.
-* The price: an upload holds a connection and a transaction for its duration (pool size bounds
-  concurrent uploads per instance) and large objects are ~2x the disk writes of a plain file
-  (WAL + table). Benchmarks in bench/bench_relay.py compare it with the embedded storage.
-* **Work queues** (the retention sweep) claim rows with ``FOR UPDATE SKIP LOCKED``, so several
-  instances sweep at once without waiting on each other. No state lives in an instance: rate
-  limits are per instance (documented), nonces are in the database.
+* **Small bodies** (up to ``INLINE_MAX``, 64 KiB) live in their metadata row (``bytea``): they
+  are read into memory (bounded) and committed with the row.
+* **Commits are grouped**: the small uploads that arrive while one transaction is being
+  committed share the next one (one ``COMMIT``, one WAL flush, with ``synchronous_commit`` on:
+  each upload is answered only once the transaction holding it is durable).
+* **Large bodies** go, by choice of the operator, to **large objects** (the default: an instance
+  needs nothing but the database URL, and one commit makes the body and its row durable together;
+  a body is written with ``lo_put`` in 1 MiB pieces inside the upload's own transaction, so a
+  failed or interrupted upload, even ``kill -9`` of the instance, rolls back and its large object
+  vanishes with it) or to a **shared folder** (``bodies=DIR``, the same on every instance: a
+  file written to ``DIR/tmp``, fsynced, renamed into ``DIR/objects`` and the folder fsynced, and
+  only then recorded). A folder body is registered in ``relay_body_files`` before its first byte
+  is written and unregistered in the transaction that records its message; an acknowledgement or
+  an expiry registers the file for deletion in the transaction that retires its message. Every
+  instance's sweep removes registered files older than a day (uploads that died) or due for
+  deletion, claiming the rows with ``FOR UPDATE SKIP LOCKED``: nothing partial is ever listed and
+  nothing is left behind, whichever instance dies when.
+* Large-object downloads read with ``lo_get`` by range, in short autocommit statements (binary
+  results), so a slow reader holds no transaction open.
+* **Work queues** (the retention sweep, the file sweep) claim rows with ``FOR UPDATE SKIP
+  LOCKED``, so several instances sweep at once without waiting on each other. No state lives in
+  an instance: rate limits are per instance (documented), nonces are in the database (stored
+  with ``synchronous_commit`` off, on a small pool of their own: one round trip each).
 * Concurrent uploads to one mailbox serialise on a transaction-scoped advisory lock for the quota
-  check; the primary key (mailbox, message id) makes a message unique whatever the races.
+  check (a batch takes the locks of its mailboxes in one global order, so batches of several
+  instances cannot deadlock); the primary key (mailbox, message id) makes a message unique
+  whatever the races.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -32,13 +48,20 @@ from ...._errors import StorageError
 from ._base import (
     COLLECTED,
     EXPIRED,
+    INLINE_MAX,
     WAITING,
     BodyReader,
+    BufferedUpload,
+    BytesReader,
     Conflict,
+    FileReader,
+    FileUpload,
+    GroupCommit,
     QuotaExceeded,
     Storage,
     StoredMessage,
     Upload,
+    prepare_body_folders,
 )
 
 __all__ = ["PostgresStorage"]
@@ -63,9 +86,22 @@ CREATE TABLE IF NOT EXISTS relay_nonces (
     keyid text NOT NULL, nonce text NOT NULL, expires bigint NOT NULL,
     PRIMARY KEY (keyid, nonce)
 );
+ALTER TABLE relay_messages ADD COLUMN IF NOT EXISTS body bytea;
+ALTER TABLE relay_messages ADD COLUMN IF NOT EXISTS file text;
+CREATE TABLE IF NOT EXISTS relay_body_files (
+    name text PRIMARY KEY, since bigint NOT NULL
+);
 """
+#: A registered body file older than this is an upload that died (or a very slow one, which
+#: then fails at its commit and is retried by its client).
+ORPHAN_AGE = 86400
 _COLUMNS = "mailbox, message_id, sender, size, digest, received_at, state, state_at"
 _SCHEMA_LOCK = 0x6D65647365637572  # "medsecur": one instance creates the schema at a time
+
+
+def _lock_key(mailbox: str) -> int:
+    """The advisory lock of a mailbox (a signed 64-bit key; the same on every instance)."""
+    return int.from_bytes(hashlib.sha256(mailbox.encode()).digest()[:8], "big", signed=True)
 
 
 def _row(r: Any) -> StoredMessage:
@@ -126,8 +162,9 @@ class _LargeObjectReader(BodyReader):
     def read(self, offset: int, length: int) -> bytes:
         try:
             with self.pool.connection() as conn:
+                # binary results: a text bytea would be hex, twice the bytes to decode
                 row = conn.execute(
-                    "SELECT lo_get(%s, %s, %s)", (self.oid, offset, length)
+                    "SELECT lo_get(%s, %s, %s)", (self.oid, offset, length), binary=True
                 ).fetchone()
         except psycopg.errors.UndefinedObject:
             return b""  # acknowledged (unlinked) meanwhile
@@ -139,10 +176,50 @@ class _LargeObjectReader(BodyReader):
         pass
 
 
-class PostgresStorage(Storage):
-    """Relay storage in PostgreSQL (see the module docstring)."""
+class _Outlived(Exception):
+    """A shared-folder upload whose registration the sweep removed (it took over a day)."""
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 24) -> None:
+
+class _FolderUpload(FileUpload):
+    """A large body written to the shared folder (registered before its first byte)."""
+
+    def __init__(self, storage: PostgresStorage, root: Path) -> None:
+        self.storage = storage
+        self.name = os.urandom(16).hex()
+        # registered first: if this instance dies from here on, a sweep removes the file
+        storage._register_files([self.name], int(time.time()))
+        try:
+            self.tmp = root / "tmp" / self.name
+            self.final = None
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            storage._forget_files([self.name])
+            raise
+
+    def abort(self) -> None:
+        super().abort()
+        with contextlib.suppress(StorageError):
+            self.storage._forget_files([self.name])
+
+
+class PostgresStorage(Storage):
+    """Relay storage in PostgreSQL (see the module docstring). ``bodies`` is the shared folder
+    for large bodies (the same on every instance); without it they are large objects."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        bodies: str | os.PathLike[str] | None = None,
+        min_size: int = 2,
+        max_size: int = 24,
+    ) -> None:
+        self.bodies = Path(bodies) if bodies is not None else None
+        if self.bodies is not None:
+            try:
+                prepare_body_folders(self.bodies)
+            except OSError as exc:
+                raise StorageError(f"cannot use the bodies folder: {exc.strerror}") from exc
         try:
             self.pool: ConnectionPool[Any] = ConnectionPool(
                 url,
@@ -152,7 +229,20 @@ class PostgresStorage(Storage):
                 open=False,
                 timeout=30,
             )
+            # Nonces live for the signature window only: losing the last few milliseconds of
+            # them in a database crash is acceptable, waiting for a WAL flush on every request
+            # is not. Their own pool, with synchronous_commit off for the session: one round
+            # trip per nonce.
+            self.nonce_pool: ConnectionPool[Any] = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=8,
+                kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+                open=False,
+                timeout=30,
+            )
             self.pool.open(wait=True, timeout=30)
+            self.nonce_pool.open(wait=True, timeout=30)
         except Exception as exc:
             raise StorageError(
                 f"cannot connect to the relay database: {type(exc).__name__}"
@@ -160,11 +250,73 @@ class PostgresStorage(Storage):
         with _guard(), self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             conn.execute(_SCHEMA)
+        self.commits: GroupCommit[psycopg.Connection[Any]] = GroupCommit(
+            self._run_batch, refusals=(Conflict, QuotaExceeded, _Outlived)
+        )
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with _guard(), self.pool.connection() as conn:
             rows: list[Any] = conn.execute(sql, args).fetchall()
             return rows
+
+    def _run_batch(
+        self, batch: list[Any], execute: Callable[[psycopg.Connection[Any]], None]
+    ) -> None:
+        with _guard(), self.pool.connection() as conn, conn.transaction():
+            # The mailboxes' quota locks, in one global order (no deadlock between batches of
+            # several instances), then every item, then one COMMIT (synchronous_commit on).
+            for key in sorted({_lock_key(w.key) for w in batch}):
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            execute(conn)
+
+    # -- body files (shared folder) ----------------------------------------------------------
+    def _register_files(self, names: Sequence[str], since: int) -> None:
+        with _guard(), self.pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s"
+                " ON CONFLICT (name) DO UPDATE SET since = EXCLUDED.since",
+                (list(names), since),
+            )
+
+    def _forget_files(self, names: Sequence[str]) -> None:
+        with _guard(), self.pool.connection() as conn:
+            conn.execute("DELETE FROM relay_body_files WHERE name = ANY(%s)", (list(names),))
+
+    def _unlink_files(self, names: Sequence[str]) -> None:
+        """Delete body files (registered for deletion by the caller's committed transaction),
+        then unregister them; a crash in between leaves rows the sweep finishes."""
+        if not names or self.bodies is None:
+            return
+        for name in names:
+            for path in (
+                self.bodies / "objects" / name[:2] / name,
+                self.bodies / "tmp" / name,
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self._forget_files(names)
+
+    def sweep_files(self, now: int, limit: int = 500) -> int:
+        """Remove body files of uploads that died (registered more than ``ORPHAN_AGE`` ago) and
+        files due for deletion; how many. Several instances sweep at once (SKIP LOCKED)."""
+        if self.bodies is None:
+            return 0
+        with _guard(), self.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT name FROM relay_body_files WHERE since < %s"
+                " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now - ORPHAN_AGE, limit),
+            ).fetchall()
+            names = [str(r[0]) for r in rows]
+            for name in names:
+                for path in (
+                    self.bodies / "objects" / name[:2] / name,
+                    self.bodies / "tmp" / name,
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            conn.execute("DELETE FROM relay_body_files WHERE name = ANY(%s)", (names,))
+        return len(names)
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
@@ -201,10 +353,7 @@ class PostgresStorage(Storage):
         return [bytes(r[0]) for r in rows]
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
-        with _guard(), self.pool.connection() as conn, conn.transaction():
-            # A nonce lives for the signature window only: losing the last few milliseconds of
-            # them in a database crash is acceptable, waiting for an fsync on every request is not.
-            conn.execute("SET LOCAL synchronous_commit TO OFF")
+        with _guard(), self.nonce_pool.connection() as conn:
             cur = conn.execute(
                 "INSERT INTO relay_nonces VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                 (keyid, nonce, expires),
@@ -220,7 +369,14 @@ class PostgresStorage(Storage):
         )
         return _row(rows[0]) if rows else None
 
-    def begin_upload(self) -> Upload:
+    def begin_upload(self, size: int) -> Upload:
+        if size <= INLINE_MAX:
+            return BufferedUpload()
+        if self.bodies is not None:
+            try:
+                return _FolderUpload(self, self.bodies)
+            except OSError as exc:
+                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
         with _guard():
             return _LargeObjectUpload(self.pool)
 
@@ -236,31 +392,115 @@ class PostgresStorage(Storage):
         now: int,
         quota: int,
     ) -> tuple[StoredMessage, bool]:
-        assert isinstance(upload, _LargeObjectUpload) and upload.conn is not None
+        if isinstance(upload, _LargeObjectUpload):
+            return self._commit_large_object(
+                upload,
+                mailbox=mailbox,
+                message_id=message_id,
+                sender=sender,
+                digest=digest,
+                size=size,
+                now=now,
+                quota=quota,
+            )
+        inline: bytes | None = None
+        name: str | None = None
+        if isinstance(upload, BufferedUpload):
+            inline = bytes(upload.buffer)
+        else:
+            assert isinstance(upload, _FolderUpload) and self.bodies is not None
+            try:
+                upload.finish(self.bodies / "objects")
+            except OSError as exc:
+                upload.abort()
+                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
+            name = upload.name
+
+        def record(conn: psycopg.Connection[Any]) -> tuple[StoredMessage, bool]:
+            existing = self._check(conn, mailbox, message_id, sender, digest, size, quota)
+            if existing is not None:
+                return existing, False
+            if name is not None:
+                # the file leaves the sweep's register in the transaction that records it
+                gone = conn.execute("DELETE FROM relay_body_files WHERE name = %s", (name,))
+                if gone.rowcount != 1:
+                    raise _Outlived  # swept as an orphan: the client retries
+            conn.execute(
+                "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+                " received_at, state, state_at, body, file)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (mailbox, message_id, sender, size, digest, now, WAITING, now, inline, name),
+            )
+            return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
+
+        try:
+            stored, new = self.commits.submit(record, mailbox)
+        except _Outlived:
+            upload.abort()
+            raise StorageError("the upload took longer than the orphan sweep allows") from None
+        except BaseException:
+            upload.abort()
+            raise
+        if not new:
+            upload.abort()  # an identical replay: the first copy stands
+        return stored, new
+
+    @staticmethod
+    def _check(
+        conn: psycopg.Connection[Any],
+        mailbox: str,
+        message_id: str,
+        sender: str,
+        digest: bytes,
+        size: int,
+        quota: int,
+    ) -> StoredMessage | None:
+        """Under the mailbox's lock: the existing record of an identical replay (None if the
+        message is new); raises Conflict or QuotaExceeded (before anything is written)."""
+        row = conn.execute(
+            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at,"
+            " (SELECT COALESCE(SUM(size), 0) FROM relay_messages"
+            "  WHERE mailbox = %s AND state = %s)"
+            " FROM (SELECT 1) one LEFT JOIN relay_messages"
+            " ON mailbox = %s AND message_id = %s",
+            (mailbox, WAITING, mailbox, message_id),
+        ).fetchone()
+        assert row is not None
+        if row[0] is not None:
+            existing = _row(row)
+            if existing.sender == sender and existing.digest == digest:
+                return existing
+            raise Conflict
+        if int(row[8]) + size > quota:
+            raise QuotaExceeded
+        return None
+
+    def _commit_large_object(
+        self,
+        upload: _LargeObjectUpload,
+        *,
+        mailbox: str,
+        message_id: str,
+        sender: str,
+        digest: bytes,
+        size: int,
+        now: int,
+        quota: int,
+    ) -> tuple[StoredMessage, bool]:
+        # The large object was written in the upload's own transaction: it commits there.
+        assert upload.conn is not None
         conn = upload.conn
         try:
             with _guard():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (mailbox,))
-                row = conn.execute(
-                    "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
-                    " state_at FROM relay_messages WHERE mailbox = %s AND message_id = %s",
-                    (mailbox, message_id),
-                ).fetchone()
-                if row is not None:
-                    existing = _row(row)
-                    if existing.sender == sender and existing.digest == digest:
-                        upload.abort()
-                        return existing, False
-                    raise Conflict
-                used = conn.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM relay_messages"
-                    " WHERE mailbox = %s AND state = %s",
-                    (mailbox, WAITING),
-                ).fetchone()
-                if used is not None and int(used[0]) + size > quota:
-                    raise QuotaExceeded
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(mailbox),))
+                existing = self._check(conn, mailbox, message_id, sender, digest, size, quota)
+                if existing is not None:
+                    upload.abort()
+                    return existing, False
                 conn.execute(
-                    "INSERT INTO relay_messages VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+                    " received_at, state, state_at, object)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (mailbox, message_id, sender, size, digest, now, WAITING, now, upload.oid),
                 )
                 conn.execute("COMMIT")  # synchronous_commit on: durable when this returns
@@ -288,32 +528,60 @@ class PostgresStorage(Storage):
 
     def open_body(self, mailbox: str, message_id: str) -> BodyReader | None:
         rows = self._all(
-            "SELECT object, size FROM relay_messages"
+            "SELECT object, size, body, file FROM relay_messages"
             " WHERE mailbox = %s AND message_id = %s AND state = %s",
             (mailbox, message_id, WAITING),
         )
-        if not rows or rows[0][0] is None:
+        if not rows:
             return None
-        return _LargeObjectReader(self.pool, int(rows[0][0]), int(rows[0][1]))
+        oid, size, body, name = rows[0]
+        if body is not None:
+            return BytesReader(bytes(body))
+        if name is not None and self.bodies is not None:
+            try:
+                fd = os.open(self.bodies / "objects" / name[:2] / name, os.O_RDONLY)
+            except FileNotFoundError:
+                return None  # acknowledged meanwhile
+            except OSError as exc:
+                raise StorageError(f"cannot read an envelope: {exc.strerror}") from exc
+            return FileReader(fd, int(size))
+        if oid is None:
+            return None
+        return _LargeObjectReader(self.pool, int(oid), int(size))
 
-    def _retire(self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int) -> None:
-        for mailbox, message_id, oid in rows:
+    def _retire(
+        self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int
+    ) -> list[str]:
+        """Retire waiting messages; returns the body files to delete once committed (they are
+        registered for deletion in this transaction)."""
+        files = []
+        for mailbox, message_id, oid, name in rows:
             if oid is not None:
                 conn.execute("SELECT lo_unlink(%s)", (oid,))
+            if name is not None:
+                files.append(str(name))
             conn.execute(
-                "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL"
-                " WHERE mailbox = %s AND message_id = %s",
+                "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL,"
+                " body = NULL, file = NULL WHERE mailbox = %s AND message_id = %s",
                 (state, now, mailbox, message_id),
             )
+        if files:
+            conn.execute(
+                "INSERT INTO relay_body_files SELECT unnest(%s::text[]), 0"
+                " ON CONFLICT (name) DO UPDATE SET since = 0",
+                (files,),
+            )
+        return files
 
     def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
         with _guard(), self.pool.connection() as conn, conn.transaction():
             rows = conn.execute(
-                "SELECT mailbox, message_id, object FROM relay_messages"
+                "SELECT mailbox, message_id, object, file FROM relay_messages"
                 " WHERE mailbox = %s AND message_id = %s AND state = %s FOR UPDATE",
                 (mailbox, message_id, WAITING),
             ).fetchall()
-            self._retire(conn, rows, COLLECTED, now)
+            files = self._retire(conn, rows, COLLECTED, now)
+        self._unlink_files(files)
         return bool(rows)
 
     def uploads(self, sender: str, message_ids: Sequence[str]) -> list[StoredMessage]:
@@ -332,15 +600,18 @@ class PostgresStorage(Storage):
         with _guard(), self.pool.connection() as conn, conn.transaction():
             # A work queue: each instance takes the rows no other instance holds.
             rows = conn.execute(
-                "SELECT mailbox, message_id, object FROM relay_messages"
+                "SELECT mailbox, message_id, object, file FROM relay_messages"
                 " WHERE state = %s AND received_at < %s ORDER BY received_at LIMIT %s"
                 " FOR UPDATE SKIP LOCKED",
                 (WAITING, received_before, limit),
             ).fetchall()
-            self._retire(conn, rows, EXPIRED, now)
+            files = self._retire(conn, rows, EXPIRED, now)
+        self._unlink_files(files)
         return len(rows)
 
     def purge(self, now: int, tombstones_before: int) -> None:
+        while self.sweep_files(now) == 500:
+            pass
         with _guard(), self.pool.connection() as conn:
             conn.execute("DELETE FROM relay_nonces WHERE expires < %s", (now,))
             conn.execute(
@@ -356,4 +627,5 @@ class PostgresStorage(Storage):
         return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
+        self.nonce_pool.close()
         self.pool.close()

@@ -129,10 +129,13 @@ class Baseline(RelayServer):
 
 
 def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass  # the server exited: the run fails on its own
     return 0
 
 
@@ -211,6 +214,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def commits(url: str) -> tuple[float, float]:
+    """(durable transactions, writes they carried) so far, from the relay's /metrics."""
+    found = {"medsecure_relay_commits_total": 0.0, "medsecure_relay_committed_writes_total": 0.0}
+    try:
+        text = httpx.get(url + "/metrics").text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in found:
+            found[name] = float(value)
+    return found["medsecure_relay_commits_total"], found["medsecure_relay_committed_writes_total"]
+
+
+BATCHES: dict[str, list[float]] = {}
+
+
 def prepared(srv: RelayServer, parties: Parties, messages: int, body: bytes) -> Result:
     """Requests signed before the timed phase (one nonce each), then sent by plain httpx
     clients: the same bytes for the baseline and the relay. Also returns the server process's
@@ -246,8 +266,13 @@ def prepared(srv: RelayServer, parties: Parties, messages: int, body: bytes) -> 
 
     try:
         before = cpu_seconds(srv.proc.pid)
+        b0, w0 = commits(url)
         rate, p50, p99, _ = _threads(clients, work)
-        return rate, p50, p99, (cpu_seconds(srv.proc.pid) - before) * 1000 / (per * clients)
+        cpu = (cpu_seconds(srv.proc.pid) - before) * 1000 / (per * clients)
+        b1, w1 = commits(url)
+        if b1 > b0:
+            BATCHES.setdefault(url, []).append((w1 - w0) / (b1 - b0))
+        return rate, p50, p99, cpu
     finally:
         for c in connections:
             c.close()
@@ -489,7 +514,10 @@ def main() -> None:
                     f"  p99 {spread(p99, '{:.1f}')} ms  server CPU {spread(cpu, '{:.2f}')} ms/msg"
                 )
                 if name != "baseline":
-                    line += f"  ratio {spread(ratios[name], '{:.2f}')} (target >= 0.67)"
+                    line += (
+                        f"  ratio {spread(ratios[name], '{:.2f}')} (target >= 0.67);"
+                        f" uploads per fsync {spread(BATCHES.get(servers[name].url, [0]), '{:.1f}')}"
+                    )
                 print(line)
             if not args.no_live:
                 for name in small:

@@ -67,6 +67,7 @@ LABEL_ED25519: Final = "sig1"
 LABEL_MLDSA: Final = "sig2"
 MLDSA_CONTEXT: Final = b"medsecure/v1/relay-request"
 _COVERED_KEYS: Final = [f'"{c}"' for c in COVERED_COMPONENTS] + ['"@signature-params"']
+_VERIFIED_FIELDS: Final = frozenset({"signature-input", "signature", "content-digest"})
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _KEYID_RE = re.compile(r"ms1[a-z2-7]{52}")
 
@@ -271,9 +272,9 @@ def fast_signature_field(value: str) -> Dictionary | None:
             members.append((label2, base64.b64decode(data2, validate=True)))
     except binascii.Error:
         return None
-    parsed = Dictionary()  # type: ignore[no-untyped-call]
+    parsed = Dictionary()
     for label, raw in members:
-        parsed[label] = Item(raw)  # type: ignore[no-untyped-call]
+        parsed[label] = Item(raw)
     return parsed
 
 
@@ -291,7 +292,12 @@ def verify_request(
 
     Nonce replay and the body's digest are the caller's to check (they need state and the body).
     """
-    message = _Message(method.upper(), url, headers)
+    # Only the fields verification reads: the library walks the message's fields several times
+    # per signature, and every other field is irrelevant (a signature must cover exactly
+    # COVERED_COMPONENTS, whose one field is content-digest).
+    message = _Message(
+        method.upper(), url, [(n, v) for n, v in headers if n.lower() in _VERIFIED_FIELDS]
+    )
     if "signature-input" not in message.headers or "signature" not in message.headers:
         raise AuthError("unauthenticated", "the request carries no signature")
     if "content-digest" not in message.headers:

@@ -185,15 +185,13 @@ class _FolderUpload(FileUpload):
 
     def __init__(self, storage: PostgresStorage, root: Path) -> None:
         self.storage = storage
-        self.name = os.urandom(16).hex()
+        name = os.urandom(16).hex()
         # registered first: if this instance dies from here on, a sweep removes the file
-        storage._register_files([self.name], int(time.time()))
+        storage._register_files([name], int(time.time()))
         try:
-            self.tmp = root / "tmp" / self.name
-            self.final = None
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            super().__init__(root, name)
         except BaseException:
-            storage._forget_files([self.name])
+            storage._forget_files([name])
             raise
 
     def abort(self) -> None:
@@ -250,6 +248,20 @@ class PostgresStorage(Storage):
         with _guard(), self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             conn.execute(_SCHEMA)
+            # Per-mailbox totals kept by every transaction that adds or retires an envelope
+            # (under the mailbox's lock), so that a quota check reads one row; a database from
+            # before them gets them computed once.
+            row = conn.execute("SELECT to_regclass('relay_mailbox_usage')").fetchone()
+            if row is None or row[0] is None:
+                conn.execute(
+                    "CREATE TABLE relay_mailbox_usage (mailbox text PRIMARY KEY,"
+                    " bytes bigint NOT NULL, count bigint NOT NULL)"
+                )
+                conn.execute(
+                    "INSERT INTO relay_mailbox_usage SELECT mailbox, SUM(size), COUNT(*)"
+                    " FROM relay_messages WHERE state = %s GROUP BY mailbox",
+                    (WAITING,),
+                )
         self.commits: GroupCommit[psycopg.Connection[Any]] = GroupCommit(
             self._run_batch, refusals=(Conflict, QuotaExceeded, _Outlived)
         )
@@ -431,6 +443,7 @@ class PostgresStorage(Storage):
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (mailbox, message_id, sender, size, digest, now, WAITING, now, inline, name),
             )
+            self._count_in(conn, mailbox, size)
             return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
 
         try:
@@ -446,6 +459,15 @@ class PostgresStorage(Storage):
         return stored, new
 
     @staticmethod
+    def _count_in(conn: psycopg.Connection[Any], mailbox: str, size: int) -> None:
+        conn.execute(
+            "INSERT INTO relay_mailbox_usage VALUES (%s, %s, 1) ON CONFLICT (mailbox)"
+            " DO UPDATE SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
+            " count = relay_mailbox_usage.count + 1",
+            (mailbox, size),
+        )
+
+    @staticmethod
     def _check(
         conn: psycopg.Connection[Any],
         mailbox: str,
@@ -458,12 +480,12 @@ class PostgresStorage(Storage):
         """Under the mailbox's lock: the existing record of an identical replay (None if the
         message is new); raises Conflict or QuotaExceeded (before anything is written)."""
         row = conn.execute(
-            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at,"
-            " (SELECT COALESCE(SUM(size), 0) FROM relay_messages"
-            "  WHERE mailbox = %s AND state = %s)"
-            " FROM (SELECT 1) one LEFT JOIN relay_messages"
-            " ON mailbox = %s AND message_id = %s",
-            (mailbox, WAITING, mailbox, message_id),
+            "SELECT m.mailbox, m.message_id, m.sender, m.size, m.digest, m.received_at,"
+            " m.state, m.state_at,"
+            " (SELECT COALESCE(MAX(bytes), 0) FROM relay_mailbox_usage WHERE mailbox = %s)"
+            " FROM (SELECT 1) one LEFT JOIN relay_messages m"
+            " ON m.mailbox = %s AND m.message_id = %s",
+            (mailbox, mailbox, message_id),
         ).fetchone()
         assert row is not None
         if row[0] is not None:
@@ -503,6 +525,7 @@ class PostgresStorage(Storage):
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (mailbox, message_id, sender, size, digest, now, WAITING, now, upload.oid),
                 )
+                self._count_in(conn, mailbox, size)
                 conn.execute("COMMIT")  # synchronous_commit on: durable when this returns
             upload.release()
             return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
@@ -511,11 +534,8 @@ class PostgresStorage(Storage):
             raise
 
     def usage(self, mailbox: str) -> int:
-        rows = self._all(
-            "SELECT COALESCE(SUM(size), 0) FROM relay_messages WHERE mailbox = %s AND state = %s",
-            (mailbox, WAITING),
-        )
-        return int(rows[0][0])
+        rows = self._all("SELECT bytes FROM relay_mailbox_usage WHERE mailbox = %s", (mailbox,))
+        return int(rows[0][0]) if rows else 0
 
     def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
         rows = self._all(
@@ -555,7 +575,7 @@ class PostgresStorage(Storage):
         """Retire waiting messages; returns the body files to delete once committed (they are
         registered for deletion in this transaction)."""
         files = []
-        for mailbox, message_id, oid, name in rows:
+        for mailbox, message_id, oid, name, size in rows:
             if oid is not None:
                 conn.execute("SELECT lo_unlink(%s)", (oid,))
             if name is not None:
@@ -564,6 +584,11 @@ class PostgresStorage(Storage):
                 "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL,"
                 " body = NULL, file = NULL WHERE mailbox = %s AND message_id = %s",
                 (state, now, mailbox, message_id),
+            )
+            conn.execute(
+                "UPDATE relay_mailbox_usage SET bytes = bytes - %s, count = count - 1"
+                " WHERE mailbox = %s",
+                (size, mailbox),
             )
         if files:
             conn.execute(
@@ -576,7 +601,7 @@ class PostgresStorage(Storage):
     def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
         with _guard(), self.pool.connection() as conn, conn.transaction():
             rows = conn.execute(
-                "SELECT mailbox, message_id, object, file FROM relay_messages"
+                "SELECT mailbox, message_id, object, file, size FROM relay_messages"
                 " WHERE mailbox = %s AND message_id = %s AND state = %s FOR UPDATE",
                 (mailbox, message_id, WAITING),
             ).fetchall()
@@ -600,7 +625,7 @@ class PostgresStorage(Storage):
         with _guard(), self.pool.connection() as conn, conn.transaction():
             # A work queue: each instance takes the rows no other instance holds.
             rows = conn.execute(
-                "SELECT mailbox, message_id, object, file FROM relay_messages"
+                "SELECT mailbox, message_id, object, file, size FROM relay_messages"
                 " WHERE state = %s AND received_at < %s ORDER BY received_at LIMIT %s"
                 " FOR UPDATE SKIP LOCKED",
                 (WAITING, received_before, limit),
@@ -621,8 +646,7 @@ class PostgresStorage(Storage):
 
     def stats(self) -> tuple[int, int]:
         rows = self._all(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM relay_messages WHERE state = %s",
-            (WAITING,),
+            "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM relay_mailbox_usage"
         )
         return int(rows[0][0]), int(rows[0][1])
 

@@ -100,6 +100,7 @@ class SQLiteStorage(Storage):
                     raise StorageError("another relay process is using this data folder") from exc
             self._db = self._connect("relay.db", "FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate_usage()
             self._nonces = self._connect("nonces.db", "NORMAL")
             self._nonces.execute(
                 "CREATE TABLE IF NOT EXISTS nonces (keyid TEXT NOT NULL, nonce TEXT NOT NULL,"
@@ -118,6 +119,30 @@ class SQLiteStorage(Storage):
             self._run_batch, refusals=(Conflict, QuotaExceeded)
         )
         self._recover()
+
+    def _migrate_usage(self) -> None:
+        """The per-mailbox totals (bytes and envelopes waiting), kept by every transaction that
+        adds or retires an envelope, so that a quota check reads one row instead of summing a
+        mailbox's envelopes. A database from before them gets them computed once."""
+        db = self._db
+        known = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage'").fetchone()
+        if known is not None:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "CREATE TABLE usage (mailbox TEXT PRIMARY KEY, bytes INTEGER NOT NULL,"
+                " count INTEGER NOT NULL) WITHOUT ROWID"
+            )
+            db.execute(
+                "INSERT INTO usage SELECT mailbox, SUM(size), COUNT(*) FROM messages"
+                " WHERE state = ? GROUP BY mailbox",
+                (WAITING,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _connect(self, name: str, synchronous: str) -> sqlite3.Connection:
         path = self.root / name
@@ -285,15 +310,17 @@ class SQLiteStorage(Storage):
                 if existing.sender == sender and existing.digest == digest:
                     return existing, False
                 raise Conflict
-            (used,) = db.execute(
-                "SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ? AND state = ?",
-                (mailbox, WAITING),
-            ).fetchone()
-            if used + size > quota:
+            used = db.execute("SELECT bytes FROM usage WHERE mailbox = ?", (mailbox,)).fetchone()
+            if (used[0] if used else 0) + size > quota:
                 raise QuotaExceeded
             db.execute(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (mailbox, message_id, sender, size, digest, now, WAITING, now, name, inline),
+            )
+            db.execute(
+                "INSERT INTO usage VALUES (?, ?, 1) ON CONFLICT (mailbox) DO UPDATE"
+                " SET bytes = bytes + excluded.bytes, count = count + 1",
+                (mailbox, size),
             )
             return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
 
@@ -307,11 +334,8 @@ class SQLiteStorage(Storage):
         return stored, new
 
     def usage(self, mailbox: str) -> int:
-        rows = self._query(
-            "SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ? AND state = ?",
-            (mailbox, WAITING),
-        )
-        return int(rows[0][0])
+        rows = self._query("SELECT bytes FROM usage WHERE mailbox = ?", (mailbox,))
+        return int(rows[0][0]) if rows else 0
 
     def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
         rows = self._query(
@@ -340,10 +364,15 @@ class SQLiteStorage(Storage):
         return FileReader(fd, int(rows[0][1]))
 
     def _retire(self, db: sqlite3.Connection, rows: list[Any], state: str, now: int) -> list[str]:
+        """Retire waiting envelopes (rows of mailbox, message id, object, size)."""
         db.executemany(
             "UPDATE messages SET state = ?, state_at = ?, object = NULL, body = NULL"
             " WHERE mailbox = ? AND message_id = ? AND state = ?",
             [(state, now, r[0], r[1], WAITING) for r in rows],
+        )
+        db.executemany(
+            "UPDATE usage SET bytes = bytes - ?, count = count - 1 WHERE mailbox = ?",
+            [(r[3], r[0]) for r in rows],
         )
         return [str(r[2]) for r in rows if r[2] is not None]
 
@@ -361,7 +390,7 @@ class SQLiteStorage(Storage):
     def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
         def retire(db: sqlite3.Connection) -> tuple[list[Any], list[str]]:
             rows = db.execute(
-                "SELECT mailbox, message_id, object FROM messages"
+                "SELECT mailbox, message_id, object, size FROM messages"
                 " WHERE mailbox = ? AND message_id = ? AND state = ?",
                 (mailbox, message_id, WAITING),
             ).fetchall()
@@ -386,7 +415,7 @@ class SQLiteStorage(Storage):
     def expire(self, received_before: int, now: int, limit: int = 500) -> int:
         with self._tx() as db:
             rows = db.execute(
-                "SELECT mailbox, message_id, object FROM messages"
+                "SELECT mailbox, message_id, object, size FROM messages"
                 " WHERE state = ? AND received_at < ? ORDER BY received_at LIMIT ?",
                 (WAITING, received_before, limit),
             ).fetchall()
@@ -405,11 +434,10 @@ class SQLiteStorage(Storage):
                 "DELETE FROM messages WHERE state IN (?, ?) AND state_at < ?",
                 (COLLECTED, EXPIRED, tombstones_before),
             )
+            db.execute("DELETE FROM usage WHERE count = 0")
 
     def stats(self) -> tuple[int, int]:
-        rows = self._query(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE state = ?", (WAITING,)
-        )
+        rows = self._query("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM usage")
         return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:

@@ -229,6 +229,7 @@ def commits(url: str) -> tuple[float, float]:
 
 
 BATCHES: dict[str, list[float]] = {}
+CLIENT_CPU: list[float] = []
 
 
 def prepared(srv: RelayServer, parties: Parties, messages: int, body: bytes) -> Result:
@@ -267,8 +268,10 @@ def prepared(srv: RelayServer, parties: Parties, messages: int, body: bytes) -> 
     try:
         before = cpu_seconds(srv.proc.pid)
         b0, w0 = commits(url)
+        mine = cpu_seconds(os.getpid())
         rate, p50, p99, _ = _threads(clients, work)
         cpu = (cpu_seconds(srv.proc.pid) - before) * 1000 / (per * clients)
+        CLIENT_CPU.append((cpu_seconds(os.getpid()) - mine) * 1000 / (per * clients))
         b1, w1 = commits(url)
         if b1 > b0:
             BATCHES.setdefault(url, []).append((w1 - w0) / (b1 - b0))
@@ -499,6 +502,10 @@ def main() -> None:
                     else:
                         assert base is not None
                         ratios[name].append(res[0] / base)
+            print(
+                f"  (the clients' own CPU, sending prepared requests: "
+                f"{spread(CLIENT_CPU, '{:.2f}')} ms/msg, on the same 2 cores)"
+            )
             for name in small:
                 rates = [r[0] for r in got[name]]
                 p50 = [r[1] for r in got[name]]

@@ -112,7 +112,7 @@ C = TypeVar("C")
 class _Work:
     __slots__ = ("done", "error", "fn", "key", "lead", "result", "wake")
 
-    def __init__(self, fn: Callable[[Any], Any], key: str) -> None:
+    def __init__(self, fn: Any, key: str) -> None:
         self.fn = fn
         self.key = key
         self.done = False
@@ -156,10 +156,12 @@ class GroupCommit(Generic[C]):
         self.batches = 0
         self.items = 0
 
-    def submit(self, fn: Callable[[C], Any], key: str = "") -> Any:
+    def submit(self, fn: Any, key: str = "") -> Any:
         """Run ``fn(conn)`` in the next shared transaction; return its result once durable.
 
         ``key`` names what the work locks (a mailbox), for backends that take locks in order.
+        A backend whose ``run_batch`` sets each item's result itself may submit plain values
+        instead of functions (PostgreSQL records a whole batch in a few statements).
         """
         work = _Work(fn, key)
         with self._lock:

@@ -38,6 +38,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,21 @@ class _LargeObjectReader(BodyReader):
         pass
 
 
+@dataclass(frozen=True)
+class _NewMessage:
+    """An envelope to record in the next group commit (see PostgresStorage._run_batch)."""
+
+    mailbox: str
+    message_id: str
+    sender: str
+    digest: bytes
+    size: int
+    now: int
+    quota: int
+    body: bytes | None
+    file: str | None
+
+
 class _Outlived(Exception):
     """A shared-folder upload whose registration the sweep removed (it took over a day)."""
 
@@ -265,6 +281,7 @@ class PostgresStorage(Storage):
         self.commits: GroupCommit[psycopg.Connection[Any]] = GroupCommit(
             self._run_batch, refusals=(Conflict, QuotaExceeded, _Outlived)
         )
+        self.nonces: GroupCommit[Any] = GroupCommit(self._run_nonces)
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with _guard(), self.pool.connection() as conn:
@@ -274,12 +291,108 @@ class PostgresStorage(Storage):
     def _run_batch(
         self, batch: list[Any], execute: Callable[[psycopg.Connection[Any]], None]
     ) -> None:
+        """One transaction for a batch of new envelopes, in a constant number of statements
+        (not a few per envelope): the mailboxes' quota locks, in one global order (so batches
+        of several instances cannot deadlock), one look-up of the ids and totals, one insert,
+        one update of the totals, one COMMIT (synchronous_commit on)."""
+        items: list[_NewMessage] = [w.fn for w in batch]
         with _guard(), self.pool.connection() as conn, conn.transaction():
-            # The mailboxes' quota locks, in one global order (no deadlock between batches of
-            # several instances), then every item, then one COMMIT (synchronous_commit on).
-            for key in sorted({_lock_key(w.key) for w in batch}):
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-            execute(conn)
+            keys = sorted({_lock_key(m.mailbox) for m in items})
+            # a function scan yields the array in order: the locks are taken in that order
+            conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k", (keys,))
+            boxes = sorted({m.mailbox for m in items})
+            existing = {
+                (r[0], r[1]): _row(r)
+                for r in conn.execute(
+                    "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
+                    " state_at FROM relay_messages"
+                    " WHERE (mailbox, message_id) IN"
+                    " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([m.mailbox for m in items], [m.message_id for m in items]),
+                )
+            }
+            used = dict.fromkeys(boxes, 0)
+            for mailbox, total in conn.execute(
+                "SELECT mailbox, bytes FROM relay_mailbox_usage WHERE mailbox = ANY(%s)", (boxes,)
+            ):
+                used[mailbox] = int(total)
+            files = [m.file for m in items if m.file is not None]
+            kept = set()
+            if files:
+                # the files leave the sweep's register in the transaction that records them
+                kept = {
+                    r[0]
+                    for r in conn.execute(
+                        "DELETE FROM relay_body_files WHERE name = ANY(%s) RETURNING name",
+                        (files,),
+                    )
+                }
+            new: list[tuple[_NewMessage, StoredMessage]] = []
+            for w, m in zip(batch, items, strict=True):
+                found = existing.get((m.mailbox, m.message_id))
+                if found is not None:
+                    if found.sender == m.sender and found.digest == m.digest:
+                        w.result = (found, False)
+                    else:
+                        w.error = Conflict()
+                elif m.file is not None and m.file not in kept:
+                    w.error = _Outlived()  # swept as an orphan: the client retries
+                elif used[m.mailbox] + m.size > m.quota:
+                    w.error = QuotaExceeded()
+                else:
+                    record = StoredMessage(
+                        m.mailbox, m.message_id, m.sender, m.size, m.digest, m.now, WAITING, m.now
+                    )
+                    used[m.mailbox] += m.size
+                    existing[(m.mailbox, m.message_id)] = record
+                    new.append((m, record))
+                    w.result = (record, True)
+            if files:
+                # files of refused or replayed uploads: back in the register, for the caller
+                # to delete (or the sweep, if the caller dies first)
+                refused = [
+                    m.file
+                    for w, m in zip(batch, items, strict=True)
+                    if m.file is not None and m.file in kept and not (w.result and w.result[1])
+                ]
+                if refused:
+                    conn.execute(
+                        "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
+                        (refused, int(time.time())),
+                    )
+            if new:
+                conn.execute(
+                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+                    " received_at, state, state_at, body, file)"
+                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
+                    " %s::bytea[], %s::bigint[], %s::text[], %s::bigint[], %s::bytea[],"
+                    " %s::text[])",
+                    (
+                        [m.mailbox for m, _ in new],
+                        [m.message_id for m, _ in new],
+                        [m.sender for m, _ in new],
+                        [m.size for m, _ in new],
+                        [m.digest for m, _ in new],
+                        [m.now for m, _ in new],
+                        [WAITING] * len(new),
+                        [m.now for m, _ in new],
+                        [m.body for m, _ in new],
+                        [m.file for m, _ in new],
+                    ),
+                )
+                grown: dict[str, list[int]] = {}
+                for m, _ in new:
+                    grown.setdefault(m.mailbox, [0, 0])
+                    grown[m.mailbox][0] += m.size
+                    grown[m.mailbox][1] += 1
+                conn.execute(
+                    "INSERT INTO relay_mailbox_usage"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
+                    " ON CONFLICT (mailbox) DO UPDATE"
+                    " SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
+                    " count = relay_mailbox_usage.count + EXCLUDED.count",
+                    (list(grown), [g[0] for g in grown.values()], [g[1] for g in grown.values()]),
+                )
 
     # -- body files (shared folder) ----------------------------------------------------------
     def _register_files(self, names: Sequence[str], since: int) -> None:
@@ -365,12 +478,27 @@ class PostgresStorage(Storage):
         return [bytes(r[0]) for r in rows]
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
+        # grouped like the commits: the requests that arrive while one insert is on its way
+        # share the next one (one round trip for many)
+        fresh: bool = self.nonces.submit((keyid, nonce, expires))
+        return fresh
+
+    def _run_nonces(self, batch: list[Any], execute: Callable[[Any], None]) -> None:
+        items: list[tuple[str, str, int]] = [w.fn for w in batch]
         with _guard(), self.nonce_pool.connection() as conn:
-            cur = conn.execute(
-                "INSERT INTO relay_nonces VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                (keyid, nonce, expires),
-            )
-            return bool(cur.rowcount == 1)
+            inserted = {
+                (r[0], r[1])
+                for r in conn.execute(
+                    "INSERT INTO relay_nonces"
+                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                    " ON CONFLICT DO NOTHING RETURNING keyid, nonce",
+                    ([i[0] for i in items], [i[1] for i in items], [i[2] for i in items]),
+                )
+            }
+        seen: set[tuple[str, str]] = set()
+        for w, (keyid, nonce, _) in zip(batch, items, strict=True):
+            w.result = (keyid, nonce) in inserted and (keyid, nonce) not in seen
+            seen.add((keyid, nonce))
 
     # -- messages --------------------------------------------------------------------------
     def find(self, mailbox: str, message_id: str) -> StoredMessage | None:
@@ -428,24 +556,9 @@ class PostgresStorage(Storage):
                 raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
             name = upload.name
 
-        def record(conn: psycopg.Connection[Any]) -> tuple[StoredMessage, bool]:
-            existing = self._check(conn, mailbox, message_id, sender, digest, size, quota)
-            if existing is not None:
-                return existing, False
-            if name is not None:
-                # the file leaves the sweep's register in the transaction that records it
-                gone = conn.execute("DELETE FROM relay_body_files WHERE name = %s", (name,))
-                if gone.rowcount != 1:
-                    raise _Outlived  # swept as an orphan: the client retries
-            conn.execute(
-                "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
-                " received_at, state, state_at, body, file)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (mailbox, message_id, sender, size, digest, now, WAITING, now, inline, name),
-            )
-            self._count_in(conn, mailbox, size)
-            return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
-
+        record = _NewMessage(
+            mailbox, message_id, sender, digest, size, now, quota, body=inline, file=name
+        )
         try:
             stored, new = self.commits.submit(record, mailbox)
         except _Outlived:

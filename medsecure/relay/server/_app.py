@@ -480,6 +480,10 @@ async def _upload_large(request: Request, st: _State) -> Response:
         raise Problem("mailbox-quota-exceeded")
     pending = await _thread(st.storage.begin_upload, length)
     committed = False
+    loop = asyncio.get_running_loop()
+    # one batch hashed and written by a worker while the loop receives the next (two batches
+    # in memory at most): receiving never waits for the disk unless the disk is behind
+    inflight: asyncio.Future[None] | None = None
     try:
         digest = StreamDigest()
 
@@ -499,8 +503,14 @@ async def _upload_large(request: Request, st: _State) -> Response:
             batch.append(chunk)
             batched += len(chunk)
             if batched >= _BATCH:
-                await _thread(store, b"".join(batch))
+                data = b"".join(batch)
                 batch, batched = [], 0
+                if inflight is not None:
+                    await inflight
+                inflight = loop.run_in_executor(st.workers, store, data)
+        if inflight is not None:
+            await inflight
+            inflight = None
         if batch:
             data = b"".join(batch)
             if len(data) <= 65536:
@@ -532,6 +542,10 @@ async def _upload_large(request: Request, st: _State) -> Response:
     finally:
         if not committed:
             with anyio.CancelScope(shield=True):
+                if inflight is not None:
+                    # never abort under a write still running
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(inflight)
                 await _thread(pending.abort)
     return _accepted(st, verified, record, new, length)
 

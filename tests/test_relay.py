@@ -440,7 +440,9 @@ def test_relay_commands_refuse_misuse_in_one_line(tmp_path):
         ("relay", "serve"),
         ("relay", "serve", "--data", str(tmp_path), "--database", "postgresql://x/y"),
         ("relay", "serve", "--data", str(tmp_path), "--tls-cert", "c.pem"),
+        ("relay", "serve", "--data", str(tmp_path), "--bodies", str(tmp_path / "b")),
         ("relay", "sweep"),
+        ("relay", "sweep", "--data", str(tmp_path), "--bodies", str(tmp_path / "b")),
     ):
         done = cli(*args)
         assert done.returncode != 0

@@ -139,9 +139,12 @@ def test_kill_9_during_a_download(tmp_path, alice):
         srv.stop()
 
 
-def deliver_all(url_of, senders, receivers, per_sender: int, progress=None) -> dict[str, bytes]:
-    """Every sender sends ``per_sender`` envelopes round-robin to the receivers, in parallel,
-    re-delivering every seventh one (as an outbox does after a lost answer)."""
+def deliver_all(
+    url_of, senders, receivers, per_sender: int, progress=None, size: int = 2048
+) -> dict[str, bytes]:
+    """Every sender sends ``per_sender`` envelopes of ``size`` bytes round-robin to the
+    receivers, in parallel, re-delivering every seventh one (as an outbox does after a lost
+    answer)."""
     sent: dict[str, bytes] = progress if progress is not None else {}
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -151,7 +154,7 @@ def deliver_all(url_of, senders, receivers, per_sender: int, progress=None) -> d
             with RelayTransport(sender, url_of(i), **PATIENT) as t:
                 for j in range(per_sender):
                     to = receivers[(i * per_sender + j) % len(receivers)]
-                    body = os.urandom(2048)
+                    body = os.urandom(size)
                     mid = message_id()
                     box = Endpoint(kind="relay", url=url_of(i), mailbox=to.fingerprint)
                     for _ in range(2 if j % 7 == 0 else 1):

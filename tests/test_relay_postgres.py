@@ -1,11 +1,14 @@
-"""The relay scaled out: stateless instances over one real PostgreSQL (large-object bodies)."""
+"""The relay scaled out: stateless instances over one real PostgreSQL, with large bodies in large
+objects or in a shared folder (``--bodies``)."""
 
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -129,3 +132,128 @@ def test_two_instances_one_killed_halfway_exactly_once(pg, tmp_path):
         a.stop()
         b.stop()
     assert Counter(got.values()) == Counter({1: 1000})
+
+
+# -- large bodies in a shared folder (--bodies) -----------------------------------------------
+
+
+def _database(pg, name: str) -> str:
+    """A fresh database of the cluster (so that file-backed rows meet only their own folder)."""
+    with psycopg.connect(pg.admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return pg.url.rsplit("/", 1)[0] + "/" + name
+
+
+def _files(folder: Path) -> list[str]:
+    """Every body file in the shared folder, written or being written."""
+    found = [e.name for e in os.scandir(folder / "tmp")]
+    for sub in os.scandir(folder / "objects"):
+        found += [e.name for e in os.scandir(sub.path)]
+    return found
+
+
+def _registered(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM relay_body_files").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _sweep_later(url: str, folder: Path) -> None:
+    """``medsecure relay sweep`` two days on: uploads that died are older than a day by then."""
+    later = str(int(time.time()) + 2 * 86400)
+    done = cli("relay", "sweep", "--database", url, "--bodies", str(folder), "--as-of", later)
+    assert done.returncode == 0, done.stderr
+
+
+def test_kill_9_during_an_upload_to_the_shared_folder(pg, tmp_path, alice):
+    url = _database(pg, "folder_kill")
+    folder = tmp_path / "bodies"
+    bob = m.Identity.generate()
+    data = _payload(tmp_path / "env.msec", 16)
+    args = (*FAST, "--bodies", str(folder))
+    srv = RelayServer(tmp_path / "log", database=url, args=args).start()
+    try:
+        sender = RelayTransport(alice, srv.url, **PATIENT)
+        receiver = RelayTransport(bob, srv.url, **PATIENT)
+        receiver.list()
+        gated = Gated(tmp_path / "env.msec", stop_at=6 << 20)
+        mid = message_id()
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                sender.deliver(_box(bob, srv.url), gated, message_id=mid, size=len(data))  # type: ignore[arg-type]
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=upload)
+        worker.start()
+        assert gated.reached.wait(60)
+        wait(
+            lambda: sum(e.stat().st_size for e in os.scandir(folder / "tmp")) > 0,
+            "the relay is writing the body into the shared folder",
+        )
+        srv.kill()
+        # the partial body is on disk, registered, and listed nowhere
+        assert len(_files(folder)) == 1 and _registered(url) == 1
+        srv.start()
+        assert receiver.list() == []
+        gated.go.set()
+        worker.join(180)
+        assert errors == []
+        (item,) = receiver.list()
+        assert receiver.fetch(item).read() == data
+        # the finished body is in objects/, the dead one still in tmp/ until the sweep
+        assert len(_files(folder)) == 2 and _registered(url) == 1
+        _sweep_later(url, folder)
+        assert len(_files(folder)) == 1 and _registered(url) == 0
+        assert receiver.fetch(item).read() == data  # the sweep spares recorded bodies
+        receiver.acknowledge(item)
+        assert _files(folder) == [] and _registered(url) == 0
+        sender.close()
+        receiver.close()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_two_instances_share_a_bodies_folder_one_killed_halfway_exactly_once(pg, tmp_path):
+    url = _database(pg, "folder_two")
+    folder = tmp_path / "bodies"
+    args = (*FAST, "--bodies", str(folder))
+    senders = [m.Identity.generate() for _ in range(20)]
+    receivers = [m.Identity.generate() for _ in range(10)]
+    a = RelayServer(tmp_path / "a.log", database=url, args=args).start()
+    b = RelayServer(tmp_path / "b.log", database=url, args=args).start()
+    proxy = RoundRobinProxy([a.port, b.port])
+    try:
+        progress: dict[str, bytes] = {}
+        killed = threading.Event()
+
+        def killer() -> None:
+            while len(progress) < 500:
+                time.sleep(0.05)
+            a.kill()
+            killed.set()
+
+        watcher = threading.Thread(target=killer)
+        watcher.start()
+        # 80 KiB: above the inline limit, so every body is a file in the shared folder
+        sent = deliver_all(lambda i: proxy.url, senders, receivers, 50, progress, 80 << 10)
+        watcher.join(60)
+        assert killed.is_set()
+        assert len(_files(folder)) >= 1000  # each waiting body is a file (+ any orphans)
+        got = drain(proxy.url, receivers)
+        assert len(sent) == 1000
+        assert set(got) == set(sent) and set(got.values()) == {1}
+        assert drain.bodies == sent  # type: ignore[attr-defined]
+        assert '"event":"accepted"' in (tmp_path / "a.log").read_text()
+        assert '"event":"accepted"' in (tmp_path / "b.log").read_text()
+        # every collected body is gone; what the killed instance left is swept
+        _sweep_later(url, folder)
+        assert _files(folder) == [] and _registered(url) == 0
+    finally:
+        proxy.close()
+        a.stop()
+        b.stop()

@@ -10,6 +10,8 @@ import time
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import medsecure as m
 from medsecure import DeliveryRejected, IdentityError, TransportError, TransportUnavailable
@@ -305,3 +307,78 @@ def test_a_hostile_relay_cannot_make_a_download_or_an_answer_unbounded(alice):
             t.list()
         with t.fetch(Incoming(handle=MID, message_id=MID, size=1500)) as fh:
             assert fh.read() == b"a" * 1500
+
+
+# -- the verifier's fast path for the Signature field ---------------------------------------
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def _library_parse(value: str):
+    import http_sf
+
+    parsed = http_sf.parse(value.encode("latin-1"), tltype="dictionary", on_duplicate_key=_dup)
+    return {label: (member, params) for label, (member, params) in parsed.items()}
+
+
+def _dup(key, context):
+    if context == "dictionary":
+        raise ValueError("duplicate")
+
+
+def _fast(value: str):
+    from medsecure.relay._signing import fast_signature_field
+
+    found = fast_signature_field(value)
+    return None if found is None else {k: (v.value, dict(v.params)) for k, v in found.items()}
+
+
+@given(
+    st.one_of(
+        st.text(alphabet=_B64 + ":=, sig12;\t\"'", max_size=60),
+        st.builds(
+            lambda a, x, b, y, sep: f"{a}=:{x}:" + (f"{sep}{b}=:{y}:" if b else ""),
+            st.sampled_from(["sig1", "sig2", "sig3", "Sig1"]),
+            st.text(alphabet=_B64, max_size=24),
+            st.sampled_from(["", "sig1", "sig2"]),
+            st.text(alphabet=_B64, max_size=24),
+            st.sampled_from([", ", ",", " , ", ",  "]),
+        ),
+    )
+)
+@settings(max_examples=2000, deadline=None)
+def test_the_signature_fast_path_parses_as_the_library_does_or_declines(value):
+    fast = _fast(value)
+    if fast is None:
+        return  # declined: the library parses it (and refuses it, or not) as before
+    assert fast == _library_parse(value)
+
+
+@pytest.mark.parametrize("suite", ["hybrid", "classic"])
+def test_our_signature_fields_take_the_fast_path(suite):
+    headers = sign_request(m.Identity.generate(suite), "GET", URL, EMPTY_DIGEST)
+    assert _fast(headers["Signature"]) == _library_parse(headers["Signature"])
+
+
+def test_a_signature_must_cover_exactly_the_protocols_components():
+    from http_message_signatures import HTTPMessageSigner, algorithms
+
+    from medsecure.relay._signing import SIGNATURE_TAG, _Message
+
+    me = m.Identity.generate("classic")
+    for covered in (("@method", "@authority"), ("@method", "@authority", "@path", "@query")):
+        message = _Message("GET", URL, [("Content-Digest", format_digest(EMPTY_DIGEST))])
+        signer = HTTPMessageSigner(signature_algorithm=algorithms.ED25519)
+        prepared = signer.prepare(
+            message,
+            key_id=me.fingerprint,
+            nonce="n" * 22,
+            label="sig1",
+            tag=SIGNATURE_TAG,
+            covered_component_ids=covered,
+            use_existing_digest=True,
+        )
+        signer.apply(message, prepared, me._ed25519.sign(prepared.signature_base))
+        with pytest.raises(AuthError) as err:
+            _verify(me, dict(message.headers.items()))
+        assert err.value.slug == "signature-invalid"

@@ -23,6 +23,12 @@ def _server() -> Any:
 
 def _storage_options(f: Any) -> Any:
     f = click.option(
+        "--bodies",
+        type=click.Path(file_okay=False),
+        help="With --database: a folder shared by every instance for large envelope bodies"
+        " (default: PostgreSQL large objects).",
+    )(f)
+    f = click.option(
         "--database",
         metavar="URL",
         help="PostgreSQL URL (postgresql://…) for several stateless instances.",
@@ -35,9 +41,11 @@ def _storage_options(f: Any) -> Any:
     return f
 
 
-def _check_storage(data: str | None, database: str | None) -> None:
+def _check_storage(data: str | None, database: str | None, bodies: str | None) -> None:
     if bool(data) == bool(database):
         raise CliError("give exactly one of --data DIR and --database URL")
+    if bodies and not database:
+        raise CliError("--bodies DIR goes with --database URL")
 
 
 @cli.group()
@@ -99,6 +107,7 @@ def serve(
     port: int,
     data: str | None,
     database: str | None,
+    bodies: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     max_envelope_mib: int,
@@ -112,7 +121,7 @@ def serve(
     sweep_interval: float,
 ) -> None:
     """Serve the relay until interrupted (structured logs on stderr)."""
-    _check_storage(data, database)
+    _check_storage(data, database, bodies)
     if bool(tls_cert) != bool(tls_key):
         raise CliError("--tls-cert and --tls-key go together")
     server = _server()
@@ -131,6 +140,7 @@ def serve(
         port=port,
         data=data,
         database=database,
+        bodies=bodies,
         config=config,
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -146,14 +156,20 @@ def serve(
     type=int,
     help="Unix time to sweep as of (default: now; for tests and catching up).",
 )
-def sweep(data: str | None, database: str | None, retention_days: int, as_of: int | None) -> None:
+def sweep(
+    data: str | None,
+    database: str | None,
+    bodies: str | None,
+    retention_days: int,
+    as_of: int | None,
+) -> None:
     """Expire envelopes not collected within the retention time, once (servers also do it
     periodically)."""
     import anyio
 
-    _check_storage(data, database)
+    _check_storage(data, database, bodies)
     server = _server()
-    storage = server.open_storage(data=data, database=database)
+    storage = server.open_storage(data=data, database=database, bodies=bodies)
     try:
         config = server.RelayConfig(retention_days=retention_days)
         count = anyio.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from ._app import create_app, sweep
 from ._config import RelayConfig
@@ -23,6 +24,7 @@ __all__ = [
     "open_storage",
     "serve",
     "sweep",
+    "uvicorn_config",
 ]
 
 
@@ -42,6 +44,7 @@ def serve(
     port: int = 8443,
     data: str | None = None,
     database: str | None = None,
+    bodies: str | None = None,
     config: RelayConfig | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
@@ -52,23 +55,38 @@ def serve(
     import uvicorn
 
     _logging(log_level)
-    storage = open_storage(data=data, database=database)
+    storage = open_storage(data=data, database=database, bodies=bodies)
     try:
         app = create_app(storage, config)
         server = uvicorn.Server(
-            uvicorn.Config(
+            uvicorn_config(
                 app,
                 host=host,
                 port=port,
                 ssl_certfile=tls_cert,
                 ssl_keyfile=tls_key,
-                log_config=None,
-                access_log=False,
                 proxy_headers=forwarded_allow_ips is not None,
                 forwarded_allow_ips=forwarded_allow_ips,
-                timeout_graceful_shutdown=10,
             )
         )
         server.run()
     finally:
         storage.close()
+
+
+def uvicorn_config(app: Any, *, host: str, port: int, **options: Any) -> Any:
+    """The uvicorn settings the relay runs with (one process, uvicorn's default event loop and
+    HTTP parser, no access log: the app logs each request itself). bench/bench_relay.py serves
+    its baseline with the same settings."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        workers=1,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        **options,
+    )

@@ -10,11 +10,16 @@ answered only once the body is durable.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import collections
+import concurrent.futures
 import contextlib
 import functools
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,6 +33,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..._errors import IdentityError, StorageError, TrustError
+from ..._identity import PublicIdentity
 from ...models import KeyEntry, Practitioner
 from ...trust import AuthorityPolicy, Statement
 from .._bundle import MAX_BUNDLE_BYTES, KeyBundle
@@ -38,7 +44,14 @@ from .._signing import AuthError, VerifiedRequest, verify_request
 from ._config import RelayConfig
 from ._limits import RateLimiter, retry_after
 from ._observe import Metrics, event
-from .storage._base import COLLECTED, Conflict, QuotaExceeded, Storage, StoredMessage
+from .storage._base import (
+    COLLECTED,
+    INLINE_MAX,
+    Conflict,
+    QuotaExceeded,
+    Storage,
+    StoredMessage,
+)
 
 __all__ = ["create_app"]
 
@@ -59,14 +72,94 @@ class Problem(Exception):
         self.headers = headers or {}
 
 
+class _KeyCache:
+    """Verification keys by fingerprint, bounded (least recently used out).
+
+    Safe to keep without expiry: a fingerprint is the hash of every public key of an identity,
+    so whatever bundle is published under it later carries the same keys (a republication
+    changes only identifiers and statements, which the sender policy reads from storage)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._keys: collections.OrderedDict[str, PublicIdentity] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, fingerprint: str) -> PublicIdentity | None:
+        with self._lock:
+            found = self._keys.get(fingerprint)
+            if found is not None:
+                self._keys.move_to_end(fingerprint)
+            return found
+
+    def put(self, identity: PublicIdentity) -> None:
+        with self._lock:
+            self._keys[identity.fingerprint] = identity
+            self._keys.move_to_end(identity.fingerprint)
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+
+
 class _State:
     def __init__(self, storage: Storage, config: RelayConfig) -> None:
         self.storage = storage
         self.config = config
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
-        self.metrics = Metrics(storage.stats)
+        self.metrics = Metrics(storage.stats, getattr(storage, "commits", None))
         self.policy = AuthorityPolicy(list(config.authorities)) if config.authorities else None
         self._allowed: dict[str, tuple[bool, float]] = {}
+        self.keys = _KeyCache()
+        # Signatures verified at once: one per core. Verification is CPU work (half of it in
+        # Python, under the GIL); more threads than cores would only contend for the GIL and
+        # the cores, and slow the event loop that reads the requests.
+        self.verify_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        # Worker threads for authentication and small uploads (see _run). Enough for every
+        # upload that waits for its group commit: those threads sleep.
+        self.workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=64, thread_name_prefix="medsecure-relay"
+        )
+
+    def check(
+        self,
+        method: str,
+        url: str,
+        headers: Any,
+        now: float,
+        offered: KeyBundle | None = None,
+    ) -> VerifiedRequest:
+        """Authenticate a request (blocking; in a worker thread): both signatures, the created
+        window, the nonce, then the caller's rate. Raises Problem."""
+        cfg = self.config
+
+        def resolve(keyid: str) -> PublicIdentity | None:
+            if offered is not None and offered.fingerprint == keyid:
+                return offered.public
+            known = self.keys.get(keyid)
+            if known is not None:
+                return known
+            raw = self.storage.key(keyid)
+            if raw is None:
+                return None
+            try:
+                identity = _parse_bundle(raw).public
+            except IdentityError:
+                return None
+            self.keys.put(identity)
+            return identity
+
+        try:
+            with self.verify_slots:
+                verified = verify_request(
+                    method, url, headers, resolve=resolve, now=now, window=cfg.signature_window
+                )
+        except AuthError as exc:
+            raise Problem(exc.slug, exc.detail) from None
+        expires = verified.created + cfg.signature_window + 1
+        if not self.storage.remember_nonce(verified.fingerprint, verified.nonce, expires):
+            raise Problem("nonce-replayed")
+        wait = self.limiter.take(verified.fingerprint, time.monotonic())
+        if wait > 0:
+            raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
+        return verified
 
 
 @functools.lru_cache(maxsize=4096)
@@ -96,45 +189,20 @@ def _url(request: Request) -> str:
     return url + ("?" + query.decode("latin-1") if query else "")
 
 
+async def _run(st: _State, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking work on the relay's worker threads. Lighter than anyio.to_thread (a third
+    of its cost per trip), but the awaiting task may be cancelled while the work goes on: use it
+    only for work that needs no clean-up by its caller (authentication, small uploads)."""
+    return await asyncio.get_running_loop().run_in_executor(st.workers, fn, *args)
+
+
 async def _authenticate(request: Request, *, offered: KeyBundle | None = None) -> VerifiedRequest:
     st = _state(request)
-
-    def resolve(keyid: str) -> Any:
-        if offered is not None and offered.fingerprint == keyid:
-            return offered.public
-        raw = st.storage.key(keyid)
-        if raw is None:
-            return None
-        try:
-            return _parse_bundle(raw).public
-        except IdentityError:
-            return None
-
-    now = time.time()
-    try:
-        verified: VerifiedRequest = await _thread(
-            lambda: verify_request(
-                request.method,
-                _url(request),
-                request.headers.items(),
-                resolve=resolve,
-                now=now,
-                window=st.config.signature_window,
-            )
-        )
-    except AuthError as exc:
-        raise Problem(exc.slug, exc.detail) from None
-    fresh = await _thread(
-        st.storage.remember_nonce,
-        verified.fingerprint,
-        verified.nonce,
-        verified.created + st.config.signature_window + 1,
+    # One trip to a worker thread for the whole check (OpenSSL releases the GIL while it
+    # verifies, so the loop keeps serving meanwhile).
+    verified: VerifiedRequest = await _run(
+        st, st.check, request.method, _url(request), request.headers.items(), time.time(), offered
     )
-    if not fresh:
-        raise Problem("nonce-replayed")
-    wait = st.limiter.take(verified.fingerprint, time.monotonic())
-    if wait > 0:
-        raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
     request.state.caller = verified.fingerprint
     return verified
 
@@ -164,8 +232,12 @@ def _owner(verified: VerifiedRequest, mailbox: str) -> None:
 
 
 def _message_path(request: Request) -> tuple[str, str]:
-    mailbox = request.path_params["mailbox"]
-    message_id = request.path_params["message_id"]
+    return _message_path_of(request.path_params)
+
+
+def _message_path_of(params: Any) -> tuple[str, str]:
+    mailbox = params["mailbox"]
+    message_id = params["message_id"]
     if not FINGERPRINT_RE.fullmatch(mailbox) or not MESSAGE_ID_RE.fullmatch(message_id):
         raise Problem("bad-request", "malformed mailbox or message id")
     return mailbox, message_id
@@ -253,10 +325,18 @@ async def find_keys(request: Request) -> Response:
 async def _sender_allowed(st: _State, fingerprint: str) -> bool:
     if st.policy is None:
         return True
+    allowed: bool = await _thread(_sender_allowed_now, st, fingerprint)
+    return allowed
+
+
+def _sender_allowed_now(st: _State, fingerprint: str) -> bool:
+    """Whether the sender policy accepts this sender (blocking; cached for a minute)."""
+    if st.policy is None:
+        return True
     cached = st._allowed.get(fingerprint)
     if cached is not None and cached[1] > time.monotonic():
         return cached[0]
-    raw = await _thread(st.storage.key, fingerprint)
+    raw = st.storage.key(fingerprint)
     allowed = False
     if raw is not None:
         bundle = _parse_bundle(raw)
@@ -280,20 +360,103 @@ async def _sender_allowed(st: _State, fingerprint: str) -> bool:
     return allowed
 
 
+def _announced(request: Request) -> int | None:
+    """The upload's Content-Length if it is given, well formed and without Transfer-Encoding."""
+    value = request.headers.get("content-length")
+    if value is None or "transfer-encoding" in request.headers:
+        return None
+    if not value.isdigit() or len(value) > 19:
+        return None
+    return int(value)
+
+
 async def upload(request: Request) -> Response:
     st = _state(request)
+    announced = _announced(request)
+    if announced is not None and announced <= INLINE_MAX:
+        return await _upload_small(request, st, announced)
+    return await _upload_large(request, st)
+
+
+async def _upload_small(request: Request, st: _State, length: int) -> Response:
+    """An upload of at most INLINE_MAX bytes: its body is read first (bounded, as uvicorn itself
+    buffers that much of a request), then one worker thread authenticates the request and
+    commits the envelope, in the order of the general path: authentication (signatures,
+    window, nonce, rate), then the request's own checks, then the digest, then the commit."""
+    cfg = st.config
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > length:
+            break  # refused below, once the caller is authenticated
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    method, url, headers = request.method, _url(request), request.headers.items()
+    path = request.path_params
+    now = time.time()
+
+    def work() -> tuple[VerifiedRequest, StoredMessage, bool]:
+        verified = st.check(method, url, headers, now)
+        request.state.caller = verified.fingerprint
+        mailbox, message_id = _message_path_of(path)
+        if not _sender_allowed_now(st, verified.fingerprint):
+            raise Problem("sender-not-allowed")
+        if length > cfg.max_envelope_bytes:
+            raise Problem(
+                "envelope-too-large", f"the largest envelope is {cfg.max_envelope_bytes} bytes"
+            )
+        if received > length:
+            raise Problem("bad-request", "the body is longer than its Content-Length")
+        if received < length:
+            raise Problem("bad-request", "the body is shorter than its Content-Length")
+        if not StreamDigest.of([body]).matches(verified.digest):
+            raise Problem("digest-mismatch")
+        pending = st.storage.begin_upload(length)
+        pending.write(body)
+        try:
+            record, new = st.storage.commit_upload(
+                pending,
+                mailbox=mailbox,
+                message_id=message_id,
+                sender=verified.fingerprint,
+                digest=verified.digest,
+                size=length,
+                now=int(now),
+                quota=cfg.mailbox_quota_bytes,
+            )
+        except Conflict:
+            raise Problem("message-id-conflict") from None
+        except QuotaExceeded:
+            raise Problem("mailbox-quota-exceeded") from None
+        return verified, record, new
+
+    verified, record, new = await _run(st, work)
+    return _accepted(st, verified, record, new, length)
+
+
+def _accepted(
+    st: _State, verified: VerifiedRequest, record: StoredMessage, new: bool, length: int
+) -> Response:
+    st.metrics.messages.labels("accepted" if new else "replayed").inc()
+    if new:
+        st.metrics.bytes.labels("in").inc(length)
+    event(
+        "accepted",
+        caller=verified.fingerprint,
+        message_id=record.message_id,
+        size=length,
+        new=new,
+    )
+    return JSONResponse(_record(record), status_code=201)
+
+
+async def _upload_large(request: Request, st: _State) -> Response:
     cfg = st.config
     verified = await _authenticate(request)
     mailbox, message_id = _message_path(request)
     if not await _sender_allowed(st, verified.fingerprint):
         raise Problem("sender-not-allowed")
-    existing: StoredMessage | None = await _thread(st.storage.find, mailbox, message_id)
-    if existing is not None:
-        # The idempotency key is (sender, mailbox, message id): a retry gets the first answer.
-        if existing.sender == verified.fingerprint and existing.digest == verified.digest:
-            st.metrics.messages.labels("replayed").inc()
-            return JSONResponse(_record(existing), status_code=201)
-        raise Problem("message-id-conflict")
     length_header = request.headers.get("content-length")
     if length_header is None or "transfer-encoding" in request.headers:
         raise Problem("length-required")
@@ -304,11 +467,23 @@ async def upload(request: Request) -> Response:
         raise Problem(
             "envelope-too-large", f"the largest envelope is {cfg.max_envelope_bytes} bytes"
         )
+    # A large body is worth refusing before it is read.
+    existing: StoredMessage | None = await _thread(st.storage.find, mailbox, message_id)
+    if existing is not None:
+        # The idempotency key is (sender, mailbox, message id): a retry gets the first answer.
+        if existing.sender == verified.fingerprint and existing.digest == verified.digest:
+            st.metrics.messages.labels("replayed").inc()
+            return JSONResponse(_record(existing), status_code=201)
+        raise Problem("message-id-conflict")
     used = await _thread(st.storage.usage, mailbox)
     if used + length > cfg.mailbox_quota_bytes:
         raise Problem("mailbox-quota-exceeded")
-    pending = await _thread(st.storage.begin_upload)
+    pending = await _thread(st.storage.begin_upload, length)
     committed = False
+    loop = asyncio.get_running_loop()
+    # one batch hashed and written by a worker while the loop receives the next (two batches
+    # in memory at most): receiving never waits for the disk unless the disk is behind
+    inflight: asyncio.Future[None] | None = None
     try:
         digest = StreamDigest()
 
@@ -328,8 +503,14 @@ async def upload(request: Request) -> Response:
             batch.append(chunk)
             batched += len(chunk)
             if batched >= _BATCH:
-                await _thread(store, b"".join(batch))
+                data = b"".join(batch)
                 batch, batched = [], 0
+                if inflight is not None:
+                    await inflight
+                inflight = loop.run_in_executor(st.workers, store, data)
+        if inflight is not None:
+            await inflight
+            inflight = None
         if batch:
             data = b"".join(batch)
             if len(data) <= 65536:
@@ -361,12 +542,12 @@ async def upload(request: Request) -> Response:
     finally:
         if not committed:
             with anyio.CancelScope(shield=True):
+                if inflight is not None:
+                    # never abort under a write still running
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(inflight)
                 await _thread(pending.abort)
-    st.metrics.messages.labels("accepted" if new else "replayed").inc()
-    if new:
-        st.metrics.bytes.labels("in").inc(length)
-    event("accepted", caller=verified.fingerprint, message_id=message_id, size=length, new=new)
-    return JSONResponse(_record(record), status_code=201)
+    return _accepted(st, verified, record, new, length)
 
 
 async def list_messages(request: Request) -> Response:
@@ -638,8 +819,11 @@ def create_app(storage: Storage, config: RelayConfig | None = None) -> Starlette
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_sweeper, st)
-            yield
-            tg.cancel_scope.cancel()
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+                st.workers.shutdown(wait=False)
 
     mb = "/v1/mailboxes/{mailbox}/messages"
     routes = [

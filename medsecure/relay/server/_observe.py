@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["JsonFormatter", "Metrics", "log"]
@@ -61,10 +61,30 @@ class _Queue(Collector):
         )
 
 
+class _Commits(Collector):
+    """Group commit: durable transactions and the uploads and acknowledgements they carried
+    (their ratio is the mean batch size)."""
+
+    def __init__(self, commits: Any) -> None:
+        self._commits = commits
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "medsecure_relay_commits",
+            "Durable transactions of the group commit",
+            value=self._commits.batches,
+        )
+        yield CounterMetricFamily(
+            "medsecure_relay_committed_writes",
+            "Uploads and acknowledgements committed by the group commit",
+            value=self._commits.items,
+        )
+
+
 class Metrics:
     """The relay's counters, in a registry of its own (one per app)."""
 
-    def __init__(self, stats: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, stats: Callable[[], tuple[int, int]], commits: Any = None) -> None:
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "medsecure_relay_messages",
@@ -85,6 +105,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Queue(stats))
+        if commits is not None:
+            self.registry.register(_Commits(commits))
         self.started = time.time()
 
     def render(self) -> bytes:

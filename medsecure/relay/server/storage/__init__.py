@@ -1,4 +1,5 @@
-"""Storage backends of the relay server: embedded SQLite + files, or PostgreSQL."""
+"""Storage backends of the relay server: embedded SQLite + files, or PostgreSQL (bodies in large
+objects or in a shared folder)."""
 
 from ._base import Storage, StoredMessage
 from ._sqlite import SQLiteStorage
@@ -6,12 +7,17 @@ from ._sqlite import SQLiteStorage
 __all__ = ["SQLiteStorage", "Storage", "StoredMessage", "open_storage"]
 
 
-def open_storage(*, data: str | None = None, database: str | None = None) -> Storage:
-    """SQLite storage in the folder ``data``, or PostgreSQL at the ``database`` URL."""
+def open_storage(
+    *, data: str | None = None, database: str | None = None, bodies: str | None = None
+) -> Storage:
+    """SQLite storage in the folder ``data``, or PostgreSQL at the ``database`` URL (large
+    bodies in ``bodies``, a folder shared by every instance, or else in large objects)."""
     if database:
         from ._postgres import PostgresStorage
 
-        return PostgresStorage(database)
+        return PostgresStorage(database, bodies=bodies)
+    if bodies:
+        raise ValueError("a bodies folder goes with a PostgreSQL database")
     if not data:
         raise ValueError("give a data folder or a PostgreSQL URL")
     return SQLiteStorage(data)

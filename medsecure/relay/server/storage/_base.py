@@ -2,18 +2,31 @@
 
 Two implementations: :mod:`._sqlite` (embedded: SQLite metadata, one fsynced file per envelope)
 and :mod:`._postgres` (several stateless instances over PostgreSQL: metadata in tables, bodies in
-large objects). Every method is synchronous and blocking; the ASGI app calls them in worker
-threads. A body is written through an :class:`Upload` and becomes visible only when
-:meth:`Storage.commit_upload` records it, after the bytes are durable: no partial envelope is
-ever listed.
+large objects or in a shared folder). Every method is synchronous and blocking (but
+:meth:`Storage.begin_upload` of a small body); the ASGI app calls them in worker threads. A body
+is written through an :class:`Upload` and becomes visible only when :meth:`Storage.commit_upload`
+records it, after the bytes are durable: no partial envelope is ever listed.
+
+Small bodies (up to :data:`INLINE_MAX`) are buffered in memory and stored in their metadata row;
+commits go through a :class:`GroupCommit`, so that the uploads that arrive while one
+transaction is being made durable share the next transaction and its single fsync.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+import os
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+from ...._errors import StorageError
+from ...._fs import SYNC_EVERY, _sync_pool, fsync_dir
 
 __all__ = [
     "COLLECTED",
@@ -25,7 +38,19 @@ __all__ = [
     "Storage",
     "StoredMessage",
     "Upload",
+    "prepare_body_folders",
+    "BufferedUpload",
+    "BytesReader",
+    "FileReader",
+    "FileUpload",
+    "GroupCommit",
+    "INLINE_MAX",
 ]
+
+#: Bodies up to this size are buffered in memory while they arrive and kept in their metadata
+#: row: one durable commit (shared with other uploads) instead of a file, its fsync, a rename
+#: and a folder fsync. 64 KiB per concurrent upload bounds the memory this takes.
+INLINE_MAX: Final = 64 * 1024
 
 WAITING: Final = "waiting"
 COLLECTED: Final = "collected"
@@ -64,6 +89,126 @@ class Upload(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Discard what was written (idempotent)."""
+
+
+class BufferedUpload(Upload):
+    """A small body (at most :data:`INLINE_MAX` bytes), kept in memory until committed."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        if len(self.buffer) + len(data) > INLINE_MAX:
+            raise ValueError("a buffered upload holds at most INLINE_MAX bytes")
+        self.buffer += data
+
+    def abort(self) -> None:
+        self.buffer = bytearray()
+
+
+C = TypeVar("C")
+
+
+class _Work:
+    __slots__ = ("done", "error", "fn", "key", "lead", "result", "wake")
+
+    def __init__(self, fn: Any, key: str) -> None:
+        self.fn = fn
+        self.key = key
+        self.done = False
+        self.lead = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.wake = threading.Event()
+
+
+class GroupCommit(Generic[C]):
+    """Group commit: work submitted from many threads runs in shared transactions.
+
+    :meth:`submit` blocks until the transaction holding its work is durable. Whoever submits
+    while no batch is being committed becomes the leader: it takes every queued work item, runs
+    them in one transaction (``run_batch``), wakes the submitters of that batch (each waits on
+    its own event: no thundering herd) and hands the lead to the oldest waiting submitter, if
+    any; work submitted meanwhile queues for the next batch. Nothing waits for a timer: under
+    light load a batch holds one item and costs what a plain commit costs; under load one fsync
+    serves many uploads.
+
+    ``run_batch(items, execute)`` opens a transaction, calls ``execute(conn)`` (which runs each
+    item against ``conn`` and records its result or its refusal), commits durably, and raises if
+    the transaction failed, in which case every item of the batch fails with that error. A work
+    function must raise its refusals (conflict, quota) before it writes anything, so that a
+    refused item leaves nothing in the shared transaction; any other exception fails the batch.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[_Work], Callable[[C], None]], None],
+        *,
+        refusals: tuple[type[BaseException], ...] = (),
+        max_batch: int = 256,
+    ) -> None:
+        self._run_batch = run_batch
+        self._refusals = refusals
+        self._max = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Work] = []
+        self._leading = False
+        self.batches = 0
+        self.items = 0
+
+    def submit(self, fn: Any, key: str = "") -> Any:
+        """Run ``fn(conn)`` in the next shared transaction; return its result once durable.
+
+        ``key`` names what the work locks (a mailbox), for backends that take locks in order.
+        A backend whose ``run_batch`` sets each item's result itself may submit plain values
+        instead of functions (PostgreSQL records a whole batch in a few statements).
+        """
+        work = _Work(fn, key)
+        with self._lock:
+            self._queue.append(work)
+            if not self._leading:
+                self._leading = work.lead = True
+        if not work.lead:
+            work.wake.wait()
+        while not work.done:
+            # the leader: commit what is queued (its own work first among it) until its own
+            # work is done
+            with self._lock:
+                batch, self._queue = self._queue[: self._max], self._queue[self._max :]
+            self._commit(batch)
+        if work.lead:
+            with self._lock:
+                if self._queue:
+                    heir = self._queue[0]
+                    heir.lead = True
+                    heir.wake.set()
+                else:
+                    self._leading = False
+        if work.error is not None:
+            raise work.error
+        return work.result
+
+    def _commit(self, batch: list[_Work]) -> None:
+        def execute(conn: C) -> None:
+            for w in batch:
+                try:
+                    w.result = w.fn(conn)
+                except self._refusals as exc:
+                    w.error = exc
+
+        try:
+            self._run_batch(batch, execute)
+        except BaseException as exc:
+            # the transaction did not become durable: nothing of it counts
+            for w in batch:
+                w.result = None
+                w.error = StorageError(f"relay database failure: {type(exc).__name__}")
+                w.error.__cause__ = exc
+        self.batches += 1
+        self.items += len(batch)
+        for w in batch:
+            w.done = True
+            w.wake.set()
 
 
 class BodyReader(abc.ABC):
@@ -110,8 +255,9 @@ class Storage(abc.ABC):
         """A message in any state."""
 
     @abc.abstractmethod
-    def begin_upload(self) -> Upload:
-        """Start writing a body."""
+    def begin_upload(self, size: int) -> Upload:
+        """Start writing a body of ``size`` bytes (announced, checked by the caller). For
+        ``size <= INLINE_MAX`` this must not block (the app calls it on its event loop)."""
 
     @abc.abstractmethod
     def commit_upload(
@@ -165,3 +311,108 @@ class Storage(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+def prepare_body_folders(root: Path) -> None:
+    """Make ``root`` (0700) with ``tmp/`` and ``objects/00`` … ``objects/ff``, each made durable
+    in its parent: an upload then never creates a folder whose entry a crash could lose."""
+    made = False
+    for folder in (root, root / "tmp", root / "objects"):
+        if not folder.is_dir():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            made = True
+    for i in range(256):
+        sub = root / "objects" / f"{i:02x}"
+        if not sub.is_dir():
+            sub.mkdir(mode=0o700, exist_ok=True)
+            made = True
+    if made:
+        for folder in (root / "objects", root, root.parent):
+            fsync_dir(folder)
+
+
+class FileUpload(Upload):
+    """A large body written to ``root/tmp/<random name>``; :meth:`finish` makes it durable in
+    ``root/objects/``. The name is random: never anything a sender chose."""
+
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        self.name = name or secrets.token_hex(16)
+        self.tmp = root / "tmp" / self.name
+        self.final: Path | None = None
+        self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._unsynced = 0
+        self._sync: Future[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        # Start write-back early (as medsecure._fs.DurableWriter does): an fdatasync every
+        # SYNC_EVERY bytes on a background thread while the body keeps arriving, so that the
+        # final fsync, which the answer waits for, has little left to flush.
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
+            self._collect()
+            self._sync = _sync_pool().submit(os.fdatasync, self.fd)
+            self._unsynced = 0
+
+    def _collect(self) -> None:
+        if self._sync is not None:
+            sync, self._sync = self._sync, None
+            sync.result()  # an I/O error of the background sync fails the upload
+
+    def finish(self, objects: Path) -> str:
+        """fsync, move into objects/ and fsync the folder; returns the object name."""
+        assert self.fd is not None
+        self._collect()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        folder = objects / self.name[:2]  # made by prepare_body_folders
+        self.final = folder / self.name
+        os.replace(self.tmp, self.final)
+        fsync_dir(folder)
+        return f"{self.name[:2]}/{self.name}"
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self._collect()  # never close a descriptor a background sync still uses
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        for path in (self.tmp, self.final):
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+class BytesReader(BodyReader):
+    """A body kept in its row."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class FileReader(BodyReader):
+    """A body in a file (an open descriptor: an acknowledgement may unlink it meanwhile)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)

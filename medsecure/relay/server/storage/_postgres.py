@@ -2,27 +2,44 @@
 
 Choices (docs/relay.md has the measurements and the reasoning):
 
-* **Bodies in large objects**, not in a shared folder: an instance needs nothing but the database
-  URL (no network file system to mount, back up and keep consistent with the tables), and one
-  commit makes the body and its row durable together. A body is written with ``lo_put`` in 1 MiB
-  pieces inside the upload's transaction; if the upload fails, is refused, or the instance dies,
-  the transaction rolls back and the large object vanishes with it — nothing partial is ever
-  visible. Downloads read with ``lo_get`` by range, in short autocommit statements, so a slow
-  reader holds no transaction open.
-* The price: an upload holds a connection and a transaction for its duration (pool size bounds
-  concurrent uploads per instance) and large objects are ~2x the disk writes of a plain file
-  (WAL + table). Benchmarks in bench/bench_relay.py compare it with the embedded storage.
-* **Work queues** (the retention sweep) claim rows with ``FOR UPDATE SKIP LOCKED``, so several
-  instances sweep at once without waiting on each other. No state lives in an instance: rate
-  limits are per instance (documented), nonces are in the database.
+* **Small bodies** (up to ``INLINE_MAX``, 64 KiB) live in their metadata row (``bytea``): they
+  are read into memory (bounded) and committed with the row.
+* **Commits are grouped**: the small uploads that arrive while one transaction is being
+  committed share the next one (one ``COMMIT``, one WAL flush, with ``synchronous_commit`` on:
+  each upload is answered only once the transaction holding it is durable).
+* **Large bodies** go, by choice of the operator, to **large objects** (the default: an instance
+  needs nothing but the database URL, and one commit makes the body and its row durable together;
+  a body is written with ``lo_put`` in 1 MiB pieces inside the upload's own transaction, so a
+  failed or interrupted upload, even ``kill -9`` of the instance, rolls back and its large object
+  vanishes with it) or to a **shared folder** (``bodies=DIR``, the same on every instance: a
+  file written to ``DIR/tmp``, fsynced, renamed into ``DIR/objects`` and the folder fsynced, and
+  only then recorded). A folder body is registered in ``relay_body_files`` before its first byte
+  is written and unregistered in the transaction that records its message; an acknowledgement or
+  an expiry registers the file for deletion in the transaction that retires its message. Every
+  instance's sweep removes registered files older than a day (uploads that died) or due for
+  deletion, claiming the rows with ``FOR UPDATE SKIP LOCKED``: nothing partial is ever listed and
+  nothing is left behind, whichever instance dies when.
+* Large-object downloads read with ``lo_get`` by range, in short autocommit statements (binary
+  results), so a slow reader holds no transaction open.
+* **Work queues** (the retention sweep, the file sweep) claim rows with ``FOR UPDATE SKIP
+  LOCKED``, so several instances sweep at once without waiting on each other. No state lives in
+  an instance: rate limits are per instance (documented), nonces are in the database (stored
+  with ``synchronous_commit`` off, on a small pool of their own: one round trip each).
 * Concurrent uploads to one mailbox serialise on a transaction-scoped advisory lock for the quota
-  check; the primary key (mailbox, message id) makes a message unique whatever the races.
+  check (a batch takes the locks of its mailboxes in one global order, so batches of several
+  instances cannot deadlock); the primary key (mailbox, message id) makes a message unique
+  whatever the races.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -32,13 +49,20 @@ from ...._errors import StorageError
 from ._base import (
     COLLECTED,
     EXPIRED,
+    INLINE_MAX,
     WAITING,
     BodyReader,
+    BufferedUpload,
+    BytesReader,
     Conflict,
+    FileReader,
+    FileUpload,
+    GroupCommit,
     QuotaExceeded,
     Storage,
     StoredMessage,
     Upload,
+    prepare_body_folders,
 )
 
 __all__ = ["PostgresStorage"]
@@ -63,9 +87,22 @@ CREATE TABLE IF NOT EXISTS relay_nonces (
     keyid text NOT NULL, nonce text NOT NULL, expires bigint NOT NULL,
     PRIMARY KEY (keyid, nonce)
 );
+ALTER TABLE relay_messages ADD COLUMN IF NOT EXISTS body bytea;
+ALTER TABLE relay_messages ADD COLUMN IF NOT EXISTS file text;
+CREATE TABLE IF NOT EXISTS relay_body_files (
+    name text PRIMARY KEY, since bigint NOT NULL
+);
 """
+#: A registered body file older than this is an upload that died (or a very slow one, which
+#: then fails at its commit and is retried by its client).
+ORPHAN_AGE = 86400
 _COLUMNS = "mailbox, message_id, sender, size, digest, received_at, state, state_at"
 _SCHEMA_LOCK = 0x6D65647365637572  # "medsecur": one instance creates the schema at a time
+
+
+def _lock_key(mailbox: str) -> int:
+    """The advisory lock of a mailbox (a signed 64-bit key; the same on every instance)."""
+    return int.from_bytes(hashlib.sha256(mailbox.encode()).digest()[:8], "big", signed=True)
 
 
 def _row(r: Any) -> StoredMessage:
@@ -126,8 +163,9 @@ class _LargeObjectReader(BodyReader):
     def read(self, offset: int, length: int) -> bytes:
         try:
             with self.pool.connection() as conn:
+                # binary results: a text bytea would be hex, twice the bytes to decode
                 row = conn.execute(
-                    "SELECT lo_get(%s, %s, %s)", (self.oid, offset, length)
+                    "SELECT lo_get(%s, %s, %s)", (self.oid, offset, length), binary=True
                 ).fetchone()
         except psycopg.errors.UndefinedObject:
             return b""  # acknowledged (unlinked) meanwhile
@@ -139,10 +177,63 @@ class _LargeObjectReader(BodyReader):
         pass
 
 
-class PostgresStorage(Storage):
-    """Relay storage in PostgreSQL (see the module docstring)."""
+@dataclass(frozen=True)
+class _NewMessage:
+    """An envelope to record in the next group commit (see PostgresStorage._run_batch)."""
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 24) -> None:
+    mailbox: str
+    message_id: str
+    sender: str
+    digest: bytes
+    size: int
+    now: int
+    quota: int
+    body: bytes | None
+    file: str | None
+
+
+class _Outlived(Exception):
+    """A shared-folder upload whose registration the sweep removed (it took over a day)."""
+
+
+class _FolderUpload(FileUpload):
+    """A large body written to the shared folder (registered before its first byte)."""
+
+    def __init__(self, storage: PostgresStorage, root: Path) -> None:
+        self.storage = storage
+        name = os.urandom(16).hex()
+        # registered first: if this instance dies from here on, a sweep removes the file
+        storage._register_files([name], int(time.time()))
+        try:
+            super().__init__(root, name)
+        except BaseException:
+            storage._forget_files([name])
+            raise
+
+    def abort(self) -> None:
+        super().abort()
+        with contextlib.suppress(StorageError):
+            self.storage._forget_files([self.name])
+
+
+class PostgresStorage(Storage):
+    """Relay storage in PostgreSQL (see the module docstring). ``bodies`` is the shared folder
+    for large bodies (the same on every instance); without it they are large objects."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        bodies: str | os.PathLike[str] | None = None,
+        min_size: int = 2,
+        max_size: int = 24,
+    ) -> None:
+        self.bodies = Path(bodies) if bodies is not None else None
+        if self.bodies is not None:
+            try:
+                prepare_body_folders(self.bodies)
+            except OSError as exc:
+                raise StorageError(f"cannot use the bodies folder: {exc.strerror}") from exc
         try:
             self.pool: ConnectionPool[Any] = ConnectionPool(
                 url,
@@ -152,7 +243,20 @@ class PostgresStorage(Storage):
                 open=False,
                 timeout=30,
             )
+            # Nonces live for the signature window only: losing the last few milliseconds of
+            # them in a database crash is acceptable, waiting for a WAL flush on every request
+            # is not. Their own pool, with synchronous_commit off for the session: one round
+            # trip per nonce.
+            self.nonce_pool: ConnectionPool[Any] = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=8,
+                kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+                open=False,
+                timeout=30,
+            )
             self.pool.open(wait=True, timeout=30)
+            self.nonce_pool.open(wait=True, timeout=30)
         except Exception as exc:
             raise StorageError(
                 f"cannot connect to the relay database: {type(exc).__name__}"
@@ -160,11 +264,184 @@ class PostgresStorage(Storage):
         with _guard(), self.pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             conn.execute(_SCHEMA)
+            # Per-mailbox totals kept by every transaction that adds or retires an envelope
+            # (under the mailbox's lock), so that a quota check reads one row; a database from
+            # before them gets them computed once.
+            row = conn.execute("SELECT to_regclass('relay_mailbox_usage')").fetchone()
+            if row is None or row[0] is None:
+                conn.execute(
+                    "CREATE TABLE relay_mailbox_usage (mailbox text PRIMARY KEY,"
+                    " bytes bigint NOT NULL, count bigint NOT NULL)"
+                )
+                conn.execute(
+                    "INSERT INTO relay_mailbox_usage SELECT mailbox, SUM(size), COUNT(*)"
+                    " FROM relay_messages WHERE state = %s GROUP BY mailbox",
+                    (WAITING,),
+                )
+        self.commits: GroupCommit[psycopg.Connection[Any]] = GroupCommit(
+            self._run_batch, refusals=(Conflict, QuotaExceeded, _Outlived)
+        )
+        self.nonces: GroupCommit[Any] = GroupCommit(self._run_nonces)
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with _guard(), self.pool.connection() as conn:
             rows: list[Any] = conn.execute(sql, args).fetchall()
             return rows
+
+    def _run_batch(
+        self, batch: list[Any], execute: Callable[[psycopg.Connection[Any]], None]
+    ) -> None:
+        """One transaction for a batch of new envelopes, in a constant number of statements
+        (not a few per envelope): the mailboxes' quota locks, in one global order (so batches
+        of several instances cannot deadlock), one look-up of the ids and totals, one insert,
+        one update of the totals, one COMMIT (synchronous_commit on)."""
+        items: list[_NewMessage] = [w.fn for w in batch]
+        with _guard(), self.pool.connection() as conn, conn.transaction():
+            keys = sorted({_lock_key(m.mailbox) for m in items})
+            # a function scan yields the array in order: the locks are taken in that order
+            conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k", (keys,))
+            boxes = sorted({m.mailbox for m in items})
+            existing = {
+                (r[0], r[1]): _row(r)
+                for r in conn.execute(
+                    "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
+                    " state_at FROM relay_messages"
+                    " WHERE (mailbox, message_id) IN"
+                    " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([m.mailbox for m in items], [m.message_id for m in items]),
+                )
+            }
+            used = dict.fromkeys(boxes, 0)
+            for mailbox, total in conn.execute(
+                "SELECT mailbox, bytes FROM relay_mailbox_usage WHERE mailbox = ANY(%s)", (boxes,)
+            ):
+                used[mailbox] = int(total)
+            files = [m.file for m in items if m.file is not None]
+            kept = set()
+            if files:
+                # the files leave the sweep's register in the transaction that records them
+                kept = {
+                    r[0]
+                    for r in conn.execute(
+                        "DELETE FROM relay_body_files WHERE name = ANY(%s) RETURNING name",
+                        (files,),
+                    )
+                }
+            new: list[tuple[_NewMessage, StoredMessage]] = []
+            for w, m in zip(batch, items, strict=True):
+                found = existing.get((m.mailbox, m.message_id))
+                if found is not None:
+                    if found.sender == m.sender and found.digest == m.digest:
+                        w.result = (found, False)
+                    else:
+                        w.error = Conflict()
+                elif m.file is not None and m.file not in kept:
+                    w.error = _Outlived()  # swept as an orphan: the client retries
+                elif used[m.mailbox] + m.size > m.quota:
+                    w.error = QuotaExceeded()
+                else:
+                    record = StoredMessage(
+                        m.mailbox, m.message_id, m.sender, m.size, m.digest, m.now, WAITING, m.now
+                    )
+                    used[m.mailbox] += m.size
+                    existing[(m.mailbox, m.message_id)] = record
+                    new.append((m, record))
+                    w.result = (record, True)
+            if files:
+                # files of refused or replayed uploads: back in the register, for the caller
+                # to delete (or the sweep, if the caller dies first)
+                refused = [
+                    m.file
+                    for w, m in zip(batch, items, strict=True)
+                    if m.file is not None and m.file in kept and not (w.result and w.result[1])
+                ]
+                if refused:
+                    conn.execute(
+                        "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
+                        (refused, int(time.time())),
+                    )
+            if new:
+                conn.execute(
+                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+                    " received_at, state, state_at, body, file)"
+                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
+                    " %s::bytea[], %s::bigint[], %s::text[], %s::bigint[], %s::bytea[],"
+                    " %s::text[])",
+                    (
+                        [m.mailbox for m, _ in new],
+                        [m.message_id for m, _ in new],
+                        [m.sender for m, _ in new],
+                        [m.size for m, _ in new],
+                        [m.digest for m, _ in new],
+                        [m.now for m, _ in new],
+                        [WAITING] * len(new),
+                        [m.now for m, _ in new],
+                        [m.body for m, _ in new],
+                        [m.file for m, _ in new],
+                    ),
+                )
+                grown: dict[str, list[int]] = {}
+                for m, _ in new:
+                    grown.setdefault(m.mailbox, [0, 0])
+                    grown[m.mailbox][0] += m.size
+                    grown[m.mailbox][1] += 1
+                conn.execute(
+                    "INSERT INTO relay_mailbox_usage"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
+                    " ON CONFLICT (mailbox) DO UPDATE"
+                    " SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
+                    " count = relay_mailbox_usage.count + EXCLUDED.count",
+                    (list(grown), [g[0] for g in grown.values()], [g[1] for g in grown.values()]),
+                )
+
+    # -- body files (shared folder) ----------------------------------------------------------
+    def _register_files(self, names: Sequence[str], since: int) -> None:
+        with _guard(), self.pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s"
+                " ON CONFLICT (name) DO UPDATE SET since = EXCLUDED.since",
+                (list(names), since),
+            )
+
+    def _forget_files(self, names: Sequence[str]) -> None:
+        with _guard(), self.pool.connection() as conn:
+            conn.execute("DELETE FROM relay_body_files WHERE name = ANY(%s)", (list(names),))
+
+    def _unlink_files(self, names: Sequence[str]) -> None:
+        """Delete body files (registered for deletion by the caller's committed transaction),
+        then unregister them; a crash in between leaves rows the sweep finishes."""
+        if not names or self.bodies is None:
+            return
+        for name in names:
+            for path in (
+                self.bodies / "objects" / name[:2] / name,
+                self.bodies / "tmp" / name,
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self._forget_files(names)
+
+    def sweep_files(self, now: int, limit: int = 500) -> int:
+        """Remove body files of uploads that died (registered more than ``ORPHAN_AGE`` ago) and
+        files due for deletion; how many. Several instances sweep at once (SKIP LOCKED)."""
+        if self.bodies is None:
+            return 0
+        with _guard(), self.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT name FROM relay_body_files WHERE since < %s"
+                " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now - ORPHAN_AGE, limit),
+            ).fetchall()
+            names = [str(r[0]) for r in rows]
+            for name in names:
+                for path in (
+                    self.bodies / "objects" / name[:2] / name,
+                    self.bodies / "tmp" / name,
+                ):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            conn.execute("DELETE FROM relay_body_files WHERE name = ANY(%s)", (names,))
+        return len(names)
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
@@ -201,15 +478,27 @@ class PostgresStorage(Storage):
         return [bytes(r[0]) for r in rows]
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
-        with _guard(), self.pool.connection() as conn, conn.transaction():
-            # A nonce lives for the signature window only: losing the last few milliseconds of
-            # them in a database crash is acceptable, waiting for an fsync on every request is not.
-            conn.execute("SET LOCAL synchronous_commit TO OFF")
-            cur = conn.execute(
-                "INSERT INTO relay_nonces VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                (keyid, nonce, expires),
-            )
-            return bool(cur.rowcount == 1)
+        # grouped like the commits: the requests that arrive while one insert is on its way
+        # share the next one (one round trip for many)
+        fresh: bool = self.nonces.submit((keyid, nonce, expires))
+        return fresh
+
+    def _run_nonces(self, batch: list[Any], execute: Callable[[Any], None]) -> None:
+        items: list[tuple[str, str, int]] = [w.fn for w in batch]
+        with _guard(), self.nonce_pool.connection() as conn:
+            inserted = {
+                (r[0], r[1])
+                for r in conn.execute(
+                    "INSERT INTO relay_nonces"
+                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                    " ON CONFLICT DO NOTHING RETURNING keyid, nonce",
+                    ([i[0] for i in items], [i[1] for i in items], [i[2] for i in items]),
+                )
+            }
+        seen: set[tuple[str, str]] = set()
+        for w, (keyid, nonce, _) in zip(batch, items, strict=True):
+            w.result = (keyid, nonce) in inserted and (keyid, nonce) not in seen
+            seen.add((keyid, nonce))
 
     # -- messages --------------------------------------------------------------------------
     def find(self, mailbox: str, message_id: str) -> StoredMessage | None:
@@ -220,7 +509,14 @@ class PostgresStorage(Storage):
         )
         return _row(rows[0]) if rows else None
 
-    def begin_upload(self) -> Upload:
+    def begin_upload(self, size: int) -> Upload:
+        if size <= INLINE_MAX:
+            return BufferedUpload()
+        if self.bodies is not None:
+            try:
+                return _FolderUpload(self, self.bodies)
+            except OSError as exc:
+                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
         with _guard():
             return _LargeObjectUpload(self.pool)
 
@@ -236,33 +532,113 @@ class PostgresStorage(Storage):
         now: int,
         quota: int,
     ) -> tuple[StoredMessage, bool]:
-        assert isinstance(upload, _LargeObjectUpload) and upload.conn is not None
+        if isinstance(upload, _LargeObjectUpload):
+            return self._commit_large_object(
+                upload,
+                mailbox=mailbox,
+                message_id=message_id,
+                sender=sender,
+                digest=digest,
+                size=size,
+                now=now,
+                quota=quota,
+            )
+        inline: bytes | None = None
+        name: str | None = None
+        if isinstance(upload, BufferedUpload):
+            inline = bytes(upload.buffer)
+        else:
+            assert isinstance(upload, _FolderUpload) and self.bodies is not None
+            try:
+                upload.finish(self.bodies / "objects")
+            except OSError as exc:
+                upload.abort()
+                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
+            name = upload.name
+
+        record = _NewMessage(
+            mailbox, message_id, sender, digest, size, now, quota, body=inline, file=name
+        )
+        try:
+            stored, new = self.commits.submit(record, mailbox)
+        except _Outlived:
+            upload.abort()
+            raise StorageError("the upload took longer than the orphan sweep allows") from None
+        except BaseException:
+            upload.abort()
+            raise
+        if not new:
+            upload.abort()  # an identical replay: the first copy stands
+        return stored, new
+
+    @staticmethod
+    def _count_in(conn: psycopg.Connection[Any], mailbox: str, size: int) -> None:
+        conn.execute(
+            "INSERT INTO relay_mailbox_usage VALUES (%s, %s, 1) ON CONFLICT (mailbox)"
+            " DO UPDATE SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
+            " count = relay_mailbox_usage.count + 1",
+            (mailbox, size),
+        )
+
+    @staticmethod
+    def _check(
+        conn: psycopg.Connection[Any],
+        mailbox: str,
+        message_id: str,
+        sender: str,
+        digest: bytes,
+        size: int,
+        quota: int,
+    ) -> StoredMessage | None:
+        """Under the mailbox's lock: the existing record of an identical replay (None if the
+        message is new); raises Conflict or QuotaExceeded (before anything is written)."""
+        row = conn.execute(
+            "SELECT m.mailbox, m.message_id, m.sender, m.size, m.digest, m.received_at,"
+            " m.state, m.state_at,"
+            " (SELECT COALESCE(MAX(bytes), 0) FROM relay_mailbox_usage WHERE mailbox = %s)"
+            " FROM (SELECT 1) one LEFT JOIN relay_messages m"
+            " ON m.mailbox = %s AND m.message_id = %s",
+            (mailbox, mailbox, message_id),
+        ).fetchone()
+        assert row is not None
+        if row[0] is not None:
+            existing = _row(row)
+            if existing.sender == sender and existing.digest == digest:
+                return existing
+            raise Conflict
+        if int(row[8]) + size > quota:
+            raise QuotaExceeded
+        return None
+
+    def _commit_large_object(
+        self,
+        upload: _LargeObjectUpload,
+        *,
+        mailbox: str,
+        message_id: str,
+        sender: str,
+        digest: bytes,
+        size: int,
+        now: int,
+        quota: int,
+    ) -> tuple[StoredMessage, bool]:
+        # The large object was written in the upload's own transaction: it commits there.
+        assert upload.conn is not None
         conn = upload.conn
         try:
             with _guard():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (mailbox,))
-                row = conn.execute(
-                    "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
-                    " state_at FROM relay_messages WHERE mailbox = %s AND message_id = %s",
-                    (mailbox, message_id),
-                ).fetchone()
-                if row is not None:
-                    existing = _row(row)
-                    if existing.sender == sender and existing.digest == digest:
-                        upload.abort()
-                        return existing, False
-                    raise Conflict
-                used = conn.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM relay_messages"
-                    " WHERE mailbox = %s AND state = %s",
-                    (mailbox, WAITING),
-                ).fetchone()
-                if used is not None and int(used[0]) + size > quota:
-                    raise QuotaExceeded
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(mailbox),))
+                existing = self._check(conn, mailbox, message_id, sender, digest, size, quota)
+                if existing is not None:
+                    upload.abort()
+                    return existing, False
                 conn.execute(
-                    "INSERT INTO relay_messages VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+                    " received_at, state, state_at, object)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     (mailbox, message_id, sender, size, digest, now, WAITING, now, upload.oid),
                 )
+                self._count_in(conn, mailbox, size)
                 conn.execute("COMMIT")  # synchronous_commit on: durable when this returns
             upload.release()
             return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
@@ -271,11 +647,8 @@ class PostgresStorage(Storage):
             raise
 
     def usage(self, mailbox: str) -> int:
-        rows = self._all(
-            "SELECT COALESCE(SUM(size), 0) FROM relay_messages WHERE mailbox = %s AND state = %s",
-            (mailbox, WAITING),
-        )
-        return int(rows[0][0])
+        rows = self._all("SELECT bytes FROM relay_mailbox_usage WHERE mailbox = %s", (mailbox,))
+        return int(rows[0][0]) if rows else 0
 
     def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
         rows = self._all(
@@ -288,32 +661,65 @@ class PostgresStorage(Storage):
 
     def open_body(self, mailbox: str, message_id: str) -> BodyReader | None:
         rows = self._all(
-            "SELECT object, size FROM relay_messages"
+            "SELECT object, size, body, file FROM relay_messages"
             " WHERE mailbox = %s AND message_id = %s AND state = %s",
             (mailbox, message_id, WAITING),
         )
-        if not rows or rows[0][0] is None:
+        if not rows:
             return None
-        return _LargeObjectReader(self.pool, int(rows[0][0]), int(rows[0][1]))
+        oid, size, body, name = rows[0]
+        if body is not None:
+            return BytesReader(bytes(body))
+        if name is not None and self.bodies is not None:
+            try:
+                fd = os.open(self.bodies / "objects" / name[:2] / name, os.O_RDONLY)
+            except FileNotFoundError:
+                return None  # acknowledged meanwhile
+            except OSError as exc:
+                raise StorageError(f"cannot read an envelope: {exc.strerror}") from exc
+            return FileReader(fd, int(size))
+        if oid is None:
+            return None
+        return _LargeObjectReader(self.pool, int(oid), int(size))
 
-    def _retire(self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int) -> None:
-        for mailbox, message_id, oid in rows:
+    def _retire(
+        self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int
+    ) -> list[str]:
+        """Retire waiting messages; returns the body files to delete once committed (they are
+        registered for deletion in this transaction)."""
+        files = []
+        for mailbox, message_id, oid, name, size in rows:
             if oid is not None:
                 conn.execute("SELECT lo_unlink(%s)", (oid,))
+            if name is not None:
+                files.append(str(name))
             conn.execute(
-                "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL"
-                " WHERE mailbox = %s AND message_id = %s",
+                "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL,"
+                " body = NULL, file = NULL WHERE mailbox = %s AND message_id = %s",
                 (state, now, mailbox, message_id),
             )
+            conn.execute(
+                "UPDATE relay_mailbox_usage SET bytes = bytes - %s, count = count - 1"
+                " WHERE mailbox = %s",
+                (size, mailbox),
+            )
+        if files:
+            conn.execute(
+                "INSERT INTO relay_body_files SELECT unnest(%s::text[]), 0"
+                " ON CONFLICT (name) DO UPDATE SET since = 0",
+                (files,),
+            )
+        return files
 
     def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
         with _guard(), self.pool.connection() as conn, conn.transaction():
             rows = conn.execute(
-                "SELECT mailbox, message_id, object FROM relay_messages"
+                "SELECT mailbox, message_id, object, file, size FROM relay_messages"
                 " WHERE mailbox = %s AND message_id = %s AND state = %s FOR UPDATE",
                 (mailbox, message_id, WAITING),
             ).fetchall()
-            self._retire(conn, rows, COLLECTED, now)
+            files = self._retire(conn, rows, COLLECTED, now)
+        self._unlink_files(files)
         return bool(rows)
 
     def uploads(self, sender: str, message_ids: Sequence[str]) -> list[StoredMessage]:
@@ -332,15 +738,18 @@ class PostgresStorage(Storage):
         with _guard(), self.pool.connection() as conn, conn.transaction():
             # A work queue: each instance takes the rows no other instance holds.
             rows = conn.execute(
-                "SELECT mailbox, message_id, object FROM relay_messages"
+                "SELECT mailbox, message_id, object, file, size FROM relay_messages"
                 " WHERE state = %s AND received_at < %s ORDER BY received_at LIMIT %s"
                 " FOR UPDATE SKIP LOCKED",
                 (WAITING, received_before, limit),
             ).fetchall()
-            self._retire(conn, rows, EXPIRED, now)
+            files = self._retire(conn, rows, EXPIRED, now)
+        self._unlink_files(files)
         return len(rows)
 
     def purge(self, now: int, tombstones_before: int) -> None:
+        while self.sweep_files(now) == 500:
+            pass
         with _guard(), self.pool.connection() as conn:
             conn.execute("DELETE FROM relay_nonces WHERE expires < %s", (now,))
             conn.execute(
@@ -350,10 +759,10 @@ class PostgresStorage(Storage):
 
     def stats(self) -> tuple[int, int]:
         rows = self._all(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM relay_messages WHERE state = %s",
-            (WAITING,),
+            "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM relay_mailbox_usage"
         )
         return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
+        self.nonce_pool.close()
         self.pool.close()

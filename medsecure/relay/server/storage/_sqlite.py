@@ -2,26 +2,34 @@
 
 Layout of the data folder (mode 0700; files 0600)::
 
-    relay.db        metadata (WAL, synchronous=FULL: a commit is on disk when it returns)
+    relay.db        metadata and small bodies (WAL, synchronous=FULL: a commit is on disk when
+                    it returns)
     nonces.db       seen request nonces (WAL, synchronous=NORMAL: survives a crash of the
                     process; a power loss may forget the last second of nonces, which are
                     only valid for the short signature window anyway)
     tmp/            bodies being received
     objects/xx/…    committed bodies, named by random ids (never by anything a sender chose)
 
-An upload is written to ``tmp/``, fsynced, renamed into ``objects/`` and the folder fsynced, and
-only then recorded in ``relay.db``: a crash at any point leaves at worst an unreferenced file,
-removed at the next start. One process owns a data folder (a lock file says so).
+A body up to ``INLINE_MAX`` is kept in its row. A larger one is written to ``tmp/``, fsynced,
+renamed into ``objects/`` and the folder fsynced, and only then recorded in ``relay.db``: a crash
+at any point leaves at worst an unreferenced file, removed at the next start. One process owns a
+data folder (a lock file says so).
+
+Writes that answer a client (upload commits, acknowledgements) go through a group commit: the
+uploads that arrive while one transaction is being fsynced share the next one (one fsync for
+many uploads, each still answered only once its own row is durable). Reads use a small pool of
+their own connections, so that they never wait behind a commit's fsync (WAL lets readers run
+beside the writer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +38,20 @@ from ...._fs import fsync_dir
 from ._base import (
     COLLECTED,
     EXPIRED,
+    INLINE_MAX,
     WAITING,
     BodyReader,
+    BufferedUpload,
+    BytesReader,
     Conflict,
+    FileReader,
+    FileUpload,
+    GroupCommit,
     QuotaExceeded,
     Storage,
     StoredMessage,
     Upload,
+    prepare_body_folders,
 )
 
 try:
@@ -70,93 +85,13 @@ def _row(r: Any) -> StoredMessage:
     return StoredMessage(*r[:8])
 
 
-#: Bodies up to this size are kept in the database row itself: one fsync (the commit) instead
-#: of three (file, folder, commit) for the many small envelopes.
-INLINE_MAX = 64 * 1024
-
-
-class _FileUpload(Upload):
-    def __init__(self, root: Path) -> None:
-        self.name = secrets.token_hex(16)
-        self.tmp = root / "tmp" / self.name
-        self.buffer: bytearray | None = bytearray()
-        self.fd: int | None = None
-        self.final: Path | None = None
-
-    def write(self, data: bytes) -> None:
-        if self.buffer is not None:
-            self.buffer += data
-            if len(self.buffer) <= INLINE_MAX:
-                return
-            data, self.buffer = bytes(self.buffer), None
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        assert self.fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-
-    def finish(self, objects: Path) -> str | None:
-        """fsync, move into objects/ and fsync the folder; returns the object name (None for
-        a body small enough to live in its row)."""
-        if self.buffer is not None:
-            return None
-        assert self.fd is not None
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        folder = objects / self.name[:2]
-        folder.mkdir(mode=0o700, exist_ok=True)
-        self.final = folder / self.name
-        os.replace(self.tmp, self.final)
-        fsync_dir(folder)
-        return f"{self.name[:2]}/{self.name}"
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
-        for path in (self.tmp, self.final):
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-
-class _BytesReader(BodyReader):
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.size = len(data)
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.data[offset : offset + length]
-
-    def close(self) -> None:
-        pass
-
-
-class _FileReader(BodyReader):
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
 class SQLiteStorage(Storage):
     """The embedded storage in a data folder (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for sub in ("tmp", "objects"):
-                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+            prepare_body_folders(self.root)
             self._lockfile = (self.root / "relay.lock").open("a")
             if fcntl is not None:
                 try:
@@ -165,6 +100,7 @@ class SQLiteStorage(Storage):
                     raise StorageError("another relay process is using this data folder") from exc
             self._db = self._connect("relay.db", "FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate_usage()
             self._nonces = self._connect("nonces.db", "NORMAL")
             self._nonces.execute(
                 "CREATE TABLE IF NOT EXISTS nonces (keyid TEXT NOT NULL, nonce TEXT NOT NULL,"
@@ -176,7 +112,37 @@ class SQLiteStorage(Storage):
             raise StorageError(f"cannot use the relay data folder: {exc.strerror}") from exc
         self._lock = threading.Lock()
         self._nonce_lock = threading.Lock()
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._closed = False
+        self.commits: GroupCommit[sqlite3.Connection] = GroupCommit(
+            self._run_batch, refusals=(Conflict, QuotaExceeded)
+        )
         self._recover()
+
+    def _migrate_usage(self) -> None:
+        """The per-mailbox totals (bytes and envelopes waiting), kept by every transaction that
+        adds or retires an envelope, so that a quota check reads one row instead of summing a
+        mailbox's envelopes. A database from before them gets them computed once."""
+        db = self._db
+        known = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage'").fetchone()
+        if known is not None:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "CREATE TABLE usage (mailbox TEXT PRIMARY KEY, bytes INTEGER NOT NULL,"
+                " count INTEGER NOT NULL) WITHOUT ROWID"
+            )
+            db.execute(
+                "INSERT INTO usage SELECT mailbox, SUM(size), COUNT(*) FROM messages"
+                " WHERE state = ? GROUP BY mailbox",
+                (WAITING,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _connect(self, name: str, synchronous: str) -> sqlite3.Connection:
         path = self.root / name
@@ -217,12 +183,39 @@ class SQLiteStorage(Storage):
             except sqlite3.Error as exc:
                 raise StorageError(f"relay database failure: {exc}") from exc
 
-    def _query(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+    def _run_batch(self, batch: list[Any], execute: Callable[[sqlite3.Connection], None]) -> None:
+        # one transaction, one fsync (synchronous=FULL) for every upload of the batch
+        with self._tx() as db:
+            execute(db)
+
+    def _reader(self) -> sqlite3.Connection:
+        try:
+            return self._readers.get_nowait()
+        except queue.Empty:
+            pass
+        if self._closed:
+            raise StorageError("the relay database is closed")
+        db = sqlite3.connect(
+            self.root / "relay.db", check_same_thread=False, isolation_level=None, timeout=30
+        )
+        db.execute("PRAGMA query_only=1")
         with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StorageError(f"relay database failure: {exc}") from exc
+            self._all_readers.append(db)
+        return db
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        # Reads run on pooled connections of their own: in WAL mode they see the last commit
+        # and never wait for the writer's fsync. At most one connection per worker thread.
+        try:
+            db = self._reader()
+        except sqlite3.Error as exc:
+            raise StorageError(f"relay database failure: {exc}") from exc
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"relay database failure: {exc}") from exc
+        finally:
+            self._readers.put(db)
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
@@ -273,9 +266,11 @@ class SQLiteStorage(Storage):
         )
         return _row(rows[0]) if rows else None
 
-    def begin_upload(self) -> Upload:
+    def begin_upload(self, size: int) -> Upload:
+        if size <= INLINE_MAX:
+            return BufferedUpload()
         try:
-            return _FileUpload(self.root)
+            return FileUpload(self.root)
         except OSError as exc:
             raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
 
@@ -291,47 +286,56 @@ class SQLiteStorage(Storage):
         now: int,
         quota: int,
     ) -> tuple[StoredMessage, bool]:
-        assert isinstance(upload, _FileUpload)
+        assert isinstance(upload, BufferedUpload | FileUpload)
+        name: str | None = None
+        inline: bytes | None = None
+        if isinstance(upload, BufferedUpload):
+            inline = bytes(upload.buffer)
+        else:
+            try:
+                # the body's own fsyncs run here, in parallel with other uploads' commits
+                name = upload.finish(self.root / "objects")
+            except OSError as exc:
+                upload.abort()
+                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
+
+        def record(db: sqlite3.Connection) -> tuple[StoredMessage, bool]:
+            row = db.execute(
+                "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
+                " FROM messages WHERE mailbox = ? AND message_id = ?",
+                (mailbox, message_id),
+            ).fetchone()
+            if row is not None:
+                existing = _row(row)
+                if existing.sender == sender and existing.digest == digest:
+                    return existing, False
+                raise Conflict
+            used = db.execute("SELECT bytes FROM usage WHERE mailbox = ?", (mailbox,)).fetchone()
+            if (used[0] if used else 0) + size > quota:
+                raise QuotaExceeded
+            db.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (mailbox, message_id, sender, size, digest, now, WAITING, now, name, inline),
+            )
+            db.execute(
+                "INSERT INTO usage VALUES (?, ?, 1) ON CONFLICT (mailbox) DO UPDATE"
+                " SET bytes = bytes + excluded.bytes, count = count + 1",
+                (mailbox, size),
+            )
+            return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
+
         try:
-            name = upload.finish(self.root / "objects")
-        except OSError as exc:
-            upload.abort()
-            raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
-        try:
-            with self._tx() as db:
-                row = db.execute(
-                    "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at FROM messages WHERE mailbox = ? AND message_id = ?",
-                    (mailbox, message_id),
-                ).fetchone()
-                if row is not None:
-                    existing = _row(row)
-                    if existing.sender == sender and existing.digest == digest:
-                        upload.abort()
-                        return existing, False
-                    raise Conflict
-                (used,) = db.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ? AND state = ?",
-                    (mailbox, WAITING),
-                ).fetchone()
-                if used + size > quota:
-                    raise QuotaExceeded
-                record = StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now)
-                inline = bytes(upload.buffer) if upload.buffer is not None else None
-                db.execute(
-                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (mailbox, message_id, sender, size, digest, now, WAITING, now, name, inline),
-                )
-                return record, True
+            stored, new = self.commits.submit(record, mailbox)
         except BaseException:
             upload.abort()
             raise
+        if not new:
+            upload.abort()  # an identical replay: the first copy stands
+        return stored, new
 
     def usage(self, mailbox: str) -> int:
-        rows = self._query(
-            "SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ? AND state = ?",
-            (mailbox, WAITING),
-        )
-        return int(rows[0][0])
+        rows = self._query("SELECT bytes FROM usage WHERE mailbox = ?", (mailbox,))
+        return int(rows[0][0]) if rows else 0
 
     def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
         rows = self._query(
@@ -348,7 +352,7 @@ class SQLiteStorage(Storage):
             (mailbox, message_id, WAITING),
         )
         if rows and rows[0][2] is not None:
-            return _BytesReader(bytes(rows[0][2]))
+            return BytesReader(bytes(rows[0][2]))
         if not rows or rows[0][0] is None:
             return None
         try:
@@ -357,13 +361,18 @@ class SQLiteStorage(Storage):
             return None  # acknowledged meanwhile
         except OSError as exc:
             raise StorageError(f"cannot read an envelope: {exc.strerror}") from exc
-        return _FileReader(fd, int(rows[0][1]))
+        return FileReader(fd, int(rows[0][1]))
 
     def _retire(self, db: sqlite3.Connection, rows: list[Any], state: str, now: int) -> list[str]:
+        """Retire waiting envelopes (rows of mailbox, message id, object, size)."""
         db.executemany(
             "UPDATE messages SET state = ?, state_at = ?, object = NULL, body = NULL"
             " WHERE mailbox = ? AND message_id = ? AND state = ?",
             [(state, now, r[0], r[1], WAITING) for r in rows],
+        )
+        db.executemany(
+            "UPDATE usage SET bytes = bytes - ?, count = count - 1 WHERE mailbox = ?",
+            [(r[3], r[0]) for r in rows],
         )
         return [str(r[2]) for r in rows if r[2] is not None]
 
@@ -379,13 +388,15 @@ class SQLiteStorage(Storage):
                 fsync_dir(folder)
 
     def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
-        with self._tx() as db:
+        def retire(db: sqlite3.Connection) -> tuple[list[Any], list[str]]:
             rows = db.execute(
-                "SELECT mailbox, message_id, object FROM messages"
+                "SELECT mailbox, message_id, object, size FROM messages"
                 " WHERE mailbox = ? AND message_id = ? AND state = ?",
                 (mailbox, message_id, WAITING),
             ).fetchall()
-            names = self._retire(db, rows, COLLECTED, now)
+            return rows, self._retire(db, rows, COLLECTED, now)
+
+        rows, names = self.commits.submit(retire, mailbox)
         self._unlink(names)
         return bool(rows)
 
@@ -404,7 +415,7 @@ class SQLiteStorage(Storage):
     def expire(self, received_before: int, now: int, limit: int = 500) -> int:
         with self._tx() as db:
             rows = db.execute(
-                "SELECT mailbox, message_id, object FROM messages"
+                "SELECT mailbox, message_id, object, size FROM messages"
                 " WHERE state = ? AND received_at < ? ORDER BY received_at LIMIT ?",
                 (WAITING, received_before, limit),
             ).fetchall()
@@ -423,15 +434,17 @@ class SQLiteStorage(Storage):
                 "DELETE FROM messages WHERE state IN (?, ?) AND state_at < ?",
                 (COLLECTED, EXPIRED, tombstones_before),
             )
+            db.execute("DELETE FROM usage WHERE count = 0")
 
     def stats(self) -> tuple[int, int]:
-        rows = self._query(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages WHERE state = ?", (WAITING,)
-        )
+        rows = self._query("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM usage")
         return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            for reader in self._all_readers:
+                reader.close()
             self._db.close()
         with self._nonce_lock:
             self._nonces.close()

@@ -1,0 +1,226 @@
+"""The relay's storage backends directly: group commit (batches, refusals inside a batch, a
+failed transaction), per-mailbox totals, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+
+import psycopg
+import pytest
+from relaykit import message_id
+
+from medsecure import StorageError
+from medsecure.relay.server.storage import SQLiteStorage
+from medsecure.relay.server.storage._base import INLINE_MAX, Conflict, QuotaExceeded
+
+BOX_A = "ms1" + "a" * 52
+BOX_B = "ms1" + "b" * 52
+SENDER = "ms1" + "s" * 52
+
+
+def _upload(storage, body: bytes, *, mailbox=BOX_A, mid=None, sender=SENDER, quota=1 << 30):
+    pending = storage.begin_upload(len(body))
+    pending.write(body)
+    return storage.commit_upload(
+        pending,
+        mailbox=mailbox,
+        message_id=mid or message_id(),
+        sender=sender,
+        digest=hashlib.sha256(body).digest(),
+        size=len(body),
+        now=int(time.time()),
+        quota=quota,
+    )
+
+
+def _until(predicate, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)
+
+
+def _in_parallel(jobs):
+    """Run each job in its own thread; (results, errors) by job index."""
+    results: dict[int, object] = {}
+    errors: dict[int, BaseException] = {}
+
+    def run(i, job):
+        try:
+            results[i] = job()
+        except BaseException as exc:
+            errors[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+def _held_sqlite(storage):
+    """Hold the writer: the first commit blocks in its transaction, the others queue behind."""
+    return storage._lock
+
+
+@pytest.fixture
+def sqlite_storage(tmp_path):
+    s = SQLiteStorage(tmp_path / "data")
+    yield s
+    s.close()
+
+
+def test_concurrent_uploads_share_one_durable_transaction(tmp_path):
+    storage = SQLiteStorage(tmp_path / "data")
+    bodies = [bytes([i]) * 1000 for i in range(31)]
+    with storage._lock:  # the first commit waits for the writer: the others queue meanwhile
+        threads, results, errors = _in_parallel([lambda b=b: _upload(storage, b) for b in bodies])
+        _until(lambda: len(storage.commits._queue) == 30, "30 uploads queued behind the first")
+    for t in threads:
+        t.join(60)
+    assert errors == {} and all(new for _, new in results.values())
+    assert (storage.commits.batches, storage.commits.items) == (2, 31)  # 1, then 30 at once
+    storage.close()
+    reopened = SQLiteStorage(tmp_path / "data")
+    assert len(reopened.waiting(BOX_A, 100)) == 31
+    assert reopened.usage(BOX_A) == 31 * 1000 and reopened.stats() == (31, 31 * 1000)
+    reopened.close()
+
+
+def _mixed_batch(storage, hold, release):
+    """One batch holding a new upload, its identical replay, a conflicting reuse of its id, an
+    upload over quota and another new one."""
+    mid = message_id()
+    body = b"first" * 100
+    with hold:
+        threads, _, errors = _in_parallel([lambda: _upload(storage, b"opener")])
+        _until(lambda: storage.commits._leading, "a batch under way")
+        jobs = [
+            lambda: _upload(storage, body, mid=mid),
+            lambda: _upload(storage, body, mid=mid),
+            lambda: _upload(storage, body + b"!", mid=mid),
+            lambda: _upload(storage, b"q" * 5000, mailbox=BOX_B, quota=4000),
+            lambda: _upload(storage, b"fine" * 10, mailbox=BOX_B, quota=4000),
+        ]
+        more, got, failed = _in_parallel(jobs)
+        _until(lambda: len(storage.commits._queue) == 5, "five uploads queued")
+        release()
+    for t in threads + more:
+        t.join(60)
+    assert errors == {}
+    assert storage.commits.items - storage.commits.batches == 4  # the five shared one batch
+    first, again = got[0], got[1]
+    assert first[1] is True and again == (first[0], False)
+    assert isinstance(failed[2], Conflict) and isinstance(failed[3], QuotaExceeded)
+    assert got[4][1] is True and set(got) == {0, 1, 4}
+    assert [m.message_id for m in storage.waiting(BOX_A, 10)].count(mid) == 1
+    assert storage.usage(BOX_B) == 40
+
+
+def test_refusals_inside_a_batch_touch_only_their_own_upload(sqlite_storage):
+    _mixed_batch(sqlite_storage, sqlite_storage._lock, lambda: None)
+
+
+def test_a_failed_transaction_fails_its_whole_batch_and_stores_nothing(sqlite_storage, tmp_path):
+    storage = sqlite_storage
+    real = storage._run_batch
+
+    def failing(batch, execute):
+        def then_fail(db):
+            execute(db)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        real(batch, then_fail)
+
+    storage._run_batch = failing  # type: ignore[method-assign]
+    storage.commits._run_batch = failing
+    big = b"L" * (INLINE_MAX + 1)  # a body in a file: removed with its failed batch
+    for body in (b"small", big):
+        with pytest.raises(StorageError):
+            _upload(storage, body)
+    assert storage.waiting(BOX_A, 10) == [] and storage.usage(BOX_A) == 0
+    leftovers = [
+        p for p in (tmp_path / "data").rglob("*") if p.is_file() and p.parent.name != "data"
+    ]
+    assert leftovers == []
+
+
+def test_totals_follow_acknowledgements_and_expiry_and_are_rebuilt_for_old_databases(tmp_path):
+    storage = SQLiteStorage(tmp_path / "data")
+    kept, acked, expired = message_id(), message_id(), message_id()
+    for mid, size in ((kept, 100), (acked, 200), (expired, 300)):
+        _upload(storage, b"x" * size, mid=mid)
+    assert storage.acknowledge(BOX_A, acked, int(time.time()))
+    storage._db.execute("UPDATE messages SET received_at = 0 WHERE message_id = ?", (expired,))
+    assert storage.expire(1, int(time.time())) == 1
+    assert storage.usage(BOX_A) == 100 and storage.stats() == (1, 100)
+    # a database from before the totals: they are computed when it is opened
+    storage._db.execute("DROP TABLE usage")
+    storage.close()
+    again = SQLiteStorage(tmp_path / "data")
+    assert again.usage(BOX_A) == 100 and again.stats() == (1, 100)
+    with pytest.raises(QuotaExceeded):
+        _upload(again, b"y" * 50, quota=120)
+    again.close()
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_storage(pg):
+    from medsecure.relay.server.storage._postgres import PostgresStorage
+
+    name = f"storage_{time.monotonic_ns()}"
+    with psycopg.connect(pg.admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = pg.url.rsplit("/", 1)[0] + "/" + name
+    storage = PostgresStorage(url)
+    storage.url = url  # type: ignore[attr-defined]
+    yield storage
+    storage.close()
+
+
+def test_postgres_batch_refusals_touch_only_their_own_upload(pg_storage):
+    from medsecure.relay.server.storage._postgres import _lock_key
+
+    # hold the opener's mailbox lock from outside: its batch waits, the others queue behind it
+    holder = psycopg.connect(pg_storage.url)  # type: ignore[attr-defined]
+    holder.execute("BEGIN")
+    holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(BOX_A),))
+
+    class Hold:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    try:
+        _mixed_batch(pg_storage, Hold(), lambda: holder.execute("COMMIT"))
+    finally:
+        holder.close()
+    # the totals match the envelopes
+    with psycopg.connect(pg_storage.url) as conn:  # type: ignore[attr-defined]
+        rows = conn.execute(
+            "SELECT mailbox, SUM(size), COUNT(*) FROM relay_messages WHERE state = 'waiting'"
+            " GROUP BY mailbox ORDER BY mailbox"
+        ).fetchall()
+        totals = conn.execute(
+            "SELECT mailbox, bytes, count FROM relay_mailbox_usage ORDER BY mailbox"
+        ).fetchall()
+    assert [tuple(int(x) if not isinstance(x, str) else x for x in r) for r in rows] == [
+        tuple(r) for r in totals
+    ]
+
+
+def test_postgres_nonces_are_single_use_even_within_one_batch(pg_storage):
+    jobs = [lambda: pg_storage.remember_nonce(SENDER, "n" * 22, 2**40) for _ in range(8)]
+    threads, results, errors = _in_parallel(jobs)
+    for t in threads:
+        t.join(60)
+    assert errors == {} and sorted(results.values()) == [False] * 7 + [True]
+    assert pg_storage.remember_nonce(SENDER, "m" * 22, 2**40) is True

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from ._app import (
     PUBLIC_SUFFIX,
     CliError,
     about,
+    check_ref,
     cli,
     load_public,
     passphrase,
+    passphrase_hint,
     public_beside,
 )
 from ._files import output as output_file
@@ -64,7 +67,10 @@ def _client(home: str | None) -> medsecure.Client:
     root = _home(home)
     secret = passphrase(confirm=False)
     with about("--home", "open the home"):
-        return medsecure.client_from_home(root, passphrase=secret)
+        try:
+            return medsecure.client_from_home(root, passphrase=secret)
+        except medsecure.IdentityError as exc:  # the home's key file did not decrypt
+            raise CliError(f"--home: {exc}{passphrase_hint()}") from exc
 
 
 def _status_dict(s: medsecure.RecipientStatus) -> dict[str, Any]:
@@ -119,7 +125,7 @@ def _undone_on_failure(root: Path, mailbox: Path | None) -> Iterator[None]:
         raise
 
 
-def _next_steps(root: Path, me: str, authorities: bool) -> str:
+def _next_steps(root: Path, me: str, authorities: bool, relay: bool = False) -> str:
     key_pub = root / f"identity.key{PUBLIC_SUFFIX}"
     home = f" --home {root}"
     lines = [
@@ -138,12 +144,16 @@ def _next_steps(root: Path, me: str, authorities: bool) -> str:
             "  2. (trust on first use: no authority signs keys; the first key your directory",
             "     lists for a practitioner is pinned, so add only keys you have checked)",
         ]
+    where = (
+        " --relay THEIR_RELAY_URL --relay-mailbox THEIR_FINGERPRINT"
+        if relay
+        else " --drop THEIR_FOLDER"
+    )
     lines += [
-        "  3. Add each correspondent to your directory, with their key and drop folder:",
+        "  3. Add each correspondent to your directory, with their key and "
+        + ("relay mailbox:" if relay else "drop folder:"),
         f"       medsecure directory add --directory {root / 'directory.json'} --idnps rpps:…"
-        " --key THEIR.pub"
-        + (" --statement THEIR.binding" if authorities else "")
-        + " --drop THEIR_FOLDER",
+        " --key THEIR.pub" + (" --statement THEIR.binding" if authorities else "") + where,
         f"  4. Send:    medsecure send FILE --to rpps:…{home}",
         f"     Receive: medsecure receive -o received/{home}",
     ]
@@ -180,6 +190,12 @@ def _next_steps(root: Path, me: str, authorities: bool) -> str:
     "fhir_url",
     help="Also use this Annuaire Santé FHIR base URL (API key from $ESANTE_API_KEY).",
 )
+@click.option(
+    "--relay",
+    "relay_url",
+    help="Send and collect through this relay (https://HOST[:PORT]); your directory entry "
+    "lists your mailbox on it, before your drop folder.",
+)
 @_json_option
 def init(
     home: str | None,
@@ -192,6 +208,7 @@ def init(
     unsafe_tofu: bool,
     directory_files: tuple[str, ...],
     fhir_url: str | None,
+    relay_url: str | None,
     as_json: bool,
 ) -> None:
     """Create a medsecure home: identity, configuration, mailbox; print your public key and
@@ -206,6 +223,10 @@ def init(
         )
     with about("--me", "read the identifier"):
         idnps = medsecure.identifiers.parse(me).idnps
+    if relay_url is not None:
+        url = urllib.parse.urlsplit(relay_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise CliError("--relay: expected the relay's URL, https://HOST[:PORT]")
     root = _home(home)
     if (root / "config.json").exists():
         raise CliError(f"--home: {str(root)!r} is already a medsecure home")
@@ -232,6 +253,7 @@ def init(
             trust=trust,
             family_name=family,
             given_name=given,
+            relay=relay_url,
         )
         write_file(
             root / f"identity.key{PUBLIC_SUFFIX}",
@@ -260,7 +282,7 @@ def init(
             "compare fingerprints out of band",
             err=True,
         )
-    click.echo(_next_steps(root, idnps, bool(authorities)), err=True)
+    click.echo(_next_steps(root, idnps, bool(authorities), relay_url is not None), err=True)
 
 
 @cli.command(name="send")
@@ -293,6 +315,8 @@ def send_cmd(
     as_json: bool,
 ) -> None:
     """Send FILES end to end encrypted to the recipients."""
+    for ref in to:  # a typo is told before the passphrase is asked and the home opened
+        check_ref(ref, "--to")
     docs = []
     for i, f in enumerate(files, 1):
         # the document is named by its position: its file name may name the patient
@@ -510,7 +534,9 @@ def status(message_id: str, home: str | None, as_json: bool) -> None:
         try:
             statuses = client.status(message_id)
         except medsecure.UnknownMessage as exc:
-            raise CliError(f"no message {message_id!r} in the outbox") from exc
+            raise CliError(
+                f"no message {message_id!r} in the outbox ('medsecure outbox' lists them)"
+            ) from exc
     if as_json:
         click.echo(
             json.dumps(

@@ -268,7 +268,14 @@ def init_home(
             keys=(KeyEntry(public=identity.public),),
             endpoints=(
                 *first_endpoints,
-                Endpoint(kind="drop", path=str(box.resolve())),
+                # with a relay or mail address, the drop folder (usually reachable on this
+                # machine only) is the last way others try: a missing one would otherwise hold
+                # their messages back as "retry later"
+                Endpoint(
+                    kind="drop",
+                    path=str(box.resolve()),
+                    priority=1 if first_endpoints or endpoints else 0,
+                ),
                 *endpoints,
             ),
         )

@@ -15,11 +15,17 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MAX_NOT_RUN = 3
+# Raised from 3 to 4: besides getting-started's alternative and traceability's fragment, the
+# SMTP and IMAP driver fragments of docs/mail-transport.md are marked: they need a mail server
+# with TLS and a CA of its own, which a page cannot start in a few lines (aiosmtpd and dovecot are
+# test tools, not runtime dependencies); tests/test_smtp.py and tests/test_imap.py run those
+# calls. (Its DNS discovery block does run, against a responder the block starts.)
+MAX_NOT_RUN = 4
 
 _FENCE = re.compile(
     r"^(?:<!-- not-run: (?P<why>[^\n]*?) -->\n)?```(?P<lang>[\w-]*)\n(?P<body>.*?)^```[ \t]*$",
@@ -103,21 +109,37 @@ def getting_started_script() -> str:
 
 
 def test_getting_started_runs_as_written(tmp_path: Path) -> None:
+    from relaykit import RelayServer
+
     script = getting_started_script()
     for step in ("medsecure init", "medsecure directory add", "medsecure send", "receive"):
         assert step in script, f"the walk-through lost its {step!r} step"
+    assert '--relay "$RELAY_URL"' in script and "--mail-address" in script
     medsecure_cmd = Path(sys.executable).parent / "medsecure"
     assert medsecure_cmd.exists(), "the venv has no medsecure command: pip install -e .[cli]"
-    proc = subprocess.run(
-        ["bash", "-euo", "pipefail", "-x", "-c", script],
-        cwd=tmp_path,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-    )
+    # the relay of section 8, on a free loopback port (the page's default, 8443, may be taken)
+    with RelayServer(tmp_path / "test-relay.log", data=tmp_path / "test-relay") as relay:
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-x", "-c", script],
+            cwd=tmp_path,
+            env={**clean_env(tmp_path), "RELAY_URL": relay.url},
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=600,
+        )
+        metrics = httpx.get(f"{relay.url}/metrics", timeout=30).text
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the message of section 8 went through the relay and was collected there
+    for event in ("accepted", "acknowledged"):
+        m = re.search(
+            rf'^medsecure_relay_messages_total{{event="{event}"}} ([0-9.]+)', metrics, re.M
+        )
+        assert m and float(m.group(1)) >= 1, metrics
+    (via_relay,) = (tmp_path / "received-via-relay").iterdir()
+    assert (via_relay / "compte-rendu.pdf").read_bytes() == (
+        tmp_path / "compte-rendu.pdf"
+    ).read_bytes()
     out = proc.stdout
     assert "from Sophie MARTIN (810000005479): 1 document(s)" in out, out
     assert "identical" in out

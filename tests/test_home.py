@@ -125,3 +125,25 @@ def test_init_with_a_relay_exchanges_through_it(tmp_path: Path) -> None:
         with m.client_from_home(homes["bob"], passphrase="pw") as cb:
             (msg,) = cb.receive()
             assert msg.documents[0].read() == b"via the relay"
+
+
+def test_with_a_network_endpoint_the_drop_folder_is_tried_last(tmp_path: Path) -> None:
+    """A home with a relay or a mail address lists its drop folder with priority 1, so that a
+    correspondent tries the network first (a drop folder is usually reachable on one machine
+    only, and a missing one would hold messages back as "retry later")."""
+    from medsecure.directory import FileDirectory
+    from medsecure.models import Endpoint
+
+    home = tmp_path / "h"
+    m.init_home(
+        home,
+        passphrase="pw",
+        me="rpps:10000005479",
+        endpoints=[Endpoint(kind="mail", address="dr.martin@medecin.mssante.fr")],
+    )
+    (own,) = FileDirectory(home / "directory.json").all()
+    assert [(e.kind, e.priority) for e in own.endpoints] == [("drop", 1), ("mail", 0)]
+    plain = tmp_path / "p"
+    m.init_home(plain, passphrase="pw", me="rpps:10000000019")
+    (own,) = FileDirectory(plain / "directory.json").all()
+    assert [(e.kind, e.priority) for e in own.endpoints] == [("drop", 0)]

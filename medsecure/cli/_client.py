@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import sys
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ._app import (
 )
 from ._files import output as output_file
 from ._files import private_folder, write_file
+from ._network import Network, network_from_options, network_options
 
 _home_option = click.option(
     "--home",
@@ -125,7 +125,7 @@ def _undone_on_failure(root: Path, mailbox: Path | None) -> Iterator[None]:
         raise
 
 
-def _next_steps(root: Path, me: str, authorities: bool, relay: bool = False) -> str:
+def _next_steps(root: Path, me: str, authorities: bool, net: Network, fingerprint: str) -> str:
     key_pub = root / f"identity.key{PUBLIC_SUFFIX}"
     home = f" --home {root}"
     lines = [
@@ -133,6 +133,15 @@ def _next_steps(root: Path, me: str, authorities: bool, relay: bool = False) -> 
         f"  1. Give your public key file to the practitioners who will write to you: {key_pub}",
         "     and compare its fingerprint with them over another channel (phone, in person).",
     ]
+    if net.relay is not None:
+        lines.append(f"     Your mailbox on the relay {net.relay} is {fingerprint}")
+    if net.mail_address is not None:
+        lines.append(f"     Your mail address for medsecure messages is {net.mail_address}")
+    if net.relay is not None or net.mail_address is not None:
+        lines.append(
+            f"     Your directory entry ({root / 'directory.json'}) lists where to reach you:"
+            " give it with your key."
+        )
     if authorities:
         lines += [
             "  2. Have your directory authority sign your key; give the statement with your key:",
@@ -144,16 +153,30 @@ def _next_steps(root: Path, me: str, authorities: bool, relay: bool = False) -> 
             "  2. (trust on first use: no authority signs keys; the first key your directory",
             "     lists for a practitioner is pinned, so add only keys you have checked)",
         ]
-    where = (
-        " --relay THEIR_RELAY_URL --relay-mailbox THEIR_FINGERPRINT"
-        if relay
-        else " --drop THEIR_FOLDER"
-    )
+    reach = []
+    if net.relay is not None:
+        reach.append(f"--relay {net.relay} --relay-mailbox THEIR_FINGERPRINT")
+    if net.mail_address is not None:
+        reach.append("--mail THEIR_ADDRESS")
+    if not reach:
+        reach.append("--drop THEIR_FOLDER")
     lines += [
         "  3. Add each correspondent to your directory, with their key and "
-        + ("relay mailbox:" if relay else "drop folder:"),
+        + ("where to reach them:" if net.relay or net.mail_address else "drop folder:"),
         f"       medsecure directory add --directory {root / 'directory.json'} --idnps rpps:…"
-        " --key THEIR.pub" + (" --statement THEIR.binding" if authorities else "") + where,
+        " --key THEIR.pub"
+        + (" --statement THEIR.binding" if authorities else "")
+        + " "
+        + " ".join(reach),
+        "     (or import the directory file they give you: medsecure directory import"
+        f" --directory {root / 'directory.json'} THEIR_directory.json)",
+    ]
+    if net.mail_password_env is not None:
+        lines.append(
+            f"     The mail password is read from ${net.mail_password_env} at each login"
+            " (never stored): set it before sending or receiving."
+        )
+    lines += [
         f"  4. Send:    medsecure send FILE --to rpps:…{home}",
         f"     Receive: medsecure receive -o received/{home}",
     ]
@@ -190,12 +213,7 @@ def _next_steps(root: Path, me: str, authorities: bool, relay: bool = False) -> 
     "fhir_url",
     help="Also use this Annuaire Santé FHIR base URL (API key from $ESANTE_API_KEY).",
 )
-@click.option(
-    "--relay",
-    "relay_url",
-    help="Send and collect through this relay (https://HOST[:PORT]); your directory entry "
-    "lists your mailbox on it, before your drop folder.",
-)
+@network_options
 @_json_option
 def init(
     home: str | None,
@@ -208,11 +226,14 @@ def init(
     unsafe_tofu: bool,
     directory_files: tuple[str, ...],
     fhir_url: str | None,
-    relay_url: str | None,
     as_json: bool,
+    **network: Any,
 ) -> None:
     """Create a medsecure home: identity, configuration, mailbox; print your public key and
-    the next steps. Say who vouches for keys: --authority KEY, or explicitly --unsafe-tofu."""
+    the next steps. Say who vouches for keys: --authority KEY, or explicitly --unsafe-tofu.
+
+    A relay (--relay URL) and a mailbox (--mail-address with --smtp and --imap or --maildir)
+    are optional transports; they come before the drop folder."""
     if bool(authorities) == unsafe_tofu:
         raise CliError(
             "say how keys are trusted: --authority AUTHORITY.pub (a key that signs "
@@ -223,13 +244,10 @@ def init(
         )
     with about("--me", "read the identifier"):
         idnps = medsecure.identifiers.parse(me).idnps
-    if relay_url is not None:
-        url = urllib.parse.urlsplit(relay_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise CliError("--relay: expected the relay's URL, https://HOST[:PORT]")
     root = _home(home)
     if (root / "config.json").exists():
         raise CliError(f"--home: {str(root)!r} is already a medsecure home")
+    net = network_from_options(network)
     trust: dict[str, Any] = (
         {"authorities": [str(load_public(a, "--authority")) for a in authorities]}
         if authorities
@@ -253,7 +271,9 @@ def init(
             trust=trust,
             family_name=family,
             given_name=given,
-            relay=relay_url,
+            relay=net.relay,
+            transports=net.transports,
+            endpoints=net.endpoints,
         )
         write_file(
             root / f"identity.key{PUBLIC_SUFFIX}",
@@ -262,27 +282,34 @@ def init(
             mode=0o644,
         )
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "home": str(root),
-                    "fingerprint": identity.fingerprint,
-                    "public_key": str(identity.public),
-                    "public_key_file": str(root / f"identity.key{PUBLIC_SUFFIX}"),
-                }
-            )
-        )
+        info: dict[str, Any] = {
+            "home": str(root),
+            "fingerprint": identity.fingerprint,
+            "public_key": str(identity.public),
+            "public_key_file": str(root / f"identity.key{PUBLIC_SUFFIX}"),
+        }
+        if net.relay is not None:
+            info["relay"] = {"url": net.relay, "mailbox": identity.fingerprint}
+        if net.mail_address is not None:
+            info["mail"] = {"address": net.mail_address}
+        click.echo(json.dumps(info))
     else:
         click.echo(f"home: {root}")
         click.echo(f"fingerprint: {identity.fingerprint}")
         click.echo(f"public key: {identity.public}")
+        if net.relay is not None:
+            click.echo(f"relay: {net.relay} (mailbox {identity.fingerprint})")
+        if net.mail_address is not None:
+            click.echo(f"mail: {net.mail_address}")
+    for warning in net.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if not authorities:
         click.echo(
             "warning: no directory authority: keys are trusted on first use (unsafe-tofu); "
             "compare fingerprints out of band",
             err=True,
         )
-    click.echo(_next_steps(root, idnps, bool(authorities), relay_url is not None), err=True)
+    click.echo(_next_steps(root, idnps, bool(authorities), net, identity.fingerprint), err=True)
 
 
 @cli.command(name="send")

@@ -153,7 +153,12 @@ def _statement(ref: str, flag: str) -> Statement:
 @click.option("--idnps", required=True, help="rpps:…, adeli:… or the IDNPS.")
 @click.option("--family", help="Family name.")
 @click.option("--given", help="Given name.")
-@click.option("--mailbox", "mailboxes", multiple=True, help="MSSanté address (repeatable).")
+@click.option(
+    "--mailbox",
+    "mailboxes",
+    multiple=True,
+    help="MSSanté address, for the TLS-only MSSanté profile (repeatable).",
+)
 @click.option("--key", "keys", multiple=True, help="Public key file or text (repeatable).")
 @click.option(
     "--statement", "statements", multiple=True, help="Signed statement file or text (repeatable)."
@@ -161,6 +166,12 @@ def _statement(ref: str, flag: str) -> Statement:
 @click.option("--drop", "drops", multiple=True, help="Drop-folder endpoint (repeatable).")
 @click.option("--relay", help="Relay endpoint URL (with --relay-mailbox).")
 @click.option("--relay-mailbox", help="Mailbox name on the relay.")
+@click.option(
+    "--mail",
+    "mail_addresses",
+    multiple=True,
+    help="Mail endpoint: an address where their software reads medsecure messages (repeatable).",
+)
 def add(
     directory_path: str,
     idnps: str,
@@ -172,6 +183,7 @@ def add(
     drops: tuple[str, ...],
     relay: str | None,
     relay_mailbox: str | None,
+    mail_addresses: tuple[str, ...],
 ) -> None:
     """Add or update a practitioner in a directory file (merged with an existing entry).
 
@@ -183,6 +195,10 @@ def add(
     endpoints = [Endpoint(kind="drop", path=str(Path(d).resolve())) for d in drops]
     if relay or relay_mailbox:
         endpoints.append(Endpoint(kind="relay", url=relay, mailbox=relay_mailbox))
+    try:
+        endpoints += [Endpoint(kind="mail", address=a) for a in mail_addresses]
+    except ValidationError as exc:
+        raise CliError("--mail: not a mail address") from exc
     try:
         new = Practitioner(
             idnps=idnps,

@@ -1,7 +1,7 @@
 """``AsyncClient``: the same client for asyncio programs, driving the same rules.
 
-    async with medsecure.AsyncClient(identity, directory, transport, home,
-                                     trust=policy, me="rpps:10000005479") as client:
+    async with medsecure.AsyncClient.from_home("martin", passphrase=…) as client:
+        # or AsyncClient(identity, directory, transport, home, trust=policy, me="rpps:…")
         result = await client.send(Document.from_path("cr.pdf"), to="rpps:10000000019")
         for message in await client.receive():
             ...
@@ -126,19 +126,41 @@ class AsyncClient:
         )
         if not given or not all(isinstance(t, (Transport, AsyncTransport)) for t in given):
             raise TypeError("transport must be a Transport, an AsyncTransport or a list of them")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
         transports = [
             t if isinstance(t, Transport) else _Bridge(t, self._event_loop) for t in given
         ]
+        self._start(
+            lambda: Client(identity, directory, transports, home, trust=trust, me=me, **options)
+        )
+
+    def _start(self, make: Callable[[], Client]) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="medsecure-async"
         )
         # The client (its SQLite connection and audit log) is created and used on the worker
         # thread only.
-        self._client: Client = self._executor.submit(
-            Client, identity, directory, transports, home, trust=trust, me=me, **options
-        ).result()
+        try:
+            self._client: Client = self._executor.submit(make).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+
+    @classmethod
+    def from_home(
+        cls, home: str | os.PathLike[str] | None = None, *, passphrase: str | bytes | None = None
+    ) -> AsyncClient:
+        """The asyncio twin of :func:`medsecure.client_from_home`: the same home folder
+        (``medsecure init``'s), its keys, directory, transports, trust policy and pins.
+
+        The home's transports are synchronous ones; they run on the worker thread.
+        """
+        from ._home import client_from_home  # _home builds on the client modules
+
+        self = cls.__new__(cls)
+        self._start(lambda: client_from_home(home, passphrase=passphrase))
+        return self
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -70,6 +70,28 @@ def passphrase(confirm: bool) -> str:
     return value
 
 
+def passphrase_hint() -> str:
+    """Where a refused passphrase came from: a wrong one in the environment is easy to miss."""
+    if os.environ.get(PASSPHRASE_ENV):
+        return f" (the passphrase was taken from ${PASSPHRASE_ENV}: check it)"
+    return ""
+
+
+def check_ref(ref: str, flag: str) -> None:
+    """Refuse a malformed practitioner reference given with ``flag``, saying how to write it."""
+    from medsecure.directory import normalize_ref
+
+    try:
+        normalize_ref(ref)
+    except ValueError as exc:
+        hint = ""
+        if ref.isdigit() and len(ref) == 11:
+            hint = f" (an RPPS number is written rpps:{ref})"
+        elif ref.isdigit() and len(ref) == 9:
+            hint = f" (an ADELI number is written adeli:{ref})"
+        raise CliError(f"{flag}: {exc}{hint}") from exc
+
+
 def load_identity(path: str, flag: str) -> medsecure.Identity:
     """Decrypt the key file given with ``flag``."""
     secret = passphrase(confirm=False)
@@ -78,7 +100,8 @@ def load_identity(path: str, flag: str) -> medsecure.Identity:
     except medsecure.IdentityError as exc:
         # the message quotes the path; a document given here by mistake may name a patient
         text = str(exc).replace(f"key file {path!r}", "the key file")
-        raise CliError(f"{flag}: {text.replace(repr(path), 'the file')}") from exc
+        text = text.replace(repr(path), "the file")
+        raise CliError(f"{flag}: {text}{passphrase_hint()}") from exc
 
 
 def public_beside(path: str | Path) -> medsecure.PublicIdentity | None:

@@ -24,9 +24,11 @@ from ._app import (
     PUBLIC_SUFFIX,
     CliError,
     about,
+    check_ref,
     cli,
     load_public,
     passphrase,
+    passphrase_hint,
     public_beside,
 )
 from ._files import output as output_file
@@ -65,7 +67,10 @@ def _client(home: str | None) -> medsecure.Client:
     root = _home(home)
     secret = passphrase(confirm=False)
     with about("--home", "open the home"):
-        return medsecure.client_from_home(root, passphrase=secret)
+        try:
+            return medsecure.client_from_home(root, passphrase=secret)
+        except medsecure.IdentityError as exc:  # the home's key file did not decrypt
+            raise CliError(f"--home: {exc}{passphrase_hint()}") from exc
 
 
 def _status_dict(s: medsecure.RecipientStatus) -> dict[str, Any]:
@@ -337,6 +342,8 @@ def send_cmd(
     as_json: bool,
 ) -> None:
     """Send FILES end to end encrypted to the recipients."""
+    for ref in to:  # a typo is told before the passphrase is asked and the home opened
+        check_ref(ref, "--to")
     docs = []
     for i, f in enumerate(files, 1):
         # the document is named by its position: its file name may name the patient
@@ -573,7 +580,9 @@ def status(message_id: str, home: str | None, as_json: bool) -> None:
         try:
             statuses = client.status(message_id)
         except medsecure.UnknownMessage as exc:
-            raise CliError(f"no message {message_id!r} in the outbox") from exc
+            raise CliError(
+                f"no message {message_id!r} in the outbox ('medsecure outbox' lists them)"
+            ) from exc
     if as_json:
         click.echo(
             json.dumps(

@@ -22,7 +22,7 @@ from medsecure.directory import (
 from medsecure.models import Endpoint, KeyEntry, Mailbox, Practitioner
 from medsecure.trust import Statement, sign_binding, sign_revocation, sign_rotation
 
-from ._app import CliError, about, cli, load_identity, load_public
+from ._app import CliError, about, check_ref, cli, load_identity, load_public
 from ._files import write_file
 
 API_KEY_ENV = "ESANTE_API_KEY"
@@ -102,6 +102,7 @@ def lookup(
     ref: str, directory_path: str | None, fhir_url: str | None, api_key: str | None, as_json: bool
 ) -> None:
     """Find the practitioner REF names (rpps:…, adeli:…, IDNPS or MSSanté address)."""
+    check_ref(ref, "REF")
     with _open_source(directory_path, fhir_url, api_key) as d:
         try:
             p = d.lookup(ref)

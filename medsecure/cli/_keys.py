@@ -110,6 +110,8 @@ def pubkey(keyfile: str, out: str | None) -> None:
             public = medsecure.PublicIdentity.from_key_file(keyfile)
         except medsecure.IdentityError:
             public = public_beside(keyfile) or load_identity(keyfile, "KEYFILE").public
+    # what people compare by phone; on stderr so that stdout stays the key alone
+    click.echo(f"fingerprint: {public.fingerprint}", err=True)
     if out:
         write_file(
             out,

@@ -63,8 +63,15 @@ def demo() -> int:
             me="rpps:10000005479",
             family_name="MARTIN",
             given_name="Sophie",
+            trust={"mode": "unsafe-tofu"},
         )
-        m.init_home(root / "b", passphrase="demo", me="rpps:10000000019", family_name="PETIT")
+        m.init_home(
+            root / "b",
+            passphrase="demo",
+            me="rpps:10000000019",
+            family_name="PETIT",
+            trust={"mode": "unsafe-tofu"},
+        )
         da, db = (
             FileDirectory(root / "a" / "directory.json"),
             FileDirectory(root / "b" / "directory.json"),

@@ -30,9 +30,19 @@ def send_folder(client: m.Client, folder: Path, to: str) -> list[m.SendResult]:
 def demo() -> int:
     with tempfile.TemporaryDirectory(prefix="medsecure-folder-") as tmp:
         root = Path(tmp)
-        m.init_home(root / "sender", passphrase="demo", me="rpps:10000005479", family_name="MARTIN")
         m.init_home(
-            root / "recipient", passphrase="demo", me="rpps:10000000019", family_name="PETIT"
+            root / "sender",
+            passphrase="demo",
+            me="rpps:10000005479",
+            family_name="MARTIN",
+            trust={"mode": "unsafe-tofu"},
+        )
+        m.init_home(
+            root / "recipient",
+            passphrase="demo",
+            me="rpps:10000000019",
+            family_name="PETIT",
+            trust={"mode": "unsafe-tofu"},
         )
         # exchange directory entries (in real life: a shared directory, or the Annuaire + keys)
         sender_dir = FileDirectory(root / "sender" / "directory.json")

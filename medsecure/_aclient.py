@@ -181,6 +181,11 @@ class AsyncClient:
         return self._client
 
     @property
+    def unreachable(self) -> tuple[tuple[str, str], ...]:
+        """The mailboxes the last :meth:`receive` could not read: (transport name, reason)."""
+        return self._client.unreachable
+
+    @property
     def home(self) -> Path:
         return self._client.home
 

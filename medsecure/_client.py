@@ -143,6 +143,8 @@ class Client:
         self._clock = clock or Store.now
         self._lock = threading.RLock()
         self._closed = False
+        self.unreachable: tuple[tuple[str, str], ...] = ()
+        """The mailboxes the last :meth:`receive` could not read: (transport name, reason)."""
         self.store = Store(self.home, busy_timeout=busy_timeout)
         self.audit = AuditLog(
             self.home / "audit",
@@ -387,17 +389,20 @@ class Client:
 
     def _take(self, limit: int | None) -> None:
         budget = limit
+        unreachable = []
         for t in self.transports:
             try:
                 got = self._inbox.take(t, budget, on_report=self._outbox.apply_report)
             except TransportError as exc:
                 # one unreachable mailbox (an IMAP outage) does not keep the others unread
                 log.warning("could not read the %s mailbox: %s", t.name, exc)
+                unreachable.append((t.name, str(exc)))
                 continue
             if budget is not None:
                 budget = max(0, budget - got)
                 if budget == 0:
                     break
+        self.unreachable = tuple(unreachable)
 
     def _send_due_receipts(self) -> None:
         """Seal and deliver the receipts the inbox queued (never raises: a receipt that cannot

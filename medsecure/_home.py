@@ -170,20 +170,29 @@ def _transports(home: Path, cfg: dict[str, Any], identity: Identity) -> list[Tra
     return built
 
 
-def _trust(home: Path, cfg: dict[str, Any]) -> TrustPolicy:
-    t = cfg.get("trust")
+def _trust_section(t: Any) -> list[PublicIdentity] | None:
+    """Check a trust section: the authorities' keys, or None for the explicit unsafe mode."""
     if not isinstance(t, dict):
-        raise ConfigError("no trust policy in config.json: add {'trust': {'authorities': [...]}}")
-    pins = PinStore(home / "pins.sqlite")
-    if t.get("authorities"):
+        raise ConfigError(
+            "no trust policy: give {'authorities': ['msp1…']} or {'mode': 'unsafe-tofu'}"
+        )
+    if set(t) == {"authorities"}:
+        keys = t["authorities"]
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise ConfigError("trust 'authorities' must be a non-empty list of public keys (msp1…)")
         try:
-            anchors = [PublicIdentity.from_text(a) for a in t["authorities"]]
+            return [PublicIdentity.from_text(k) for k in keys]
         except MedsecureError as exc:
-            raise ConfigError(f"bad authority key in config.json: {exc}") from exc
-        return AuthorityPolicy(anchors, pins=pins)
-    if t.get("mode") == "unsafe-tofu":
-        return UnsafeTrustOnFirstUse(pins)
-    raise ConfigError("config.json trust: give 'authorities' or 'mode': 'unsafe-tofu'")
+            raise ConfigError(f"bad authority key in the trust section: {exc}") from exc
+    if t == {"mode": "unsafe-tofu"}:
+        return None
+    raise ConfigError("the trust section is {'authorities': [...]} or {'mode': 'unsafe-tofu'}")
+
+
+def _trust(home: Path, cfg: dict[str, Any]) -> TrustPolicy:
+    anchors = _trust_section(cfg.get("trust"))
+    pins = PinStore(home / "pins.sqlite")
+    return AuthorityPolicy(anchors, pins=pins) if anchors else UnsafeTrustOnFirstUse(pins)
 
 
 def client_from_home(
@@ -223,8 +232,8 @@ def init_home(
     me: str,
     mailbox: str | os.PathLike[str] | None = None,
     suite: str = "hybrid",
+    trust: dict[str, Any],
     directory: Sequence[dict[str, Any]] | None = None,
-    trust: dict[str, Any] | None = None,
     family_name: str | None = None,
     given_name: str | None = None,
     transports: Sequence[dict[str, Any]] = (),
@@ -234,14 +243,17 @@ def init_home(
     """Create a home: identity (encrypted), config.json, a drop mailbox, and a local directory
     file holding this practitioner's own entry (key and endpoints) to share with peers.
 
-    ``relay`` (a relay's URL) adds a relay transport and one's mailbox on it (named by the
-    identity's fingerprint) to the entry; ``transports`` adds other configuration sections
-    after the drop folder's, ``endpoints`` the matching entries of one's own directory entry. If anything fails, what
-    was created is removed again: a failed init leaves no half-made home."""
+    ``trust`` is required: ``{"authorities": ["msp1…"]}`` (keys vouched for by these
+    authorities) or the explicit ``{"mode": "unsafe-tofu"}``. ``relay`` (a relay's URL) adds a
+    relay transport and one's mailbox on it (named by the identity's fingerprint) to the entry;
+    ``transports`` adds other configuration sections after the drop folder's, ``endpoints`` the
+    matching entries of one's own directory entry. If anything fails, what was created is
+    removed again: a failed init leaves no half-made home."""
     root = Path(home).expanduser()
     if (root / "config.json").exists():
         raise ConfigError(f"{str(root)!r} is already a medsecure home")
     idnps = parse(me).idnps  # before anything is created
+    _trust_section(trust)  # what decides trust is the caller's explicit choice
     for section in transports:
         if not isinstance(section, dict) or section.get("kind") not in _BUILDERS:
             raise ConfigError(f"unknown transport section {section!r}")
@@ -292,7 +304,7 @@ def init_home(
                 *transports,
             ],
             "directory": list(directory) if directory is not None else [{"file": "directory.json"}],
-            "trust": trust if trust is not None else {"mode": "unsafe-tofu"},
+            "trust": trust,
         }
         # validate what was written as the client will read it (a bad section fails here)
         _transports(root, cfg, identity)

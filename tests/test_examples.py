@@ -52,7 +52,13 @@ def _one_line_failure(proc: subprocess.CompletedProcess[str]) -> str:
 
 def test_examples_fail_clearly_on_a_missing_folder_or_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    medsecure.init_home(home, passphrase="pw", me="rpps:10000005479", family_name="MARTIN")
+    medsecure.init_home(
+        home,
+        passphrase="pw",
+        me="rpps:10000005479",
+        family_name="MARTIN",
+        trust={"mode": "unsafe-tofu"},
+    )
     line = _one_line_failure(
         _example(
             "send_folder.py",
@@ -101,8 +107,20 @@ def test_receive_to_folder_keeps_what_it_saves_private(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     # the demo runs in a temporary folder: run the function on a home of our own instead
     a, b = tmp_path / "a", tmp_path / "b"
-    medsecure.init_home(a, passphrase="pw", me="rpps:10000005479", family_name="MARTIN")
-    medsecure.init_home(b, passphrase="pw", me="rpps:10000000019", family_name="PETIT")
+    medsecure.init_home(
+        a,
+        passphrase="pw",
+        me="rpps:10000005479",
+        family_name="MARTIN",
+        trust={"mode": "unsafe-tofu"},
+    )
+    medsecure.init_home(
+        b,
+        passphrase="pw",
+        me="rpps:10000000019",
+        family_name="PETIT",
+        trust={"mode": "unsafe-tofu"},
+    )
     da, db = FileDirectory(a / "directory.json"), FileDirectory(b / "directory.json")
     da.add(db.lookup("rpps:10000000019"))
     db.add(da.lookup("rpps:10000005479"))

@@ -15,6 +15,7 @@ from medsecure.transports import FileTransport, MockTransport
 
 def make(tmp_path: Path, **kw: Any) -> Path:
     home = tmp_path / "home"
+    kw.setdefault("trust", {"mode": "unsafe-tofu"})
     m.init_home(home, passphrase="pw", me="rpps:10000005479", **kw)
     return home
 
@@ -73,10 +74,16 @@ def test_bad_transport_sections_are_config_errors(
 def test_failed_init_leaves_nothing_behind(tmp_path: Path) -> None:
     home = tmp_path / "new-home"
     with pytest.raises(m.ConfigError):
-        m.init_home(home, passphrase="pw", me="rpps:10000005479", transports=[{"kind": "owl"}])
+        m.init_home(
+            home,
+            passphrase="pw",
+            me="rpps:10000005479",
+            transports=[{"kind": "owl"}],
+            trust={"mode": "unsafe-tofu"},
+        )
     assert not home.exists()
     with pytest.raises(ValueError):
-        m.init_home(home, passphrase="pw", me="not an identifier")
+        m.init_home(home, passphrase="pw", me="not an identifier", trust={"mode": "unsafe-tofu"})
     assert not home.exists()
     # a failure half-way (the drop section refers to an unusable path) removes what was made,
     # and leaves a folder that existed before as it was
@@ -84,7 +91,11 @@ def test_failed_init_leaves_nothing_behind(tmp_path: Path) -> None:
     (home / "notes.txt").write_text("mine")
     with pytest.raises(m.ConfigError):
         m.init_home(
-            home, passphrase="pw", me="rpps:10000005479", transports=[{"kind": "drop", "path": ""}]
+            home,
+            passphrase="pw",
+            me="rpps:10000005479",
+            transports=[{"kind": "drop", "path": ""}],
+            trust={"mode": "unsafe-tofu"},
         )
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
 
@@ -107,6 +118,7 @@ def test_init_with_a_relay_exchanges_through_it(tmp_path: Path) -> None:
                 me=ref,
                 relay=srv.url,
                 mailbox=tmp_path / f"box-{name}",
+                trust={"mode": "unsafe-tofu"},
             )
         entries = {n: FileDirectory(h / "directory.json").all()[0] for n, h in homes.items()}
         assert [e.kind for e in entries["bob"].endpoints] == ["relay", "drop"]
@@ -140,10 +152,11 @@ def test_with_a_network_endpoint_the_drop_folder_is_tried_last(tmp_path: Path) -
         passphrase="pw",
         me="rpps:10000005479",
         endpoints=[Endpoint(kind="mail", address="dr.martin@medecin.mssante.fr")],
+        trust={"mode": "unsafe-tofu"},
     )
     (own,) = FileDirectory(home / "directory.json").all()
     assert [(e.kind, e.priority) for e in own.endpoints] == [("drop", 1), ("mail", 0)]
     plain = tmp_path / "p"
-    m.init_home(plain, passphrase="pw", me="rpps:10000000019")
+    m.init_home(plain, passphrase="pw", me="rpps:10000000019", trust={"mode": "unsafe-tofu"})
     (own,) = FileDirectory(plain / "directory.json").all()
     assert [(e.kind, e.priority) for e in own.endpoints] == [("drop", 0)]

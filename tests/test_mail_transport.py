@@ -702,6 +702,7 @@ def test_mail_section_of_the_home_configuration(
         me="810000000019",
         transports=[section],
         endpoints=[Endpoint(kind="mail", address=addr("carol"))],
+        trust={"mode": "unsafe-tofu"},
     )
     with m.client_from_home(home, passphrase="pw") as client:
         [_, mail] = client.transports
@@ -909,6 +910,7 @@ def test_config_section_from_command_line_settings(tmp_path: Path, pki: Pki) -> 
         me="810000005479",
         transports=[section],
         endpoints=[Endpoint(kind="mail", address="dr.martin@medecin.mssante.fr")],
+        trust={"mode": "unsafe-tofu"},
     )
     with m.client_from_home(home, passphrase="pw") as client:
         [mail] = [t for t in client.transports if isinstance(t, MailTransport)]

@@ -168,13 +168,6 @@ def test_pubkey_shows_the_fingerprint_to_compare(home: Path) -> None:
     assert f"fingerprint: {public.fingerprint}" in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an integrator's cron job runs `medsecure receive`: when no transport could be read "
-    "(the relay is down) it exits 0 with '0 message(s)' and a warning, so the script never "
-    "notices; expected a non-zero status (e.g. 75, EX_TEMPFAIL). Needs Client.receive to report "
-    "which transports failed (lead's client modules).",
-)
 def test_receive_fails_when_the_relay_is_down(tmp_path: Path) -> None:
     _init(tmp_path, "petit", "rpps:10000000019", "--relay", f"http://127.0.0.1:{free_port()}")
     proc = run(["receive", "--home", "petit"], tmp_path)
@@ -185,13 +178,6 @@ def test_receive_fails_when_the_relay_is_down(tmp_path: Path) -> None:
 # --- the Python API ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="init_home writes any trust section ({'mode': 'bogus'}, {'mode': 'authority'} without "
-    "authorities, {'authority': KEY}) and the home then fails at client_from_home with "
-    "ConfigError; expected init_home to refuse it and leave no home (medsecure/_home.py, lead's)",
-)
 @pytest.mark.parametrize(
     "trust", [{"mode": "bogus"}, {"mode": "authority"}, {"authority": "msp1…"}]
 )
@@ -204,14 +190,6 @@ def test_init_home_refuses_a_trust_section_it_cannot_use(tmp_path: Path, trust: 
         raise AssertionError("init_home accepted a trust section client_from_home refuses")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="docs/trust.md: a TrustPolicy is 'a required argument wherever trust is decided', and "
-    "`medsecure init` refuses to choose; init_home without trust= silently configures "
-    "unsafe trust on first use. Expected a TypeError/ValueError asking for trust= "
-    "(medsecure/_home.py, lead's; the README already passes it)",
-)
 def test_init_home_does_not_choose_unsafe_tofu_silently(tmp_path: Path) -> None:
     try:
         medsecure.init_home(tmp_path / "h", passphrase=PASS, me="rpps:10000005479")

@@ -31,6 +31,10 @@ class CliError(Exception):
     """A failure to report as one line."""
 
 
+class TemporaryFailure(CliError):
+    """A failure worth retrying later (exit status 75, EX_TEMPFAIL): a mailbox was unreachable."""
+
+
 def reason(exc: OSError) -> str:
     """What an OSError means, without the file name it carries (which may name a patient)."""
     if isinstance(exc, FileNotFoundError):
@@ -249,6 +253,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code if exc.exit_code else 2)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
+    except TemporaryFailure as exc:
+        return _fail(str(exc), 75)
     except (CliError, medsecure.MedsecureError, ValueError) as exc:
         return _fail(str(exc), 1)
     except OSError as exc:  # the file name is not repeated: it may name a patient

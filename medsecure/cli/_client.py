@@ -23,6 +23,7 @@ from ._app import (
     PROGRESS_THRESHOLD,
     PUBLIC_SUFFIX,
     CliError,
+    TemporaryFailure,
     about,
     check_ref,
     cli,
@@ -470,9 +471,17 @@ def receive(output: str | None, limit: int | None, home: str | None, as_json: bo
                 entry["documents"] = [d.filename or d.id for d in msg.documents]
             listing.append(entry)
         quarantined = len(client.quarantine())
+        unreachable = client.unreachable
     if as_json:
         click.echo(
-            json.dumps({"messages": listing, "quarantined": quarantined}, ensure_ascii=False)
+            json.dumps(
+                {
+                    "messages": listing,
+                    "quarantined": quarantined,
+                    "unreachable": [name for name, _ in unreachable],
+                },
+                ensure_ascii=False,
+            )
         )
     else:
         for e in listing:
@@ -484,6 +493,10 @@ def receive(output: str | None, limit: int | None, home: str | None, as_json: bo
             + (f", {quarantined} in quarantine" if quarantined else ""),
             err=True,
         )
+    if unreachable:
+        name, why = unreachable[0]
+        more = f" (and {len(unreachable) - 1} other mailbox(es))" if len(unreachable) > 1 else ""
+        raise TemporaryFailure(f"could not read the {name} mailbox: {why}{more}; try again later")
 
 
 @cli.command()

@@ -418,6 +418,11 @@ class RelayTransport(Transport):
         return self._core.url
 
     @property
+    def name(self) -> str:
+        """``relay:<url>`` (this identity's mailbox on that relay)."""
+        return f"relay:{self._core.url}"
+
+    @property
     def mailbox(self) -> str:
         """This identity's mailbox name (its fingerprint)."""
         return self._core.mailbox
@@ -714,6 +719,11 @@ class AsyncRelayTransport(AsyncTransport):
     def url(self) -> str:
         """The relay holding this identity's mailbox."""
         return self._core.url
+
+    @property
+    def name(self) -> str:
+        """``relay:<url>`` (this identity's mailbox on that relay)."""
+        return f"relay:{self._core.url}"
 
     @property
     def mailbox(self) -> str:

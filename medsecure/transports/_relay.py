@@ -71,6 +71,9 @@ log = logging.getLogger("medsecure.transports.relay")
 _WARNED: set[str] = set()
 _FP_RE = re.compile(r"ms1[a-z2-7]{52}")
 _MID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+_CURSOR_RE = re.compile(r"[0-9]{1,18}\.ms1[a-z2-7]{52}")
+#: Pages of a key look-up by identifier read at most (a relay pages 100 bundles at a time).
+_MAX_KEY_PAGES = 50
 _CHUNK = 1 << 20
 _MAX_JSON = 8 << 20
 _SPOOL = 8 << 20
@@ -265,14 +268,35 @@ class _Core:
                 out.append(UploadState(mb, mid, str(state), at))
         return out
 
-    def keys_url(self, base: str, fingerprint: str | None, identifier: str | None) -> str:
+    def keys_url(
+        self, base: str, fingerprint: str | None, identifier: str | None, after: str | None = None
+    ) -> str:
         if (fingerprint is None) == (identifier is None):
             raise ValueError("give a fingerprint or an identifier")
         if fingerprint is not None:
             if not _FP_RE.fullmatch(fingerprint):
                 raise ValueError("not an ms1… fingerprint")
             return f"{base}/v1/keys/{fingerprint}"
-        return f"{base}/v1/keys?" + urllib.parse.urlencode({"identifier": identifier})
+        query = {"identifier": identifier} | ({"after": after} if after is not None else {})
+        return f"{base}/v1/keys?" + urllib.parse.urlencode(query)
+
+    def next_keys(self, status: int, body: bytes, pages: int) -> str | None:
+        """The cursor of the next page of a look-up by identifier (None: that was the last),
+        after ``pages`` pages. A relay answers every claim of an identifier, a page at a time;
+        an answer cut short would hide whoever is on the pages not read, so past
+        ``_MAX_KEY_PAGES`` the look-up fails instead of answering in part."""
+        if status != 200:
+            return None
+        doc = _json(body)
+        cursor = doc.get("next") if isinstance(doc, dict) else None
+        if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
+            return None
+        if pages >= _MAX_KEY_PAGES:
+            raise TransportError(
+                f"the relay lists more than {pages} pages of key bundles claiming this"
+                " identifier: refusing an incomplete answer"
+            )
+        return cursor
 
     def bundles(self, status: int, body: bytes, fingerprint: str | None) -> list[KeyBundle]:
         """Parse what a key lookup returned; bundles that do not verify are skipped."""
@@ -579,12 +603,25 @@ class RelayTransport(Transport):
         identifier: str | None = None,
         url: str | None = None,
     ) -> Sequence[KeyBundle]:
-        """Key bundles published on a relay (default: this one) under a fingerprint, or claiming
-        an identifier (IDNPS, ``rpps:…``). Self-signed only: a trust policy decides."""
+        """Key bundles published on a relay (default: this one) under a fingerprint, or every
+        bundle claiming an identifier (IDNPS, ``rpps:…``; read page by page, or
+        :class:`TransportError` if there are too many to read). Self-signed only: a trust policy
+        decides."""
         base = self._core.base(url) if url else self._core.url
-        target = self._core.keys_url(base, fingerprint, identifier)
-        answer = self._send("GET", target, ok=(200, 404), base=base)
-        return self._core.bundles(answer.status_code, answer.content, fingerprint)
+        found: dict[str, KeyBundle] = {}
+        after: str | None = None
+        pages = 0
+        while True:
+            target = self._core.keys_url(base, fingerprint, identifier, after)
+            answer = self._send("GET", target, ok=(200, 404), base=base)
+            for bundle in self._core.bundles(answer.status_code, answer.content, fingerprint):
+                found.setdefault(bundle.fingerprint, bundle)
+            pages += 1
+            if fingerprint is not None:
+                return list(found.values())
+            after = self._core.next_keys(answer.status_code, answer.content, pages)
+            if after is None:
+                return list(found.values())
 
     def close(self) -> None:
         if self._own_client:
@@ -921,9 +958,20 @@ class AsyncRelayTransport(AsyncTransport):
     ) -> Sequence[KeyBundle]:
         """See :meth:`RelayTransport.find_keys`."""
         base = self._core.base(url) if url else self._core.url
-        target = self._core.keys_url(base, fingerprint, identifier)
-        answer = await self._send("GET", target, ok=(200, 404), base=base)
-        return self._core.bundles(answer.status_code, answer.content, fingerprint)
+        found: dict[str, KeyBundle] = {}
+        after: str | None = None
+        pages = 0
+        while True:
+            target = self._core.keys_url(base, fingerprint, identifier, after)
+            answer = await self._send("GET", target, ok=(200, 404), base=base)
+            for bundle in self._core.bundles(answer.status_code, answer.content, fingerprint):
+                found.setdefault(bundle.fingerprint, bundle)
+            pages += 1
+            if fingerprint is not None:
+                return list(found.values())
+            after = self._core.next_keys(answer.status_code, answer.content, pages)
+            if after is None:
+                return list(found.values())
 
     async def aclose(self) -> None:
         """Release the HTTP client if this transport made it."""

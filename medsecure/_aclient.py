@@ -32,10 +32,10 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO, ParamSpec, Self, TypeVar
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
 from ._client import Client
+from ._closing import AsyncClosing
 from ._document import Document
 from ._identity import Identity
 from ._results import (
@@ -104,7 +104,7 @@ class _Bridge(Transport):
         return dict(self._wait(self.inner.poll(endpoint, message_ids)))
 
 
-class AsyncClient:
+class AsyncClient(AsyncClosing):
     """Send and receive health documents from asyncio code (see the module docstring).
 
     Takes the arguments of :class:`~medsecure.Client`; ``transport`` may mix synchronous and
@@ -264,14 +264,3 @@ class AsyncClient:
             await self._run(self._client.close)
         finally:
             self._executor.shutdown(wait=False)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

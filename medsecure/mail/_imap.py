@@ -36,9 +36,9 @@ import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
-from typing import BinaryIO, Self, TypeVar
+from typing import BinaryIO, TypeVar
 
+from .._closing import Closing
 from .._errors import StorageError, TransportError, TransportUnavailable
 from ._config import MailItem, MailServer, server_text, tls_context, tls_failure
 
@@ -128,7 +128,7 @@ class _IMAP4_SSL(_Bounded, imaplib.IMAP4_SSL):
     pass
 
 
-class ImapMailbox:
+class ImapMailbox(Closing):
     """Messages of one IMAP folder: list, peek at headers, fetch in parts, move.
 
     ``folder`` is the folder read (default ``INBOX``). ``chunk_size`` bounds each partial fetch
@@ -172,17 +172,6 @@ class ImapMailbox:
 
     def __repr__(self) -> str:
         return f"<ImapMailbox {self.server.host}:{self.server.port_for('imap')} {self.folder!r}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Log out and close the connection."""

@@ -37,9 +37,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from types import TracebackType
-from typing import BinaryIO, Literal, Self
+from typing import BinaryIO, Literal
 
+from .._closing import Closing
 from .._errors import (
     DeliveryRejected,
     MedsecureError,
@@ -186,7 +186,7 @@ class _Drop(Exception):
         self.before_mail = before_mail
 
 
-class SmtpSubmitter:
+class SmtpSubmitter(Closing):
     """Submit RFC 5322 messages to a submission server, streamed, over one reused connection.
 
     Use as a context manager (or call :meth:`close`). Not thread-safe across threads beyond a
@@ -215,17 +215,6 @@ class SmtpSubmitter:
 
     def __repr__(self) -> str:
         return f"<SmtpSubmitter {self.server.host}:{self.server.port_for('smtp')}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- connection ----------------------------------------------------------------------------
 

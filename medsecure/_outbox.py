@@ -27,7 +27,6 @@ transport makes idempotent and every inbox deduplicates.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from . import _receipts as receipts
 from ._document import Document
 from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError, TrustError
-from ._fs import atomic_output
+from ._fs import atomic_output, removing_on_failure
 from ._identity import Identity, PublicIdentity
 from ._receipts import REQUESTABLE
 from ._results import OutboxEntry, RecipientStatus, SendResult, StatusEvent
@@ -328,30 +327,25 @@ class Outbox:
         envelope id). Nothing is promised yet: :meth:`accept` does that."""
         name = f"{manifest.message_id}.msec"
         path = self.store.outbox_dir / name
-        try:
-            with (
-                MessageReader(manifest, docs, progress=progress) as src,
-                # 0644: the envelope is encrypted; drop folders may hard-link it for other users
-                atomic_output(path, mode=0o644) as out,
-            ):
-                seal_stream(
-                    src,  # type: ignore[arg-type]
-                    out,
-                    sender=identity,
-                    recipients=keys,
-                    allow_classic=allow_classic,
-                )
-            size = path.stat().st_size
-            with path.open("rb") as fh:
-                eid = envelope_id(fh)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        with removing_on_failure(path):
+            try:
+                with (
+                    MessageReader(manifest, docs, progress=progress) as src,
+                    # 0644: the envelope is encrypted; drop folders may hard-link it for others
+                    atomic_output(path, mode=0o644) as out,
+                ):
+                    seal_stream(
+                        src,  # type: ignore[arg-type]
+                        out,
+                        sender=identity,
+                        recipients=keys,
+                        allow_classic=allow_classic,
+                    )
+                size = path.stat().st_size
+                with path.open("rb") as fh:
+                    eid = envelope_id(fh)
+            except OSError as exc:
+                raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
         return name, size, eid
 
     def write_mssante(
@@ -413,46 +407,39 @@ class Outbox:
         name, size, eid = sealed
         payloads = payloads or {}
         now = self.clock()
-        try:
-            with self.store.transaction() as db:
-                db.execute(
-                    "INSERT INTO outbox (message_id, created, envelope, size, envelope_id,"
-                    " receipts, deadline, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        files = [self.store.outbox_dir / file for file in {name, *payloads.values()}]
+        with removing_on_failure(*files), self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO outbox (message_id, created, envelope, size, envelope_id,"
+                " receipts, deadline, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    manifest.message_id,
+                    now,
+                    name,
+                    size,
+                    eid,
+                    ",".join(manifest.receipts),
+                    deadline,
+                    manifest.kind,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO deliveries (message_id, recipient, endpoints, endpoint_index,"
+                " status, attempts, next_attempt, last_error, updated, payload)"
+                " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?, ?)",
+                [
                     (
                         manifest.message_id,
+                        idnps,
+                        json.dumps([e.model_dump(mode="json", exclude_defaults=True) for e in eps]),
+                        QUEUED,
                         now,
-                        name,
-                        size,
-                        eid,
-                        ",".join(manifest.receipts),
-                        deadline,
-                        manifest.kind,
-                    ),
-                )
-                db.executemany(
-                    "INSERT INTO deliveries (message_id, recipient, endpoints, endpoint_index,"
-                    " status, attempts, next_attempt, last_error, updated, payload)"
-                    " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?, ?)",
-                    [
-                        (
-                            manifest.message_id,
-                            idnps,
-                            json.dumps(
-                                [e.model_dump(mode="json", exclude_defaults=True) for e in eps]
-                            ),
-                            QUEUED,
-                            now,
-                            now,
-                            payloads.get(idnps),
-                        )
-                        for idnps, eps in plans
-                    ],
-                )
-        except BaseException:
-            for file in {name, *payloads.values()}:
-                with contextlib.suppress(OSError):
-                    (self.store.outbox_dir / file).unlink()
-            raise
+                        now,
+                        payloads.get(idnps),
+                    )
+                    for idnps, eps in plans
+                ],
+            )
 
     def submit(
         self,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from .._errors import DeliveryRejected, StorageError, TransportError, TransportUnavailable
-from .._fs import fsync_dir
+from .._fs import fsync_dir, new_file, removing_on_failure
 from ..models import Endpoint
 from ._base import Incoming, Transport, UnsupportedItem
 
@@ -108,22 +108,10 @@ class FileTransport(Transport):
         try:
             self.prepare(box)
             if not self._link(envelope, tmp):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        shutil.copyfileobj(envelope, out, 1 << 20)
-                        out.flush()
-                        os.fsync(out.fileno())
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                    raise
-            try:
+                with new_file(tmp, mode=0o644) as out:
+                    shutil.copyfileobj(envelope, out, 1 << 20)
+            with removing_on_failure(tmp):
                 self._publish(tmp, box / "new", message_id)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
             fsync_dir(box / "new")
         except OSError as exc:
             where = f"drop folder {str(box)!r}"
@@ -229,16 +217,8 @@ class FileTransport(Transport):
                 raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
             if self._link_same(path, target, st):
                 return
-            out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(os.dup(fd), "rb") as src, os.fdopen(out_fd, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    target.unlink()
-                raise
+            with os.fdopen(os.dup(fd), "rb") as src, new_file(target) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
         except OSError as exc:
             raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
         finally:

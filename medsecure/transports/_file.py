@@ -44,6 +44,7 @@ _ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _STALE_TMP_SECONDS = 36 * 3600  # Maildir's advice for abandoned tmp/ files
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_NOT_REGULAR = "not a regular file (a link, a FIFO, a device or a folder)"
 _TRANSIENT = {
     errno.ENOSPC,
     errno.EDQUOT,
@@ -182,11 +183,7 @@ class FileTransport(Transport):
             except OSError:
                 continue
             if m is None or not stat.S_ISREG(st.st_mode):
-                problem = (
-                    "not a medsecure envelope name"
-                    if m is None
-                    else "not a regular file (a link, a FIFO, a device or a folder)"
-                )
+                problem = "not a medsecure envelope name" if m is None else _NOT_REGULAR
                 # the handle is the folder entry's name: it is reported, never opened
                 out.append(
                     Incoming(
@@ -200,21 +197,8 @@ class FileTransport(Transport):
     def take(self, item: Incoming, target: Path) -> None:
         """Link (same file system) or copy a waiting regular file to ``target``, from the
         descriptor opened without following links and without blocking."""
-        path = self._path(item)
+        path, fd, st = self._open_regular(item)
         try:
-            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError as exc:
-            raise TransportUnavailable("the envelope was taken by another reader") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
-                raise UnsupportedItem(
-                    "not a regular file (a link, a FIFO, a device or a folder)"
-                ) from exc
-            raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
             if self._link_same(path, target, st):
                 return
             with os.fdopen(os.dup(fd), "rb") as src, new_file(target) as out:
@@ -270,21 +254,33 @@ class FileTransport(Transport):
             raise ValueError("not an item of this transport")
         return self.root / "new" / item.handle
 
-    def fetch(self, item: Incoming) -> BinaryIO:
+    def _open_regular(self, item: Incoming) -> tuple[Path, int, os.stat_result]:
+        """Open a waiting item without following links and without blocking: its path, the
+        descriptor (the caller closes it) and its status. Anything but a regular file is
+        :class:`UnsupportedItem`, a file gone meanwhile :class:`TransportUnavailable`."""
         path = self._path(item)
         try:
             fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
             raise TransportUnavailable("the envelope was taken by another reader") from exc
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO):
-                raise UnsupportedItem(
-                    "not a regular file (a link, a FIFO, a device or a folder)"
-                ) from exc
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+                raise UnsupportedItem(_NOT_REGULAR) from exc
             raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsupportedItem(_NOT_REGULAR)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
+            raise
+        return path, fd, st
+
+    def fetch(self, item: Incoming) -> BinaryIO:
+        _, fd, _ = self._open_regular(item)
+        try:
             return os.fdopen(fd, "rb")
         except BaseException:
             os.close(fd)

@@ -790,7 +790,7 @@ class Outbox:
                     signer,
                     delivery["status"],
                 )
-            self._event_in(db, str(of), signer, status, late=late, detail=reason)
+            self.event(str(of), signer, status, late=late, detail=reason, db=db)
         return None
 
     def apply_report(self, report: DeliveryReport, *, endpoint: Endpoint | None = None) -> bool:
@@ -856,8 +856,8 @@ class Outbox:
                     == 1
                 )
                 if changed:
-                    self._event_in(
-                        db, row["message_id"], row["recipient"], final, detail=report.reason
+                    self.event(
+                        row["message_id"], row["recipient"], final, detail=report.reason, db=db
                     )
             elif report.status in ("delivered", "read"):
                 late = receipts.is_late(row["status"])
@@ -878,9 +878,7 @@ class Outbox:
                     > 0
                 )
                 if changed:
-                    self._event_in(
-                        db, row["message_id"], row["recipient"], report.status, late=late
-                    )
+                    self.event(row["message_id"], row["recipient"], report.status, late=late, db=db)
         self.audit.append(
             "report",
             message_id=row["message_id"],
@@ -892,16 +890,24 @@ class Outbox:
         return changed
 
     # -- events ----------------------------------------------------------------------------
-    def _event_in(
+    def event(
         self,
-        db: sqlite3.Connection,
         message_id: str,
         recipient: str,
         status: str,
         *,
         late: bool = False,
         detail: str | None = None,
+        db: sqlite3.Connection | None = None,
     ) -> None:
+        """Record a status change. Inside the transaction ``db`` it is handed to ``on_status``
+        by :meth:`notify`, once the caller committed; without one, in a transaction of its own,
+        and handed on at once."""
+        if db is None:
+            with self.store.transaction(durable=False) as own:
+                self.event(message_id, recipient, status, late=late, detail=detail, db=own)
+            self.notify()
+            return
         at = self.clock()
         cur = db.execute(
             "INSERT INTO events (message_id, recipient, status, at, late, detail)"
@@ -913,20 +919,6 @@ class Outbox:
                 int(cur.lastrowid or 0), message_id, recipient, status, _ts(at), late, detail
             )
         )
-
-    def event(
-        self,
-        message_id: str,
-        recipient: str,
-        status: str,
-        *,
-        late: bool = False,
-        detail: str | None = None,
-    ) -> None:
-        """Record a status change and hand it to ``on_status``."""
-        with self.store.transaction(durable=False) as db:
-            self._event_in(db, message_id, recipient, status, late=late, detail=detail)
-        self.notify()
 
     def notify(self) -> None:
         """Hand recorded events to ``on_status`` (after their transaction committed)."""

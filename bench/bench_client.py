@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 import medsecure as m
-from medsecure.trust import sign_binding
+from medsecure.directory import MemoryDirectory
+from medsecure.models import Endpoint, KeyEntry, Practitioner
+from medsecure.transports import FileTransport
+from medsecure.trust import AuthorityPolicy, sign_binding
 
 
 def setup(root: Path) -> tuple[m.Client, m.Client, m.Identity, m.Identity]:
@@ -30,7 +33,7 @@ def setup(root: Path) -> tuple[m.Client, m.Client, m.Identity, m.Identity]:
     idnps = {"alice": "810000005479", "bob": "810000000019"}
     entries = []
     for who, ident in ids.items():
-        box = m.FileTransport.prepare(root / f"box-{who}")
+        box = FileTransport.prepare(root / f"box-{who}")
         st = sign_binding(
             authority,
             idnps=idnps[who],
@@ -39,20 +42,20 @@ def setup(root: Path) -> tuple[m.Client, m.Client, m.Identity, m.Identity]:
             not_after=now + dt.timedelta(days=9),
         )
         entries.append(
-            m.Practitioner(
+            Practitioner(
                 idnps=idnps[who],
-                keys=(m.KeyEntry(public=ident.public, statements=(st.to_text(),)),),
-                endpoints=(m.Endpoint(kind="drop", path=str(box)),),
+                keys=(KeyEntry(public=ident.public, statements=(st.to_text(),)),),
+                endpoints=(Endpoint(kind="drop", path=str(box)),),
             )
         )
-    directory = m.MemoryDirectory(entries)
+    directory = MemoryDirectory(entries)
     clients = [
         m.Client(
             ids[w],
             directory,
-            m.FileTransport(root / f"box-{w}"),
+            FileTransport(root / f"box-{w}"),
             root / f"home-{w}",
-            trust=m.AuthorityPolicy([authority.public]),
+            trust=AuthorityPolicy([authority.public]),
             me=idnps[w],
         )
         for w in ("alice", "bob")

@@ -147,3 +147,12 @@ def wait(predicate, what: str, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.05)
+
+
+def fresh_database(cluster: Postgres, name: str) -> str:
+    """The URL of a new, empty database of ``cluster`` (for tests that need one of their own)."""
+    import psycopg
+
+    with psycopg.connect(cluster.admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return cluster.url.rsplit("/", 1)[0] + "/" + name

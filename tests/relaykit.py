@@ -247,11 +247,11 @@ class RoundRobinProxy:
     """A TCP load balancer on loopback (what a reverse proxy does in front of several relay
     instances): each new connection goes to the next backend that accepts it."""
 
-    def __init__(self, ports: list[int]) -> None:
+    def __init__(self, ports: list[int], port: int | None = None) -> None:
         import threading
 
         self.ports = ports
-        self.port = free_port()
+        self.port = port or free_port()
         self._next = 0
         self._sock = socket.create_server(("127.0.0.1", self.port))
         self._sock.settimeout(0.2)

@@ -74,3 +74,25 @@ def test_a_file_owned_by_another_user_is_copied_not_linked_into_the_home(
             assert q.path.read_bytes() == b"junk that is no envelope"
     finally:
         os.close(fd)
+
+
+def test_a_local_senders_envelope_is_still_linked_not_copied(tmp_path: Path) -> None:
+    """The fast path stays: an envelope a sender of this user linked from its outbox (0644,
+    writable by this user only, two links) is hard-linked into the inbox, not copied — nobody
+    else can write it, so the other links give nobody power over the copy."""
+    authority = m.Identity.generate()
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000019")
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    with client(alice, directory, authority) as ca:
+        ca.send(m.Document(content=b"x" * 4096), to=bob.ref)
+    (dropped,) = (bob.box / "new").iterdir()
+    before = dropped.stat()
+    assert before.st_nlink == 2 and not before.st_mode & 0o022  # outbox + drop folder
+    with client(bob, directory, authority) as cb:
+        cb.store.inbox_dir  # noqa: B018 - the home exists
+        (msg,) = cb.receive()
+        inode = (before.st_dev, before.st_ino)
+        held = [p for p in (bob.home / "inbox").iterdir() if p.suffix == ".msec"]
+        assert [(p.stat().st_dev, p.stat().st_ino) for p in held] == [inode]
+        msg.ack()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pgkit import wait
-from relaykit import RelayServer, RoundRobinProxy, cli, message_id
+from pgkit import fresh_database, wait
+from relaykit import RelayServer, RoundRobinProxy, cli, free_port, message_id
 from test_relay_crash import PATIENT, Gated, _payload, deliver_all, drain
 
 import medsecure as m
@@ -27,18 +27,25 @@ def _box(identity: m.Identity, url: str) -> Endpoint:
     return Endpoint(kind="relay", url=url, mailbox=identity.fingerprint)
 
 
-def _large_objects(pg) -> int:
-    with psycopg.connect(pg.url) as conn:
+def _large_objects(url: str) -> int:
+    with psycopg.connect(url) as conn:
         row = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
         assert row is not None
         return int(row[0])
 
 
-def _writing(pg) -> bool:
-    with psycopg.connect(pg.url) as conn:
+def _registered_objects(url: str) -> int:
+    """Large objects of uploads not recorded (yet, or ever: their instance died)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM relay_body_objects").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def _writing(url: str) -> bool:
+    with psycopg.connect(url) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT lo_put%%'"
-            " AND state = 'idle in transaction'"
+            "SELECT count(*) FROM relay_body_objects WHERE length(lo_get(object, 0, 1)) > 0"
         ).fetchone()
         return bool(row and row[0])
 
@@ -58,14 +65,15 @@ def test_retention_sweep_runs_beside_live_instances(pg, tmp_path, alice):
 
 
 def test_kill_9_during_an_upload_leaves_no_partial_body(pg, tmp_path, alice):
+    url = fresh_database(pg, "object_kill")
     bob = m.Identity.generate()
     data = _payload(tmp_path / "env.msec", 16)
-    srv = RelayServer(tmp_path / "log", database=pg.url, args=FAST).start()
+    srv = RelayServer(tmp_path / "log", database=url, args=FAST).start()
     try:
         sender = RelayTransport(alice, srv.url, **PATIENT)
         receiver = RelayTransport(bob, srv.url, **PATIENT)
         receiver.list()
-        objects_before = _large_objects(pg)
+        objects_before = _large_objects(url)
         gated = Gated(tmp_path / "env.msec", stop_at=6 << 20)
         mid = message_id()
         errors: list[BaseException] = []
@@ -79,8 +87,10 @@ def test_kill_9_during_an_upload_leaves_no_partial_body(pg, tmp_path, alice):
         worker = threading.Thread(target=upload)
         worker.start()
         assert gated.reached.wait(60)
-        wait(lambda: _writing(pg), "the relay is writing the body into a large object")
+        wait(lambda: _writing(url), "the relay is writing the body into a large object")
         srv.kill()
+        # the partial body is in a registered large object, listed nowhere
+        assert _registered_objects(url) == 1 and _large_objects(url) == objects_before + 1
         srv.start()
         assert receiver.list() == []
         gated.go.set()
@@ -88,10 +98,15 @@ def test_kill_9_during_an_upload_leaves_no_partial_body(pg, tmp_path, alice):
         assert errors == []
         (item,) = receiver.list()
         assert receiver.fetch(item).read() == data
+        # the finished body is recorded (no longer registered); the dead one waits for the sweep
+        assert _registered_objects(url) == 1 and _large_objects(url) == objects_before + 2
+        later = str(int(time.time()) + 2 * 86400)
+        done = cli("relay", "sweep", "--database", url, "--as-of", later)
+        assert done.returncode == 0, done.stderr
+        assert _registered_objects(url) == 0 and _large_objects(url) == objects_before + 1
+        assert receiver.fetch(item).read() == data  # the sweep spares recorded bodies
         receiver.acknowledge(item)
-        # the killed upload's large object rolled back with its transaction; the acknowledged
-        # one was unlinked: none is left behind
-        assert _large_objects(pg) == objects_before
+        assert _large_objects(url) == objects_before  # the acknowledged one was unlinked
         sender.close()
         receiver.close()
     finally:
@@ -102,9 +117,12 @@ def test_kill_9_during_an_upload_leaves_no_partial_body(pg, tmp_path, alice):
 def test_two_instances_one_killed_halfway_exactly_once(pg, tmp_path):
     senders = [m.Identity.generate() for _ in range(20)]
     receivers = [m.Identity.generate() for _ in range(10)]
-    a = RelayServer(tmp_path / "a.log", database=pg.url, args=FAST).start()
-    b = RelayServer(tmp_path / "b.log", database=pg.url, args=FAST).start()
-    proxy = RoundRobinProxy([a.port, b.port])
+    # the instances answer for the proxy's address, the one their clients use
+    front = free_port()
+    args = (*FAST, "--public-url", f"http://127.0.0.1:{front}")
+    a = RelayServer(tmp_path / "a.log", database=pg.url, args=args).start()
+    b = RelayServer(tmp_path / "b.log", database=pg.url, args=args).start()
+    proxy = RoundRobinProxy([a.port, b.port], port=front)
     try:
         progress: dict[str, bytes] = {}
         killed = threading.Event()
@@ -221,12 +239,13 @@ def test_kill_9_during_an_upload_to_the_shared_folder(pg, tmp_path, alice):
 def test_two_instances_share_a_bodies_folder_one_killed_halfway_exactly_once(pg, tmp_path):
     url = _database(pg, "folder_two")
     folder = tmp_path / "bodies"
-    args = (*FAST, "--bodies", str(folder))
+    front = free_port()
+    args = (*FAST, "--bodies", str(folder), "--public-url", f"http://127.0.0.1:{front}")
     senders = [m.Identity.generate() for _ in range(20)]
     receivers = [m.Identity.generate() for _ in range(10)]
     a = RelayServer(tmp_path / "a.log", database=url, args=args).start()
     b = RelayServer(tmp_path / "b.log", database=url, args=args).start()
-    proxy = RoundRobinProxy([a.port, b.port])
+    proxy = RoundRobinProxy([a.port, b.port], port=front)
     try:
         progress: dict[str, bytes] = {}
         killed = threading.Event()

@@ -382,3 +382,109 @@ def test_a_signature_must_cover_exactly_the_protocols_components():
         with pytest.raises(AuthError) as err:
             _verify(me, dict(message.headers.items()))
         assert err.value.slug == "signature-invalid"
+
+
+# -- key look-ups by identifier: every page, bounded -----------------------------------------
+
+
+def _paging_relay(bundles: list[bytes], *, endless: bool = False):
+    """A scripted relay paging ``bundles`` two at a time (or answering ``next`` forever)."""
+    import base64
+
+    asked: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            return httpx.Response(204)
+        after = request.url.params.get("after")
+        asked.append(after)
+        start = int(after.split(".")[0]) if after else 0
+        page = bundles[start : start + 2] if not endless else bundles[:1]
+        doc: dict[str, object] = {
+            "bundles": [base64.urlsafe_b64encode(b).decode().rstrip("=") for b in page]
+        }
+        if endless or start + 2 < len(bundles):
+            doc["next"] = f"{start + 2}.ms1{'a' * 52}"
+        return httpx.Response(200, json=doc)
+
+    return handler, asked
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_look_up_by_identifier_reads_every_page_and_no_more_than_it_may(kind, alice):
+    from medsecure.transports._relay import _MAX_KEY_PAGES
+
+    holders = [m.Identity.generate() for _ in range(5)]
+    raws = [sign_bundle(h, identifiers=("810003456789",)).raw for h in holders]
+
+    def look_up(handler) -> list[KeyBundle]:
+        if kind == "sync":
+            client = httpx.Client(transport=httpx.MockTransport(handler))
+            with RelayTransport(alice, "http://relay.test", client=client) as t:
+                return list(t.find_keys(identifier="rpps:10003456789"))
+
+        async def go() -> list[KeyBundle]:
+            client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+            async with AsyncRelayTransport(alice, "http://relay.test", client=client) as t:
+                found = list(await t.find_keys(identifier="rpps:10003456789"))
+            await client.aclose()
+            return found
+
+        return asyncio.run(go())
+
+    handler, asked = _paging_relay(raws)
+    assert [b.public for b in look_up(handler)] == [h.public for h in holders]
+    assert asked == [None, f"2.ms1{'a' * 52}", f"4.ms1{'a' * 52}"]
+    # a relay that never stops paging gets an error, not a partial answer
+    handler, asked = _paging_relay(raws, endless=True)
+    with pytest.raises(TransportError, match="incomplete"):
+        look_up(handler)
+    assert len(asked) == _MAX_KEY_PAGES
+
+
+def test_public_urls_name_the_hosts_a_relay_answers_for():
+    from medsecure.relay.server import default_public_urls
+    from medsecure.relay.server._config import public_authorities
+
+    assert public_authorities(["https://Relay.Example", "http://relay.example:8080/"]) == {
+        "relay.example",
+        "relay.example:443",
+        "relay.example:8080",
+    }
+    assert public_authorities(["http://[::1]:8443"]) == {"[::1]:8443"}
+    for bad in ("ftp://relay.example", "https://relay.example/v1", "https://u@relay.example", "x"):
+        with pytest.raises(ValueError):
+            public_authorities([bad])
+    # by default: the listening address, with every loopback name of it on loopback
+    assert public_authorities(default_public_urls("127.0.0.1", 8443, tls=False)) == {
+        "127.0.0.1:8443",
+        "localhost:8443",
+        "[::1]:8443",
+    }
+    assert public_authorities(default_public_urls("relay.internal", 443, tls=True)) == {
+        "relay.internal",
+        "relay.internal:443",
+    }
+    for everywhere in ("0.0.0.0", "::", "[::]", ""):
+        with pytest.raises(ValueError, match="public"):
+            default_public_urls(everywhere, 8443, tls=False)
+
+
+def test_a_page_of_keys_is_bounded_in_count_and_in_bytes():
+    from medsecure.relay._bundle import MAX_BUNDLE_BYTES
+    from medsecure.relay.server._app import KEYS_PAGE_BYTES, keys_page
+    from medsecure.transports._relay import _MAX_JSON
+
+    fp = "ms1" + "a" * 52
+    small = [(i, fp, b"s" * 100) for i in range(6)]
+    assert keys_page(small[:3], 5) == {"bundles": ["c3Nz" * 33 + "cw"] * 3}
+    page = keys_page(small, 5)
+    assert len(page["bundles"]) == 5 and page["next"] == f"4.{fp}"
+    # bundles of the largest size: fewer per page, a page well under what a client reads
+    big = [(i, fp, b"b" * MAX_BUNDLE_BYTES) for i in range(101)]
+    page = keys_page(big, 100)
+    count = len(page["bundles"])
+    assert 1 < count < 100 and page["next"] == f"{count - 1}.{fp}"
+    assert len(json.dumps(page)) <= KEYS_PAGE_BYTES + 1000 < _MAX_JSON
+    # one bundle always fits
+    assert len(keys_page([(0, fp, b"b" * (KEYS_PAGE_BYTES * 2))], 100)["bundles"]) == 1

@@ -224,3 +224,129 @@ def test_postgres_nonces_are_single_use_even_within_one_batch(pg_storage):
         t.join(60)
     assert errors == {} and sorted(results.values()) == [False] * 7 + [True]
     assert pg_storage.remember_nonce(SENDER, "m" * 22, 2**40) is True
+
+
+# -- key claims -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_storage(request, tmp_path):
+    if request.param == "sqlite":
+        storage = SQLiteStorage(tmp_path / "data")
+        yield storage
+        storage.close()
+    else:
+        yield request.getfixturevalue("pg_storage")
+
+
+FP = ["ms1" + c * 52 for c in "abcdef"]
+
+
+def test_claims_are_listed_in_the_order_first_seen_a_page_at_a_time(any_storage):
+    s = any_storage
+    # published (the publisher's word) says nothing about the order: first seen does
+    for i, fp in enumerate(FP[:5]):
+        s.publish_key(fp, fp.encode(), ["810001"], published=10**12 - i, seen=1000 + i)
+    # a republication (a newer bundle) keeps its claims' places and may add or drop claims
+    s.publish_key(FP[0], b"newer", ["810001", "810002"], published=10**12 + 1, seen=5000)
+    s.publish_key(FP[4], b"dropped", ["810002"], published=10**12 + 1, seen=5000)
+    # an older bundle does not replace a newer one
+    s.publish_key(FP[1], b"older", [], published=1, seen=6000)
+    pages, after = [], None
+    while True:
+        page = s.keys_for("810001", after, 2)
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1][:2]
+    assert [[fp for _, fp, _ in page] for page in pages] == [FP[0:2], FP[2:4]]
+    assert pages[0][0] == (1000, FP[0], b"newer") and pages[0][1][2] == FP[1].encode()
+    assert [(seen, fp) for seen, fp, _ in s.keys_for("810002", None, 10)] == [
+        (5000, FP[0]),
+        (5000, FP[4]),
+    ]
+
+
+def test_sqlite_claims_from_before_first_seen_come_first(tmp_path):
+    storage = SQLiteStorage(tmp_path / "data")
+    storage.publish_key(FP[0], b"a", ["810001"], published=1, seen=1000)
+    # a database from before the column: the claims it holds count as seen at time 0
+    db = storage._db
+    db.executescript(
+        "DROP INDEX key_identifiers_seen;"
+        " CREATE TABLE old (identifier TEXT NOT NULL, fingerprint TEXT NOT NULL,"
+        " PRIMARY KEY (identifier, fingerprint));"
+        " INSERT INTO old SELECT identifier, fingerprint FROM key_identifiers;"
+        " DROP TABLE key_identifiers; ALTER TABLE old RENAME TO key_identifiers;"
+    )
+    storage.close()
+    again = SQLiteStorage(tmp_path / "data")
+    again.publish_key(FP[1], b"b", ["810001"], published=1, seen=10)
+    assert [(seen, fp) for seen, fp, _ in again.keys_for("810001", None, 10)] == [
+        (0, FP[0]),
+        (10, FP[1]),
+    ]
+    again.close()
+
+
+# -- PostgreSQL large objects -----------------------------------------------------------------
+
+
+def _objects(url: str) -> tuple[int, int]:
+    """(large objects, registered ones: bodies of uploads not recorded)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM pg_largeobject_metadata),"
+            " (SELECT count(*) FROM relay_body_objects)"
+        ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
+def test_postgres_large_bodies_are_registered_until_recorded_and_removed_when_refused(pg_storage):
+    url = pg_storage.url  # type: ignore[attr-defined]
+    body = b"L" * (INLINE_MAX + 1)
+    mid = message_id()
+    assert _objects(url) == (0, 0)
+    # while it arrives, a body is a registered object, and no connection is held for it
+    pending = pg_storage.begin_upload(len(body))
+    pending.write(body[:1000])
+    assert _objects(url) == (1, 1)
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+        ).fetchone()
+        assert row is not None and row[0] == 0
+    pending.write(body[1000:])
+    record, new = pg_storage.commit_upload(
+        pending,
+        mailbox=BOX_A,
+        message_id=mid,
+        sender=SENDER,
+        digest=hashlib.sha256(body).digest(),
+        size=len(body),
+        now=int(time.time()),
+        quota=1 << 30,
+    )
+    assert new and _objects(url) == (1, 0)
+    reader = pg_storage.open_body(BOX_A, mid)
+    assert reader.read(0, len(body)) == body
+    # a replay, a conflict, a refusal by quota, an abandoned upload: their objects go
+    assert _upload(pg_storage, body, mid=mid) == (record, False)
+    with pytest.raises(Conflict):
+        _upload(pg_storage, b"M" * len(body), mid=mid)
+    with pytest.raises(QuotaExceeded):
+        _upload(pg_storage, body, quota=len(body) + 1)
+    abandoned = pg_storage.begin_upload(len(body))
+    abandoned.write(b"x")
+    abandoned.abort()
+    assert _objects(url) == (1, 0)
+    # an upload whose instance died is swept once it is older than a day, not before
+    orphan = pg_storage.begin_upload(len(body))
+    orphan.write(b"x")
+    orphan.oid = None  # as if its instance died: nobody aborts it
+    assert pg_storage.sweep_objects(int(time.time())) == 0
+    assert pg_storage.sweep_objects(int(time.time()) + 2 * 86400) == 1
+    assert _objects(url) == (1, 0)
+    assert pg_storage.acknowledge(BOX_A, mid, int(time.time()))
+    assert _objects(url) == (0, 0)

@@ -98,8 +98,24 @@ def relay() -> None:
     help="Accept only senders vouched for by this authority (public key or file); repeatable.",
 )
 @click.option(
+    "--public-url",
+    "public_urls",
+    multiple=True,
+    metavar="URL",
+    help="A URL clients reach this relay by (https://relay.example); requests signed for any"
+    " other host are refused. Repeatable. Default: the address it listens on (on loopback, also"
+    " localhost). Required behind a reverse proxy or with --host 0.0.0.0.",
+)
+@click.option(
     "--forwarded-allow-ips",
     help="Trust X-Forwarded-* from these proxy addresses (behind a reverse proxy).",
+)
+@click.option(
+    "--body-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, 86400, min_open=True),
+    help="Seconds an upload's body may send nothing before it is abandoned (408).",
 )
 @click.option("--sweep-interval", default=60.0, type=float, hidden=True)
 def serve(
@@ -117,7 +133,9 @@ def serve(
     retention_days: int,
     signature_window: int,
     authorities: tuple[str, ...],
+    public_urls: tuple[str, ...],
     forwarded_allow_ips: str | None,
+    body_timeout: float,
     sweep_interval: float,
 ) -> None:
     """Serve the relay until interrupted (structured logs on stderr)."""
@@ -125,16 +143,22 @@ def serve(
     if bool(tls_cert) != bool(tls_key):
         raise CliError("--tls-cert and --tls-key go together")
     server = _server()
-    config = server.RelayConfig(
-        max_envelope_bytes=max_envelope_mib << 20,
-        mailbox_quota_bytes=mailbox_quota_mib << 20,
-        rate_per_second=rate,
-        rate_burst=burst,
-        retention_days=retention_days,
-        signature_window=signature_window,
-        authorities=tuple(load_public(a, "--authority") for a in authorities),
-        sweep_interval=sweep_interval,
-    )
+    try:
+        config = server.RelayConfig(
+            max_envelope_bytes=max_envelope_mib << 20,
+            mailbox_quota_bytes=mailbox_quota_mib << 20,
+            rate_per_second=rate,
+            rate_burst=burst,
+            retention_days=retention_days,
+            signature_window=signature_window,
+            authorities=tuple(load_public(a, "--authority") for a in authorities),
+            sweep_interval=sweep_interval,
+            body_timeout=body_timeout,
+            public_urls=public_urls
+            or server.default_public_urls(host, port, tls=tls_cert is not None),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     server.serve(
         host=host,
         port=port,

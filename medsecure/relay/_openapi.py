@@ -28,7 +28,7 @@ def _problem(*slugs: str) -> dict[str, Any]:
     return out
 
 
-_AUTH = ("unauthenticated", "signature-invalid", "rate-limited")
+_AUTH = ("misdirected-request", "unauthenticated", "signature-invalid", "rate-limited")
 
 
 def _param(name: str, where: str, schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
@@ -104,7 +104,27 @@ _DOC: dict[str, Any] = {
             "get": {
                 "operationId": "findKeys",
                 "summary": "Key bundles claiming a professional identifier (IDNPS)",
-                "parameters": [_param("identifier", "query", {"type": "string"})],
+                "description": (
+                    "Every bundle claiming the identifier, a page at a time, in the order the "
+                    "relay first saw each claim (then by fingerprint): nothing a claimant says "
+                    "moves another claim off the answer. An answer with 'next' is not the last "
+                    "page: ask again with after=<next>. Clients read every page."
+                ),
+                "parameters": [
+                    _param("identifier", "query", {"type": "string"}),
+                    _param(
+                        "after",
+                        "query",
+                        {"type": "string", "description": "The 'next' of the previous page"},
+                        required=False,
+                    ),
+                    _param(
+                        "limit",
+                        "query",
+                        {"type": "integer", "minimum": 1, "maximum": 100, "default": 100},
+                        required=False,
+                    ),
+                ],
                 "responses": {
                     "200": {
                         "description": "Self-signed bundles, base64url; the relay vouches for none",
@@ -114,7 +134,11 @@ _DOC: dict[str, Any] = {
                                     "type": "object",
                                     "required": ["bundles"],
                                     "properties": {
-                                        "bundles": {"type": "array", "items": {"type": "string"}}
+                                        "bundles": {"type": "array", "items": {"type": "string"}},
+                                        "next": {
+                                            "type": "string",
+                                            "description": "Present when more pages follow",
+                                        },
                                     },
                                 }
                             }
@@ -204,6 +228,7 @@ _DOC: dict[str, Any] = {
                         "message-id-conflict",
                         "length-required",
                         "envelope-too-large",
+                        "request-timeout",
                         "mailbox-quota-exceeded",
                         *_AUTH,
                     ),

@@ -213,12 +213,14 @@ class FileTransport(Transport):
         """Hard-link ``path`` to ``target`` if it is still the file that was opened (its
         sender fsynced it); False means "copy from the descriptor instead".
 
-        Only a file this process owns, with no other link, is linked: anyone else who owns it,
-        or holds another link to it, could still write the copy in the home after it was taken
-        (rewrite an envelope between the computing of its id and its verification, or later).
-        The linked copy is then made 0600 like every file medsecure writes about a message."""
+        Only a file that nobody else can write is linked: one this process's user owns (so this
+        user created it — a sender on the same machine, whose outbox links it here) and that
+        neither its group nor others may write. Anyone else who owns the file, or may write
+        it, could still rewrite the copy in the home after it was taken (between the computing
+        of its id and its verification, or later); such a file is copied instead. Other links
+        to a file only this user can write give nobody else that power."""
         geteuid = getattr(os, "geteuid", None)
-        if geteuid is None or opened.st_uid != geteuid() or opened.st_nlink != 1:
+        if geteuid is None or opened.st_uid != geteuid() or opened.st_mode & 0o022:
             return False
         try:
             os.link(path, target, follow_symlinks=False)
@@ -231,13 +233,12 @@ class FileTransport(Transport):
         if (
             linked is not None
             and (linked.st_dev, linked.st_ino) == (opened.st_dev, opened.st_ino)
-            and linked.st_nlink == 2  # the waiting file and ours: nobody linked it meanwhile
+            and linked.st_uid == opened.st_uid
+            and not linked.st_mode & 0o022  # not made writable meanwhile
         ):
-            with contextlib.suppress(OSError):
-                os.chmod(target, 0o600)
             return True
         with contextlib.suppress(OSError):
-            target.unlink()  # swapped after it was opened: copy what was opened
+            target.unlink()  # swapped or changed after it was opened: copy what was opened
         return False
 
     def _clean_tmp(self) -> None:

@@ -75,6 +75,9 @@ log = logging.getLogger("medsecure.transports.relay")
 _WARNED: set[str] = set()
 _FP_RE = re.compile(r"ms1[a-z2-7]{52}")
 _MID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+_CURSOR_RE = re.compile(r"[0-9]{1,18}\.ms1[a-z2-7]{52}")
+#: Pages of a key look-up by identifier read at most (a relay pages 100 bundles at a time).
+_MAX_KEY_PAGES = 50
 _CHUNK = 1 << 20
 _MAX_JSON = 8 << 20
 _SPOOL = 8 << 20
@@ -276,19 +279,17 @@ class _Core:
             return None
         return self.states_request(message_ids, endpoint.url)
 
-    def keys_request(
-        self, fingerprint: str | None, identifier: str | None, url: str | None
-    ) -> _Request:
-        base = self.base(url) if url else self.url
+    def keys_url(
+        self, base: str, fingerprint: str | None, identifier: str | None, after: str | None = None
+    ) -> str:
         if (fingerprint is None) == (identifier is None):
             raise ValueError("give a fingerprint or an identifier")
         if fingerprint is not None:
             if not _FP_RE.fullmatch(fingerprint):
                 raise ValueError("not an ms1… fingerprint")
-            target = f"{base}/v1/keys/{fingerprint}"
-        else:
-            target = f"{base}/v1/keys?" + urllib.parse.urlencode({"identifier": identifier})
-        return _Request("GET", target, (200, 404), base)
+            return f"{base}/v1/keys/{fingerprint}"
+        query = {"identifier": identifier} | ({"after": after} if after is not None else {})
+        return f"{base}/v1/keys?" + urllib.parse.urlencode(query)
 
     # -- the request loop ------------------------------------------------------------------
     def exchange(self, request: _Request) -> Generator[_Step, _Verdict | None, NoReturn]:
@@ -399,6 +400,24 @@ class _Core:
         """The states of uploads to ``endpoint``'s mailbox, by message id."""
         return {s.message_id: s.state for s in self.states(answer) if s.mailbox == endpoint.mailbox}
 
+    def next_keys(self, answer: httpx.Response, pages: int) -> str | None:
+        """The cursor of the next page of a look-up by identifier (None: that was the last),
+        after ``pages`` pages. A relay answers every claim of an identifier, a page at a time;
+        an answer cut short would hide whoever is on the pages not read, so past
+        ``_MAX_KEY_PAGES`` the look-up fails instead of answering in part."""
+        if answer.status_code != 200:
+            return None
+        doc = _json(answer.content)
+        cursor = doc.get("next") if isinstance(doc, dict) else None
+        if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
+            return None
+        if pages >= _MAX_KEY_PAGES:
+            raise TransportError(
+                f"the relay lists more than {pages} pages of key bundles claiming this"
+                " identifier: refusing an incomplete answer"
+            )
+        return cursor
+
     def bundles(self, answer: httpx.Response, fingerprint: str | None) -> list[KeyBundle]:
         """Parse what a key lookup returned; bundles that do not verify are skipped."""
         if answer.status_code == 404:
@@ -421,6 +440,37 @@ class _Core:
             if fingerprint is None or bundle.fingerprint == fingerprint:
                 out.append(bundle)
         return out
+
+
+class _KeyLookup:
+    """A key look-up, without I/O: the request for each page (:attr:`request`, None once the
+    look-up is complete) and the bundles the answers held, each fingerprint once."""
+
+    def __init__(
+        self, core: _Core, fingerprint: str | None, identifier: str | None, url: str | None
+    ) -> None:
+        self.core = core
+        self.base = core.base(url) if url else core.url
+        self.fingerprint = fingerprint
+        self.identifier = identifier
+        self.pages = 0
+        self._found: dict[str, KeyBundle] = {}
+        self.request: _Request | None = self._page(None)
+
+    def _page(self, after: str | None) -> _Request:
+        url = self.core.keys_url(self.base, self.fingerprint, self.identifier, after)
+        return _Request("GET", url, (200, 404), self.base)
+
+    def answered(self, answer: httpx.Response) -> None:
+        """Take in the answer to :attr:`request`; set the next page's request, if any."""
+        for bundle in self.core.bundles(answer, self.fingerprint):
+            self._found.setdefault(bundle.fingerprint, bundle)
+        self.pages += 1
+        after = None if self.fingerprint is not None else self.core.next_keys(answer, self.pages)
+        self.request = None if after is None else self._page(after)
+
+    def found(self) -> list[KeyBundle]:
+        return list(self._found.values())
 
 
 class _Resume:
@@ -761,10 +811,14 @@ class RelayTransport(_Relay[httpx.Client, Callable[[float], None]], Transport):
         identifier: str | None = None,
         url: str | None = None,
     ) -> Sequence[KeyBundle]:
-        """Key bundles published on a relay (default: this one) under a fingerprint, or claiming
-        an identifier (IDNPS, ``rpps:…``). Self-signed only: a trust policy decides."""
-        request = self._core.keys_request(fingerprint, identifier, url)
-        return self._core.bundles(self._send(request), fingerprint)
+        """Key bundles published on a relay (default: this one) under a fingerprint, or every
+        bundle claiming an identifier (IDNPS, ``rpps:…``; read page by page, or
+        :class:`TransportError` if there are too many to read). Self-signed only: a trust policy
+        decides."""
+        lookup = _KeyLookup(self._core, fingerprint, identifier, url)
+        while lookup.request is not None:
+            lookup.answered(self._send(lookup.request))
+        return lookup.found()
 
     def close(self) -> None:
         if self._own_client:
@@ -952,8 +1006,10 @@ class AsyncRelayTransport(
         url: str | None = None,
     ) -> Sequence[KeyBundle]:
         """See :meth:`RelayTransport.find_keys`."""
-        request = self._core.keys_request(fingerprint, identifier, url)
-        return self._core.bundles(await self._send(request), fingerprint)
+        lookup = _KeyLookup(self._core, fingerprint, identifier, url)
+        while lookup.request is not None:
+            lookup.answered(await self._send(lookup.request))
+        return lookup.found()
 
     async def aclose(self) -> None:
         """Release the HTTP client if this transport made it."""

@@ -7,13 +7,14 @@ over PostgreSQL. See docs/relay.md for the protocol, deployment, TLS and the Pos
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Any
 
 from ._app import create_app, sweep
-from ._config import RelayConfig
-from ._observe import JsonFormatter
+from ._config import RelayConfig, default_public_urls
+from ._observe import JsonFormatter, event
 from .storage import SQLiteStorage, Storage, open_storage
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "SQLiteStorage",
     "Storage",
     "create_app",
+    "default_public_urls",
     "open_storage",
     "serve",
     "sweep",
@@ -51,13 +53,23 @@ def serve(
     forwarded_allow_ips: str | None = None,
     log_level: int = logging.INFO,
 ) -> None:
-    """Run a relay until interrupted (blocking)."""
+    """Run a relay until interrupted (blocking).
+
+    Without ``config.public_urls`` the relay answers for the address it listens on (and, on
+    loopback, for every loopback name of it: see :func:`._config.default_public_urls`); behind
+    a reverse proxy, or listening on every interface, give the URL clients use."""
     import uvicorn
 
+    cfg = config or RelayConfig()
+    if not cfg.public_urls:
+        cfg = dataclasses.replace(
+            cfg, public_urls=default_public_urls(host, port, tls=tls_cert is not None)
+        )
     _logging(log_level)
+    event("public-urls", urls=list(cfg.public_urls))
     storage = open_storage(data=data, database=database, bodies=bodies)
     try:
-        app = create_app(storage, config)
+        app = create_app(storage, cfg)
         server = uvicorn.Server(
             uvicorn_config(
                 app,

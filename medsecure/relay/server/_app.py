@@ -41,7 +41,7 @@ from .._digest import EMPTY_DIGEST, StreamDigest
 from .._openapi import openapi_document
 from .._problems import PROBLEM_CONTENT_TYPE, PROBLEMS, problem_body
 from .._signing import AuthError, VerifiedRequest, verify_request
-from ._config import RelayConfig
+from ._config import RelayConfig, public_authorities
 from ._limits import RateLimiter, retry_after
 from ._observe import Metrics, event
 from .storage._base import (
@@ -60,6 +60,11 @@ FINGERPRINT_RE = re.compile(r"ms1[a-z2-7]{52}")
 BUNDLE_TYPE = "application/vnd.medsecure.key-bundle+cbor"
 _BATCH = 1 << 20  # bytes handed to a storage thread at once
 _RANGE_RE = re.compile(r"bytes=(\d{1,19})-(\d{0,19})")
+_CURSOR_RE = re.compile(r"(\d{1,18})\.(ms1[a-z2-7]{52})")
+#: Most key bundles one page of ``GET /v1/keys?identifier=`` holds, and most bytes of them
+#: (base64; clients read answers of up to 8 MiB).
+KEYS_PAGE = 100
+KEYS_PAGE_BYTES = 2 << 20
 
 
 class Problem(Exception):
@@ -106,6 +111,8 @@ class _State:
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self.metrics = Metrics(storage.stats, getattr(storage, "commits", None))
         self.policy = AuthorityPolicy(list(config.authorities)) if config.authorities else None
+        # the Host values this relay answers for (its public URLs): a set look-up per request
+        self.authorities = public_authorities(config.public_urls)
         self._allowed: dict[str, tuple[bool, float]] = {}
         self.keys = _KeyCache()
         # Signatures verified at once: one per core. Verification is CPU work (half of it in
@@ -182,7 +189,13 @@ async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _url(request: Request) -> str:
+    """The URL the request's signature must cover, once its ``Host`` is known to name this
+    relay: ``@authority`` is signed, so a request signed for another relay (which a hostile
+    relay could replay here within the signature window) is refused before it is verified."""
     host = request.headers.get("host") or ""
+    served = _state(request).authorities
+    if host not in served and host.lower() not in served:
+        raise Problem("misdirected-request", "see this relay's --public-url")
     raw_path = request.scope.get("raw_path") or request.url.path.encode()
     query = request.scope.get("query_string") or b""
     url = f"{request.url.scheme}://{host}{raw_path.decode('latin-1')}"
@@ -277,12 +290,16 @@ async def put_key(request: Request) -> Response:
         raise Problem("bad-request", "not a valid key bundle")
     if bundle.fingerprint != fingerprint or verified.fingerprint != fingerprint:
         raise Problem("forbidden", "an identity publishes only its own bundle")
+    now = time.time()
+    published = int(bundle.published.timestamp())
+    # "published" is the publisher's word: one ahead of the relay's clock (beyond the skew a
+    # signature may have) would outrank every later republication of the same identity
+    if published > now + st.config.signature_window:
+        raise Problem("bad-request", "the bundle's publication time is ahead of the relay's clock")
+    # first seen in microseconds: claims published one after another keep their order
+    seen = int(now * 1_000_000)
     await _thread(
-        st.storage.publish_key,
-        fingerprint,
-        bundle.raw,
-        bundle.identifiers,
-        int(bundle.published.timestamp()),
+        st.storage.publish_key, fingerprint, bundle.raw, bundle.identifiers, published, seen
     )
     st._allowed.pop(fingerprint, None)
     event("key-published", caller=fingerprint)
@@ -313,10 +330,42 @@ async def find_keys(request: Request) -> Response:
         idnps = parse(ident).idnps
     except (ValueError, TypeError):
         raise Problem("bad-request", "identifier must be an IDNPS, rpps:… or adeli:…") from None
-    found = await _thread(st.storage.keys_for, idnps)
-    return JSONResponse(
-        {"bundles": [base64.urlsafe_b64encode(b).decode().rstrip("=") for b in found]}
-    )
+    after: tuple[int, str] | None = None
+    cursor = request.query_params.get("after")
+    if cursor is not None:
+        m = _CURSOR_RE.fullmatch(cursor)
+        if m is None:
+            raise Problem("bad-request", "after must be a cursor this relay returned")
+        after = (int(m.group(1)), m.group(2))
+    try:
+        limit = int(request.query_params.get("limit", KEYS_PAGE))
+    except ValueError:
+        raise Problem("bad-request", "limit must be an integer") from None
+    limit = min(max(1, limit), KEYS_PAGE)
+    # every claim, oldest first by the relay's own clock, a page at a time: nothing a claimant
+    # says (its "published" time, how many identities it makes) moves another claim off the
+    # answer, and the client pages to the end (docs/relay.md, "Key publication")
+    rows = await _thread(st.storage.keys_for, idnps, after, limit + 1)
+    return JSONResponse(keys_page(rows, limit))
+
+
+def keys_page(rows: list[tuple[int, str, bytes]], limit: int) -> dict[str, Any]:
+    """One page of a look-up by identifier from ``rows`` (first seen, fingerprint, bundle; up to
+    ``limit + 1`` of them, in order): at most ``limit`` bundles and ``KEYS_PAGE_BYTES`` of them
+    (but at least one), and ``next``, the cursor of the last one, if any row is left over."""
+    bundles: list[str] = []
+    size = 0
+    for _, _, raw in rows[:limit]:
+        text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        size += len(text)
+        if bundles and size > KEYS_PAGE_BYTES:
+            break  # bundles may be large (64 KiB): a page stays well under what clients read
+        bundles.append(text)
+    page: dict[str, Any] = {"bundles": bundles}
+    if len(rows) > len(bundles):
+        seen, fingerprint, _ = rows[len(bundles) - 1]
+        page["next"] = f"{seen}.{fingerprint}"
+    return page
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -358,6 +407,56 @@ def _sender_allowed_now(st: _State, fingerprint: str) -> bool:
         st._allowed.clear()
     st._allowed[fingerprint] = (allowed, time.monotonic() + 60)
     return allowed
+
+
+class _Receiving:
+    """The chunks of a large upload's body, abandoned (``408 request-timeout``) when its sender
+    sends nothing for ``idle`` seconds while the relay waits for it (time the relay spends
+    writing is not counted: then it is not reading). One timer per upload, re-armed by itself
+    when it finds the upload progressing: a chunk costs two assignments, not a timer."""
+
+    def __init__(self, request: Request, idle: float) -> None:
+        self._chunks = request.stream().__aiter__()
+        self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._waiting_since: float | None = None
+        self._fired = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(idle, self._look)
+
+    def _look(self) -> None:
+        since = self._waiting_since
+        now = self._loop.time()
+        if since is not None and now - since >= self._idle:
+            self._fired = True
+            self._timer = None
+            self._task.cancel()  # lands in __anext__, the only place that waits for the sender
+            return
+        self._timer = self._loop.call_later(
+            self._idle if since is None else self._idle - (now - since), self._look
+        )
+
+    def __aiter__(self) -> _Receiving:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._waiting_since = self._loop.time()
+        try:
+            return await self._chunks.__anext__()
+        except asyncio.CancelledError:
+            # ours (and no one else's, such as a shutdown's): the sender stalled
+            if self._fired and self._task.uncancel() == 0:
+                raise Problem("request-timeout", f"no byte for {self._idle:g} s") from None
+            raise
+        finally:
+            self._waiting_since = None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _announced(request: Request) -> int | None:
@@ -484,6 +583,8 @@ async def _upload_large(request: Request, st: _State) -> Response:
     # one batch hashed and written by a worker while the loop receives the next (two batches
     # in memory at most): receiving never waits for the disk unless the disk is behind
     inflight: asyncio.Future[None] | None = None
+    body = _Receiving(request, cfg.body_timeout)
+    st.metrics.receiving.inc()
     try:
         digest = StreamDigest()
 
@@ -494,7 +595,7 @@ async def _upload_large(request: Request, st: _State) -> Response:
 
         batch: list[bytes] = []
         batched = received = 0
-        async for chunk in request.stream():
+        async for chunk in body:
             if not chunk:
                 continue
             received += len(chunk)
@@ -508,15 +609,15 @@ async def _upload_large(request: Request, st: _State) -> Response:
                 if inflight is not None:
                     await inflight
                 inflight = loop.run_in_executor(st.workers, store, data)
+        body.close()
+        if batch:
+            if inflight is not None:
+                await inflight
+            # a worker thread even for a small tail: a write may wait for a database connection
+            inflight = loop.run_in_executor(st.workers, store, b"".join(batch))
         if inflight is not None:
             await inflight
             inflight = None
-        if batch:
-            data = b"".join(batch)
-            if len(data) <= 65536:
-                store(data)  # small: a thread hop costs more than the work
-            else:
-                await _thread(store, data)
         if digest.size != length:
             raise Problem("bad-request", "the body is shorter than its Content-Length")
         if not digest.matches(verified.digest):
@@ -540,6 +641,8 @@ async def _upload_large(request: Request, st: _State) -> Response:
             raise Problem("mailbox-quota-exceeded") from None
         committed = True
     finally:
+        body.close()
+        st.metrics.receiving.dec()
         if not committed:
             with anyio.CancelScope(shield=True):
                 if inflight is not None:
@@ -811,8 +914,11 @@ async def sweep(
 
 
 def create_app(storage: Storage, config: RelayConfig | None = None) -> Starlette:
-    """The relay ASGI app over ``storage``."""
+    """The relay ASGI app over ``storage``. ``config.public_urls`` is required: the app answers
+    only requests signed for one of them (``serve`` fills in the address it listens on)."""
     cfg = config or RelayConfig()
+    if not cfg.public_urls:
+        raise ValueError("RelayConfig.public_urls is required: the URLs clients reach the relay by")
     st = _State(storage, cfg)
 
     @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -102,6 +102,11 @@ class Metrics:
             "medsecure_relay_rejections",
             "Refused requests by reason (problem type)",
             ["reason"],
+            registry=self.registry,
+        )
+        self.receiving = Gauge(
+            "medsecure_relay_uploads_receiving",
+            "Large uploads (above 64 KiB) whose body is arriving",
             registry=self.registry,
         )
         self.registry.register(_Queue(stats))

@@ -232,17 +232,29 @@ class Storage(abc.ABC):
     # -- keys ------------------------------------------------------------------------------
     @abc.abstractmethod
     def publish_key(
-        self, fingerprint: str, bundle: bytes, identifiers: Sequence[str], published: int
+        self,
+        fingerprint: str,
+        bundle: bytes,
+        identifiers: Sequence[str],
+        published: int,
+        seen: int,
     ) -> None:
-        """Store (or replace with a newer) key bundle."""
+        """Store (or replace with a newer) key bundle. Each identifier it claims is recorded with
+        the time the relay first saw this identity claim it (``seen``, Unix time in
+        microseconds, for a new claim; a claim the bundle keeps keeps its time, one it drops is
+        forgotten)."""
 
     @abc.abstractmethod
     def key(self, fingerprint: str) -> bytes | None:
         """The bundle published under ``fingerprint``."""
 
     @abc.abstractmethod
-    def keys_for(self, identifier: str) -> list[bytes]:
-        """Bundles claiming an IDNPS (newest first, at most 20)."""
+    def keys_for(
+        self, identifier: str, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str, bytes]]:
+        """(first seen, fingerprint, bundle) of the bundles claiming an IDNPS, in the order of
+        (first seen, fingerprint), from just after ``after`` (a pair of those), at most
+        ``limit``."""
 
     # -- replay protection -----------------------------------------------------------------
     @abc.abstractmethod

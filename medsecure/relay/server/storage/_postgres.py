@@ -8,20 +8,22 @@ Choices (docs/relay.md has the measurements and the reasoning):
   committed share the next one (one ``COMMIT``, one WAL flush, with ``synchronous_commit`` on:
   each upload is answered only once the transaction holding it is durable).
 * **Large bodies** go, by choice of the operator, to **large objects** (the default: an instance
-  needs nothing but the database URL, and one commit makes the body and its row durable together;
-  a body is written with ``lo_put`` in 1 MiB pieces inside the upload's own transaction, so a
-  failed or interrupted upload, even ``kill -9`` of the instance, rolls back and its large object
-  vanishes with it) or to a **shared folder** (``bodies=DIR``, the same on every instance: a
-  file written to ``DIR/tmp``, fsynced, renamed into ``DIR/objects`` and the folder fsynced, and
-  only then recorded). A folder body is registered in ``relay_body_files`` before its first byte
-  is written and unregistered in the transaction that records its message; an acknowledgement or
-  an expiry registers the file for deletion in the transaction that retires its message. Every
-  instance's sweep removes registered files older than a day (uploads that died) or due for
-  deletion, claiming the rows with ``FOR UPDATE SKIP LOCKED``: nothing partial is ever listed and
-  nothing is left behind, whichever instance dies when.
+  needs nothing but the database URL) or to a **shared folder** (``bodies=DIR``, the same on
+  every instance: a file written to ``DIR/tmp``, fsynced, renamed into ``DIR/objects`` and the
+  folder fsynced, and only then recorded). Either way an upload holds **no connection while it
+  waits for its sender**: a large object is written with ``lo_put`` in 1 MiB pieces, each a
+  short autocommit statement on a connection taken for it alone (a stalled sender, or many,
+  cannot take the pool from everyone else); a file needs no connection at all. A body, object
+  or file, is registered (``relay_body_objects``, ``relay_body_files``) before its first byte
+  is written and unregistered in the transaction that records its message; a failed upload
+  removes its own; an acknowledgement or an expiry unlinks the object, or registers the file
+  for deletion, in the transaction that retires its message. Every instance's sweep removes
+  registered bodies older than a day (uploads whose instance died) and files due for deletion,
+  claiming the rows with ``FOR UPDATE SKIP LOCKED``: nothing partial is ever listed and nothing
+  is left behind, whichever instance dies when.
 * Large-object downloads read with ``lo_get`` by range, in short autocommit statements (binary
   results), so a slow reader holds no transaction open.
-* **Work queues** (the retention sweep, the file sweep) claim rows with ``FOR UPDATE SKIP
+* **Work queues** (the retention sweep, the body sweeps) claim rows with ``FOR UPDATE SKIP
   LOCKED``, so several instances sweep at once without waiting on each other. No state lives in
   an instance: rate limits are per instance (documented), nonces are in the database (stored
   with ``synchronous_commit`` off, on a small pool of their own: one round trip each).
@@ -92,6 +94,12 @@ ALTER TABLE relay_messages ADD COLUMN IF NOT EXISTS file text;
 CREATE TABLE IF NOT EXISTS relay_body_files (
     name text PRIMARY KEY, since bigint NOT NULL
 );
+CREATE TABLE IF NOT EXISTS relay_body_objects (
+    object oid PRIMARY KEY, since bigint NOT NULL
+);
+ALTER TABLE relay_key_identifiers ADD COLUMN IF NOT EXISTS first_seen bigint NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS relay_key_identifiers_seen
+    ON relay_key_identifiers (identifier, first_seen, fingerprint);
 """
 #: A registered body file older than this is an upload that died (or a very slow one, which
 #: then fails at its commit and is retried by its client).
@@ -122,36 +130,42 @@ def _guard() -> Iterator[None]:
 
 
 class _LargeObjectUpload(Upload):
-    def __init__(self, pool: ConnectionPool[Any]) -> None:
+    """A large body written into a large object while it arrives, in short autocommit statements
+    (one ``lo_put`` per piece, on a connection taken for that statement only): however slowly
+    its sender sends, an upload holds no connection and no transaction while it waits for the
+    network. The object is registered in ``relay_body_objects`` by the statement that creates
+    it and unregistered by the transaction that records its message (as a shared-folder file
+    is); an upload that fails unlinks it, and the sweep unlinks registered objects older than
+    ``ORPHAN_AGE`` (uploads whose instance died).
+
+    The pieces are written with ``synchronous_commit`` off (the body pool's setting): the
+    transaction that records the message commits synchronously, and flushing its commit record
+    flushes the whole write-ahead log before it, pieces included, so the answer still waits
+    for the body to be durable."""
+
+    def __init__(self, storage: PostgresStorage, pool: ConnectionPool[Any]) -> None:
+        self.storage = storage
         self.pool = pool
-        self.conn: psycopg.Connection[Any] | None = pool.getconn()
         self.offset = 0
-        try:
-            with _guard():
-                self.conn.execute("BEGIN")
-                row = self.conn.execute("SELECT lo_create(0)").fetchone()
-                assert row is not None
-                self.oid = int(row[0])
-        except BaseException:
-            self.abort()
-            raise
+        self.oid: int | None = None
+        with _guard(), pool.connection() as conn:
+            row = conn.execute(
+                "INSERT INTO relay_body_objects SELECT lo_create(0), %s RETURNING object",
+                (int(time.time()),),
+            ).fetchone()
+        assert row is not None
+        self.oid = int(row[0])
 
     def write(self, data: bytes) -> None:
-        assert self.conn is not None
-        with _guard():
-            self.conn.execute("SELECT lo_put(%s, %s, %s)", (self.oid, self.offset, data))
+        with _guard(), self.pool.connection() as conn:
+            conn.execute("SELECT lo_put(%s, %s, %s)", (self.oid, self.offset, data))
         self.offset += len(data)
 
-    def release(self) -> None:
-        if self.conn is not None:
-            conn, self.conn = self.conn, None
-            self.pool.putconn(conn)
-
     def abort(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.execute("ROLLBACK")
-            self.release()
+        if self.oid is not None:
+            oid, self.oid = self.oid, None
+            with contextlib.suppress(StorageError):
+                self.storage._drop_objects([oid])
 
 
 class _LargeObjectReader(BodyReader):
@@ -190,6 +204,7 @@ class _NewMessage:
     quota: int
     body: bytes | None
     file: str | None
+    object: int | None = None
 
 
 class _Outlived(Exception):
@@ -255,8 +270,23 @@ class PostgresStorage(Storage):
                 open=False,
                 timeout=30,
             )
+            # Large-object pieces (see _LargeObjectUpload): short statements on a pool of their
+            # own, so that many large uploads arriving at once never take the connections that
+            # listings, small uploads and commits use.
+            self.body_pool: ConnectionPool[Any] | None = None
+            if self.bodies is None:
+                self.body_pool = ConnectionPool(
+                    url,
+                    min_size=1,
+                    max_size=8,
+                    kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+                    open=False,
+                    timeout=30,
+                )
             self.pool.open(wait=True, timeout=30)
             self.nonce_pool.open(wait=True, timeout=30)
+            if self.body_pool is not None:
+                self.body_pool.open(wait=True, timeout=30)
         except Exception as exc:
             raise StorageError(
                 f"cannot connect to the relay database: {type(exc).__name__}"
@@ -327,6 +357,18 @@ class PostgresStorage(Storage):
                         (files,),
                     )
                 }
+            objects = [m.object for m in items if m.object is not None]
+            kept_objects = set()
+            if objects:
+                # and so do the large objects
+                kept_objects = {
+                    int(r[0])
+                    for r in conn.execute(
+                        "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])"
+                        " RETURNING object",
+                        (objects,),
+                    )
+                }
             new: list[tuple[_NewMessage, StoredMessage]] = []
             for w, m in zip(batch, items, strict=True):
                 found = existing.get((m.mailbox, m.message_id))
@@ -335,7 +377,9 @@ class PostgresStorage(Storage):
                         w.result = (found, False)
                     else:
                         w.error = Conflict()
-                elif m.file is not None and m.file not in kept:
+                elif (m.file is not None and m.file not in kept) or (
+                    m.object is not None and m.object not in kept_objects
+                ):
                     w.error = _Outlived()  # swept as an orphan: the client retries
                 elif used[m.mailbox] + m.size > m.quota:
                     w.error = QuotaExceeded()
@@ -360,13 +404,26 @@ class PostgresStorage(Storage):
                         "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
                         (refused, int(time.time())),
                     )
+            if objects:
+                refused_objects = [
+                    m.object
+                    for w, m in zip(batch, items, strict=True)
+                    if m.object is not None
+                    and m.object in kept_objects
+                    and not (w.result and w.result[1])
+                ]
+                if refused_objects:
+                    conn.execute(
+                        "INSERT INTO relay_body_objects SELECT unnest(%s::bigint[]::oid[]), %s",
+                        (refused_objects, int(time.time())),
+                    )
             if new:
                 conn.execute(
                     "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
-                    " received_at, state, state_at, body, file)"
+                    " received_at, state, state_at, body, file, object)"
                     " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
                     " %s::bytea[], %s::bigint[], %s::text[], %s::bigint[], %s::bytea[],"
-                    " %s::text[])",
+                    " %s::text[], %s::bigint[]::oid[])",
                     (
                         [m.mailbox for m, _ in new],
                         [m.message_id for m, _ in new],
@@ -378,6 +435,7 @@ class PostgresStorage(Storage):
                         [m.now for m, _ in new],
                         [m.body for m, _ in new],
                         [m.file for m, _ in new],
+                        [m.object for m, _ in new],
                     ),
                 )
                 grown: dict[str, list[int]] = {}
@@ -421,6 +479,39 @@ class PostgresStorage(Storage):
                     path.unlink()
         self._forget_files(names)
 
+    # -- large objects being written -------------------------------------------------------
+    def _drop_objects(self, oids: Sequence[int]) -> None:
+        """Unlink registered large objects of uploads that failed, and unregister them."""
+        with _guard(), self.pool.connection() as conn:
+            conn.execute(
+                "WITH gone AS (DELETE FROM relay_body_objects"
+                " WHERE object = ANY(%s::bigint[]::oid[]) RETURNING object)"
+                " SELECT lo_unlink(object) FROM gone",
+                (list(oids),),
+            )
+
+    def sweep_objects(self, now: int, limit: int = 500) -> int:
+        """Unlink the large objects of uploads that died (registered more than ``ORPHAN_AGE``
+        ago); how many. Several instances sweep at once (SKIP LOCKED)."""
+        with _guard(), self.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT object FROM relay_body_objects WHERE since < %s"
+                " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now - ORPHAN_AGE, limit),
+            ).fetchall()
+            oids = [int(r[0]) for r in rows]
+            if oids:
+                conn.execute(
+                    "SELECT lo_unlink(o.oid) FROM pg_largeobject_metadata o"
+                    " WHERE o.oid = ANY(%s::bigint[]::oid[])",
+                    (oids,),
+                )
+                conn.execute(
+                    "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])",
+                    (oids,),
+                )
+        return len(oids)
+
     def sweep_files(self, now: int, limit: int = 500) -> int:
         """Remove body files of uploads that died (registered more than ``ORPHAN_AGE`` ago) and
         files due for deletion; how many. Several instances sweep at once (SKIP LOCKED)."""
@@ -445,8 +536,14 @@ class PostgresStorage(Storage):
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
-        self, fingerprint: str, bundle: bytes, identifiers: Sequence[str], published: int
+        self,
+        fingerprint: str,
+        bundle: bytes,
+        identifiers: Sequence[str],
+        published: int,
+        seen: int,
     ) -> None:
+        claimed = sorted(set(identifiers))
         with _guard(), self.pool.connection() as conn, conn.transaction():
             cur = conn.execute(
                 "INSERT INTO relay_keys VALUES (%s, %s, %s) ON CONFLICT (fingerprint) DO UPDATE"
@@ -455,27 +552,34 @@ class PostgresStorage(Storage):
                 (fingerprint, bundle, published),
             )
             if cur.rowcount:
+                # a claim the bundle keeps keeps the time it was first seen
                 conn.execute(
-                    "DELETE FROM relay_key_identifiers WHERE fingerprint = %s", (fingerprint,)
+                    "DELETE FROM relay_key_identifiers WHERE fingerprint = %s"
+                    " AND NOT (identifier = ANY(%s))",
+                    (fingerprint, claimed),
                 )
-                for ident in identifiers:
-                    conn.execute(
-                        "INSERT INTO relay_key_identifiers VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                        (ident, fingerprint),
-                    )
+                conn.execute(
+                    "INSERT INTO relay_key_identifiers (identifier, fingerprint, first_seen)"
+                    " SELECT unnest(%s::text[]), %s, %s ON CONFLICT DO NOTHING",
+                    (claimed, fingerprint, seen),
+                )
 
     def key(self, fingerprint: str) -> bytes | None:
         rows = self._all("SELECT bundle FROM relay_keys WHERE fingerprint = %s", (fingerprint,))
         return bytes(rows[0][0]) if rows else None
 
-    def keys_for(self, identifier: str) -> list[bytes]:
+    def keys_for(
+        self, identifier: str, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str, bytes]]:
+        seen, fingerprint = after if after is not None else (-1, "")
         rows = self._all(
-            "SELECT k.bundle FROM relay_key_identifiers i JOIN relay_keys k"
-            " ON k.fingerprint = i.fingerprint WHERE i.identifier = %s"
-            " ORDER BY k.published DESC LIMIT 20",
-            (identifier,),
+            "SELECT i.first_seen, i.fingerprint, k.bundle FROM relay_key_identifiers i"
+            " JOIN relay_keys k ON k.fingerprint = i.fingerprint"
+            " WHERE i.identifier = %s AND (i.first_seen, i.fingerprint) > (%s, %s)"
+            " ORDER BY i.first_seen, i.fingerprint LIMIT %s",
+            (identifier, seen, fingerprint, limit),
         )
-        return [bytes(r[0]) for r in rows]
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
         # grouped like the commits: the requests that arrive while one insert is on its way
@@ -517,8 +621,8 @@ class PostgresStorage(Storage):
                 return _FolderUpload(self, self.bodies)
             except OSError as exc:
                 raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
-        with _guard():
-            return _LargeObjectUpload(self.pool)
+        assert self.body_pool is not None
+        return _LargeObjectUpload(self, self.body_pool)
 
     def commit_upload(
         self,
@@ -532,21 +636,14 @@ class PostgresStorage(Storage):
         now: int,
         quota: int,
     ) -> tuple[StoredMessage, bool]:
-        if isinstance(upload, _LargeObjectUpload):
-            return self._commit_large_object(
-                upload,
-                mailbox=mailbox,
-                message_id=message_id,
-                sender=sender,
-                digest=digest,
-                size=size,
-                now=now,
-                quota=quota,
-            )
         inline: bytes | None = None
         name: str | None = None
+        oid: int | None = None
         if isinstance(upload, BufferedUpload):
             inline = bytes(upload.buffer)
+        elif isinstance(upload, _LargeObjectUpload):
+            oid = upload.oid
+            assert oid is not None
         else:
             assert isinstance(upload, _FolderUpload) and self.bodies is not None
             try:
@@ -557,7 +654,16 @@ class PostgresStorage(Storage):
             name = upload.name
 
         record = _NewMessage(
-            mailbox, message_id, sender, digest, size, now, quota, body=inline, file=name
+            mailbox,
+            message_id,
+            sender,
+            digest,
+            size,
+            now,
+            quota,
+            body=inline,
+            file=name,
+            object=oid,
         )
         try:
             stored, new = self.commits.submit(record, mailbox)
@@ -569,82 +675,9 @@ class PostgresStorage(Storage):
             raise
         if not new:
             upload.abort()  # an identical replay: the first copy stands
+        elif isinstance(upload, _LargeObjectUpload):
+            upload.oid = None  # recorded: its message owns the object now
         return stored, new
-
-    @staticmethod
-    def _count_in(conn: psycopg.Connection[Any], mailbox: str, size: int) -> None:
-        conn.execute(
-            "INSERT INTO relay_mailbox_usage VALUES (%s, %s, 1) ON CONFLICT (mailbox)"
-            " DO UPDATE SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
-            " count = relay_mailbox_usage.count + 1",
-            (mailbox, size),
-        )
-
-    @staticmethod
-    def _check(
-        conn: psycopg.Connection[Any],
-        mailbox: str,
-        message_id: str,
-        sender: str,
-        digest: bytes,
-        size: int,
-        quota: int,
-    ) -> StoredMessage | None:
-        """Under the mailbox's lock: the existing record of an identical replay (None if the
-        message is new); raises Conflict or QuotaExceeded (before anything is written)."""
-        row = conn.execute(
-            "SELECT m.mailbox, m.message_id, m.sender, m.size, m.digest, m.received_at,"
-            " m.state, m.state_at,"
-            " (SELECT COALESCE(MAX(bytes), 0) FROM relay_mailbox_usage WHERE mailbox = %s)"
-            " FROM (SELECT 1) one LEFT JOIN relay_messages m"
-            " ON m.mailbox = %s AND m.message_id = %s",
-            (mailbox, mailbox, message_id),
-        ).fetchone()
-        assert row is not None
-        if row[0] is not None:
-            existing = _row(row)
-            if existing.sender == sender and existing.digest == digest:
-                return existing
-            raise Conflict
-        if int(row[8]) + size > quota:
-            raise QuotaExceeded
-        return None
-
-    def _commit_large_object(
-        self,
-        upload: _LargeObjectUpload,
-        *,
-        mailbox: str,
-        message_id: str,
-        sender: str,
-        digest: bytes,
-        size: int,
-        now: int,
-        quota: int,
-    ) -> tuple[StoredMessage, bool]:
-        # The large object was written in the upload's own transaction: it commits there.
-        assert upload.conn is not None
-        conn = upload.conn
-        try:
-            with _guard():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(mailbox),))
-                existing = self._check(conn, mailbox, message_id, sender, digest, size, quota)
-                if existing is not None:
-                    upload.abort()
-                    return existing, False
-                conn.execute(
-                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
-                    " received_at, state, state_at, object)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (mailbox, message_id, sender, size, digest, now, WAITING, now, upload.oid),
-                )
-                self._count_in(conn, mailbox, size)
-                conn.execute("COMMIT")  # synchronous_commit on: durable when this returns
-            upload.release()
-            return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
-        except BaseException:
-            upload.abort()
-            raise
 
     def usage(self, mailbox: str) -> int:
         rows = self._all("SELECT bytes FROM relay_mailbox_usage WHERE mailbox = %s", (mailbox,))
@@ -750,6 +783,8 @@ class PostgresStorage(Storage):
     def purge(self, now: int, tombstones_before: int) -> None:
         while self.sweep_files(now) == 500:
             pass
+        while self.sweep_objects(now) == 500:
+            pass
         with _guard(), self.pool.connection() as conn:
             conn.execute("DELETE FROM relay_nonces WHERE expires < %s", (now,))
             conn.execute(
@@ -764,5 +799,7 @@ class PostgresStorage(Storage):
         return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
+        if self.body_pool is not None:
+            self.body_pool.close()
         self.nonce_pool.close()
         self.pool.close()

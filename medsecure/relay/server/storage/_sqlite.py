@@ -75,7 +75,8 @@ CREATE TABLE IF NOT EXISTS keys (
     fingerprint TEXT PRIMARY KEY, bundle BLOB NOT NULL, published INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS key_identifiers (
-    identifier TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (identifier, fingerprint)
+    identifier TEXT NOT NULL, fingerprint TEXT NOT NULL, first_seen INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (identifier, fingerprint)
 );
 """
 _COLUMNS = "mailbox, message_id, sender, size, digest, received_at, state, state_at"
@@ -101,6 +102,7 @@ class SQLiteStorage(Storage):
             self._db = self._connect("relay.db", "FULL")
             self._db.executescript(_SCHEMA)
             self._migrate_usage()
+            self._migrate_claims()
             self._nonces = self._connect("nonces.db", "NORMAL")
             self._nonces.execute(
                 "CREATE TABLE IF NOT EXISTS nonces (keyid TEXT NOT NULL, nonce TEXT NOT NULL,"
@@ -143,6 +145,20 @@ class SQLiteStorage(Storage):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _migrate_claims(self) -> None:
+        """The time the relay first saw each claim of an identifier (the order of key look-ups
+        by identifier). Claims recorded before it count as seen at time 0: before any other."""
+        db = self._db
+        columns = {r[1] for r in db.execute("PRAGMA table_info(key_identifiers)")}
+        if "first_seen" not in columns:
+            db.execute(
+                "ALTER TABLE key_identifiers ADD COLUMN first_seen INTEGER NOT NULL DEFAULT 0"
+            )
+        db.execute(
+            "CREATE INDEX IF NOT EXISTS key_identifiers_seen"
+            " ON key_identifiers (identifier, first_seen, fingerprint)"
+        )
 
     def _connect(self, name: str, synchronous: str) -> sqlite3.Connection:
         path = self.root / name
@@ -219,7 +235,12 @@ class SQLiteStorage(Storage):
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
-        self, fingerprint: str, bundle: bytes, identifiers: Sequence[str], published: int
+        self,
+        fingerprint: str,
+        bundle: bytes,
+        identifiers: Sequence[str],
+        published: int,
+        seen: int,
     ) -> None:
         with self._tx() as db:
             row = db.execute(
@@ -230,23 +251,38 @@ class SQLiteStorage(Storage):
             db.execute(
                 "INSERT OR REPLACE INTO keys VALUES (?, ?, ?)", (fingerprint, bundle, published)
             )
-            db.execute("DELETE FROM key_identifiers WHERE fingerprint = ?", (fingerprint,))
+            claimed = set(identifiers)
+            held = [
+                r[0]
+                for r in db.execute(
+                    "SELECT identifier FROM key_identifiers WHERE fingerprint = ?", (fingerprint,)
+                )
+            ]
             db.executemany(
-                "INSERT OR IGNORE INTO key_identifiers VALUES (?, ?)",
-                [(i, fingerprint) for i in identifiers],
+                "DELETE FROM key_identifiers WHERE identifier = ? AND fingerprint = ?",
+                [(i, fingerprint) for i in held if i not in claimed],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO key_identifiers VALUES (?, ?, ?)",
+                [(i, fingerprint, seen) for i in claimed],
             )
 
     def key(self, fingerprint: str) -> bytes | None:
         rows = self._query("SELECT bundle FROM keys WHERE fingerprint = ?", (fingerprint,))
         return bytes(rows[0][0]) if rows else None
 
-    def keys_for(self, identifier: str) -> list[bytes]:
+    def keys_for(
+        self, identifier: str, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str, bytes]]:
+        seen, fingerprint = after if after is not None else (-1, "")
         rows = self._query(
-            "SELECT k.bundle FROM key_identifiers i JOIN keys k ON k.fingerprint = i.fingerprint"
-            " WHERE i.identifier = ? ORDER BY k.published DESC LIMIT 20",
-            (identifier,),
+            "SELECT i.first_seen, i.fingerprint, k.bundle FROM key_identifiers i"
+            " JOIN keys k ON k.fingerprint = i.fingerprint"
+            " WHERE i.identifier = ? AND (i.first_seen, i.fingerprint) > (?, ?)"
+            " ORDER BY i.first_seen, i.fingerprint LIMIT ?",
+            (identifier, seen, fingerprint, limit),
         )
-        return [bytes(r[0]) for r in rows]
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
         with self._nonce_lock:

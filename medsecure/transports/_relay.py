@@ -160,7 +160,6 @@ class _Core:
         self,
         identity: Identity,
         url: str,
-        *,
         identifiers: Sequence[str],
         statements: Sequence[Any],
         retries: int,
@@ -654,14 +653,7 @@ class _Relay(Generic[_C, _S]):
         sleep: _S | None = None,
     ) -> None:
         self._core = _Core(
-            identity,
-            url,
-            identifiers=identifiers,
-            statements=statements,
-            retries=retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            max_retry_after=max_retry_after,
+            identity, url, identifiers, statements, retries, backoff, max_backoff, max_retry_after
         )
         self._own_client = client is None
         self._client: _C = client if client is not None else self._new_client(timeout)

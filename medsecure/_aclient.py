@@ -27,27 +27,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime as dt
+import functools
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO, ParamSpec, Self, TypeVar
+from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 
 from ._client import Client
-from ._document import Document
+from ._closing import AsyncClosing
 from ._identity import Identity
 from ._results import (
-    OutboxEntry,
-    QuarantinedEnvelope,
     ReceivedMessage,
-    RecipientStatus,
-    SendResult,
-    StatusEvent,
 )
 from .directory import Directory
-from .models import Endpoint, Practitioner
+from .models import Endpoint
 from .transports import AsyncTransport, Incoming, Transport
 from .trust import TrustPolicy
 
@@ -104,7 +98,24 @@ class _Bridge(Transport):
         return dict(self._wait(self.inner.poll(endpoint, message_ids)))
 
 
-class AsyncClient:
+def _awaitable(
+    method: Callable[Concatenate[Client, P], T], note: str = ""
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """The :class:`AsyncClient` method that runs ``method`` of its client on the worker thread:
+    the same parameters, the same result, awaitable."""
+
+    async def run(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._run(lambda: method(self._client, *args, **kwargs))
+
+    functools.update_wrapper(run, method, assigned=(), updated=())  # help() shows its parameters
+    name = method.__name__
+    run.__name__ = name
+    run.__qualname__ = f"AsyncClient.{name}"
+    run.__doc__ = f":meth:`Client.{name}`, awaitable. {note}".rstrip()
+    return run
+
+
+class AsyncClient(AsyncClosing):
     """Send and receive health documents from asyncio code (see the module docstring).
 
     Takes the arguments of :class:`~medsecure.Client`; ``transport`` may mix synchronous and
@@ -189,70 +200,32 @@ class AsyncClient:
     def home(self) -> Path:
         return self._client.home
 
-    # -- the methods of Client, awaitable -------------------------------------------------
-    async def send(
-        self,
-        documents: Document | Sequence[Document],
-        to: str | Practitioner | Sequence[str | Practitioner],
-        *,
-        subject: str | None = None,
-        body: str | None = None,
-        in_reply_to: str | None = None,
-        receipts: Sequence[str] = (),
-        allow_classic: bool = False,
-        progress: Callable[[int], None] | None = None,
-        deadline: dt.timedelta | dt.datetime | None = None,
-    ) -> SendResult:
-        """:meth:`Client.send` (``progress`` is called from the worker thread)."""
-        return await self._run(
-            self._client.send,
-            documents,
-            to,
-            subject=subject,
-            body=body,
-            in_reply_to=in_reply_to,
-            receipts=receipts,
-            allow_classic=allow_classic,
-            progress=progress,
-            deadline=deadline,
-        )
-
-    async def receive(self, *, limit: int | None = None) -> list[ReceivedMessage]:
-        """:meth:`Client.receive`. Acknowledge with :meth:`ack` (``message.ack()`` works too,
-        but runs its small disk work on the calling thread)."""
-        return await self._run(self._client.receive, limit=limit)
+    # -- the methods of Client, awaitable (derived from Client's, so they cannot drift) -----
+    send = _awaitable(Client.send, "``progress`` is called from the worker thread.")
+    receive = _awaitable(
+        Client.receive,
+        "Acknowledge with :meth:`ack` (``message.ack()`` works too, but runs its small disk "
+        "work on the calling thread).",
+    )
+    flush = _awaitable(Client.flush)
+    outbox = _awaitable(Client.outbox)
+    status = _awaitable(Client.status)
+    events = _awaitable(Client.events)
+    expire = _awaitable(Client.expire)
+    quarantine = _awaitable(Client.quarantine)
+    release = _awaitable(Client.release)
 
     async def ack(self, message: ReceivedMessage) -> None:
+        """:meth:`ReceivedMessage.ack`, on the worker thread."""
         await self._run(message.ack)
 
     async def mark_read(self, message: ReceivedMessage) -> None:
+        """:meth:`ReceivedMessage.mark_read`, on the worker thread."""
         await self._run(message.mark_read)
 
     async def reject(self, message: ReceivedMessage, reason: str = "other") -> None:
+        """:meth:`ReceivedMessage.reject`, on the worker thread."""
         await self._run(message.reject, reason)
-
-    async def flush(
-        self, *, force: bool = False, progress: Callable[[int, int], None] | None = None
-    ) -> list[RecipientStatus]:
-        return await self._run(self._client.flush, force=force, progress=progress)
-
-    async def outbox(self) -> list[OutboxEntry]:
-        return await self._run(self._client.outbox)
-
-    async def status(self, message_id: str) -> list[RecipientStatus]:
-        return await self._run(self._client.status, message_id)
-
-    async def events(self, *, after: int = 0) -> list[StatusEvent]:
-        return await self._run(self._client.events, after=after)
-
-    async def expire(self) -> list[RecipientStatus]:
-        return await self._run(self._client.expire)
-
-    async def quarantine(self) -> list[QuarantinedEnvelope]:
-        return await self._run(self._client.quarantine)
-
-    async def release(self, quarantine_id: int) -> bool:
-        return await self._run(self._client.release, quarantine_id)
 
     # -- lifetime --------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -264,14 +237,3 @@ class AsyncClient:
             await self._run(self._client.close)
         finally:
             self._executor.shutdown(wait=False)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

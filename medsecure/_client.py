@@ -32,10 +32,10 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from . import _receipts as receipts_rules
+from ._closing import Closing
 from ._document import Document
 from ._errors import (
     DirectoryUnavailable,
@@ -81,7 +81,7 @@ __all__ = ["Client", "default_home"]
 log = logging.getLogger("medsecure.client")
 
 
-class Client:
+class Client(Closing):
     """Send and receive health documents for one identity (see the module docstring).
 
     ``trust`` decides which keys belong to which practitioner; it is required (or comes from
@@ -195,17 +195,6 @@ class Client:
             log.warning("audit retention not applied: %s", exc)
         self.audit.close()
         self.store.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- sending ---------------------------------------------------------------------------
     def send(

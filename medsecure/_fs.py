@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_output", "atomic_write", "fsync_dir"]
+__all__ = ["atomic_output", "atomic_write", "fsync_dir", "new_file", "removing_on_failure"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -91,6 +91,31 @@ class DurableWriter:
 
 
 @contextlib.contextmanager
+def removing_on_failure(*paths: str | os.PathLike[str]) -> Iterator[None]:
+    """Remove ``paths`` (those that exist) if the block fails, whatever the exception; the
+    exception goes on. What a failed write leaves behind is never mistaken for a result."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+
+
+@contextlib.contextmanager
+def new_file(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """Yield a binary file created at ``path``, which must not exist yet (``mode``, never
+    through a link someone placed there). It is flushed and fsynced when the block ends, and
+    removed if the block fails. Opening errors are raised before anything needs removing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with removing_on_failure(path), os.fdopen(fd, "wb") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
+
+
+@contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically if the block succeeds.
 
@@ -100,7 +125,7 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterato
     folder = target.parent if str(target.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".medsecure-", suffix=".tmp")
     tmp = Path(tmp_name)
-    try:
+    with removing_on_failure(tmp):
         if hasattr(os, "fchmod"):
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
@@ -112,10 +137,6 @@ def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o600) -> Iterato
                     writer._collect()
             writer.sync()
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     fsync_dir(folder)
 
 

@@ -57,7 +57,7 @@ from ._errors import (
     TransportUnavailable,
     TrustError,
 )
-from ._fs import fsync_dir
+from ._fs import fsync_dir, removing_on_failure
 from ._identity import Identity, PublicIdentity
 from ._results import QuarantinedEnvelope, ReceivedDocument, ReceivedMessage
 from ._store import Store
@@ -247,7 +247,7 @@ class Inbox:
     def _take_one(self, transport: Transport, item: Incoming) -> bool:
         tmp = self.store.inbox_dir / f".medsecure-in-{os.getpid()}-{secrets.token_hex(6)}"
         transport.take(item, tmp)
-        try:
+        with removing_on_failure(tmp):
             try:
                 with tmp.open("rb") as fh:
                     eid = envelope_id(fh)
@@ -275,10 +275,6 @@ class Inbox:
                 os.replace(tmp, self.store.inbox_dir / name)
                 fsync_dir(self.store.inbox_dir)
                 db.execute("UPDATE inbox SET envelope = ? WHERE id = ?", (name, row_id))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
         transport.acknowledge(item)
         return True
 

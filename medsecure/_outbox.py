@@ -27,7 +27,6 @@ transport makes idempotent and every inbox deduplicates.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from . import _receipts as receipts
 from ._document import Document
 from ._errors import DeliveryRejected, MedsecureError, StorageError, TransportError, TrustError
-from ._fs import atomic_output
+from ._fs import atomic_output, removing_on_failure
 from ._identity import Identity, PublicIdentity
 from ._receipts import REQUESTABLE
 from ._results import OutboxEntry, RecipientStatus, SendResult, StatusEvent
@@ -328,30 +327,25 @@ class Outbox:
         envelope id). Nothing is promised yet: :meth:`accept` does that."""
         name = f"{manifest.message_id}.msec"
         path = self.store.outbox_dir / name
-        try:
-            with (
-                MessageReader(manifest, docs, progress=progress) as src,
-                # 0644: the envelope is encrypted; drop folders may hard-link it for other users
-                atomic_output(path, mode=0o644) as out,
-            ):
-                seal_stream(
-                    src,  # type: ignore[arg-type]
-                    out,
-                    sender=identity,
-                    recipients=keys,
-                    allow_classic=allow_classic,
-                )
-            size = path.stat().st_size
-            with path.open("rb") as fh:
-                eid = envelope_id(fh)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        with removing_on_failure(path):
+            try:
+                with (
+                    MessageReader(manifest, docs, progress=progress) as src,
+                    # 0644: the envelope is encrypted; drop folders may hard-link it for others
+                    atomic_output(path, mode=0o644) as out,
+                ):
+                    seal_stream(
+                        src,  # type: ignore[arg-type]
+                        out,
+                        sender=identity,
+                        recipients=keys,
+                        allow_classic=allow_classic,
+                    )
+                size = path.stat().st_size
+                with path.open("rb") as fh:
+                    eid = envelope_id(fh)
+            except OSError as exc:
+                raise StorageError(f"cannot write the outbox: {exc.strerror}") from exc
         return name, size, eid
 
     def write_mssante(
@@ -413,46 +407,39 @@ class Outbox:
         name, size, eid = sealed
         payloads = payloads or {}
         now = self.clock()
-        try:
-            with self.store.transaction() as db:
-                db.execute(
-                    "INSERT INTO outbox (message_id, created, envelope, size, envelope_id,"
-                    " receipts, deadline, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        files = [self.store.outbox_dir / file for file in {name, *payloads.values()}]
+        with removing_on_failure(*files), self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO outbox (message_id, created, envelope, size, envelope_id,"
+                " receipts, deadline, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    manifest.message_id,
+                    now,
+                    name,
+                    size,
+                    eid,
+                    ",".join(manifest.receipts),
+                    deadline,
+                    manifest.kind,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO deliveries (message_id, recipient, endpoints, endpoint_index,"
+                " status, attempts, next_attempt, last_error, updated, payload)"
+                " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?, ?)",
+                [
                     (
                         manifest.message_id,
+                        idnps,
+                        json.dumps([e.model_dump(mode="json", exclude_defaults=True) for e in eps]),
+                        QUEUED,
                         now,
-                        name,
-                        size,
-                        eid,
-                        ",".join(manifest.receipts),
-                        deadline,
-                        manifest.kind,
-                    ),
-                )
-                db.executemany(
-                    "INSERT INTO deliveries (message_id, recipient, endpoints, endpoint_index,"
-                    " status, attempts, next_attempt, last_error, updated, payload)"
-                    " VALUES (?, ?, ?, 0, ?, 0, ?, NULL, ?, ?)",
-                    [
-                        (
-                            manifest.message_id,
-                            idnps,
-                            json.dumps(
-                                [e.model_dump(mode="json", exclude_defaults=True) for e in eps]
-                            ),
-                            QUEUED,
-                            now,
-                            now,
-                            payloads.get(idnps),
-                        )
-                        for idnps, eps in plans
-                    ],
-                )
-        except BaseException:
-            for file in {name, *payloads.values()}:
-                with contextlib.suppress(OSError):
-                    (self.store.outbox_dir / file).unlink()
-            raise
+                        now,
+                        payloads.get(idnps),
+                    )
+                    for idnps, eps in plans
+                ],
+            )
 
     def submit(
         self,
@@ -803,7 +790,7 @@ class Outbox:
                     signer,
                     delivery["status"],
                 )
-            self._event_in(db, str(of), signer, status, late=late, detail=reason)
+            self.event(str(of), signer, status, late=late, detail=reason, db=db)
         return None
 
     def apply_report(self, report: DeliveryReport, *, endpoint: Endpoint | None = None) -> bool:
@@ -869,8 +856,8 @@ class Outbox:
                     == 1
                 )
                 if changed:
-                    self._event_in(
-                        db, row["message_id"], row["recipient"], final, detail=report.reason
+                    self.event(
+                        row["message_id"], row["recipient"], final, detail=report.reason, db=db
                     )
             elif report.status in ("delivered", "read"):
                 late = receipts.is_late(row["status"])
@@ -891,9 +878,7 @@ class Outbox:
                     > 0
                 )
                 if changed:
-                    self._event_in(
-                        db, row["message_id"], row["recipient"], report.status, late=late
-                    )
+                    self.event(row["message_id"], row["recipient"], report.status, late=late, db=db)
         self.audit.append(
             "report",
             message_id=row["message_id"],
@@ -905,16 +890,24 @@ class Outbox:
         return changed
 
     # -- events ----------------------------------------------------------------------------
-    def _event_in(
+    def event(
         self,
-        db: sqlite3.Connection,
         message_id: str,
         recipient: str,
         status: str,
         *,
         late: bool = False,
         detail: str | None = None,
+        db: sqlite3.Connection | None = None,
     ) -> None:
+        """Record a status change. Inside the transaction ``db`` it is handed to ``on_status``
+        by :meth:`notify`, once the caller committed; without one, in a transaction of its own,
+        and handed on at once."""
+        if db is None:
+            with self.store.transaction(durable=False) as own:
+                self.event(message_id, recipient, status, late=late, detail=detail, db=own)
+            self.notify()
+            return
         at = self.clock()
         cur = db.execute(
             "INSERT INTO events (message_id, recipient, status, at, late, detail)"
@@ -926,20 +919,6 @@ class Outbox:
                 int(cur.lastrowid or 0), message_id, recipient, status, _ts(at), late, detail
             )
         )
-
-    def event(
-        self,
-        message_id: str,
-        recipient: str,
-        status: str,
-        *,
-        late: bool = False,
-        detail: str | None = None,
-    ) -> None:
-        """Record a status change and hand it to ``on_status``."""
-        with self.store.transaction(durable=False) as db:
-            self._event_in(db, message_id, recipient, status, late=late, detail=detail)
-        self.notify()
 
     def notify(self) -> None:
         """Hand recorded events to ``on_status`` (after their transaction committed)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ._closing import Closing
 from ._fs import atomic_output
 from ._identity import PublicIdentity
 from .models import Code, Patient, Practitioner
@@ -134,7 +135,7 @@ class ReceivedDocument:
         return target
 
 
-class _Range:
+class _Range(Closing):
     """``size`` bytes of an open file from its current position."""
 
     def __init__(self, fh: BinaryIO, size: int) -> None:
@@ -156,12 +157,6 @@ class _Range:
 
     def close(self) -> None:
         self._fh.close()
-
-    def __enter__(self) -> _Range:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass

@@ -282,8 +282,8 @@ def test_reconnects_after_the_connection_dropped(fresh: Dovecot) -> None:
     imap_append(fresh, message(1))
     with ImapMailbox(settings(fresh)) as box:
         assert len(box.list()) == 1
-        assert box._imap is not None
-        box._imap.sock.shutdown(socket.SHUT_RDWR)
+        assert box._conn is not None
+        box._conn.sock.shutdown(socket.SHUT_RDWR)
         assert len(box.list()) == 1
         assert box.connections == 2
 

@@ -367,8 +367,8 @@ def test_no_nagle_delay_on_the_connection(pki: Pki, server: SmtpServer) -> None:
     # capped a reused connection at a few dozen messages per second.
     with SmtpSubmitter(settings(pki, server)) as sub:
         submit(sub)
-        assert sub._smtp is not None and sub._smtp.sock is not None
-        assert sub._smtp.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert sub._conn is not None and sub._conn.sock is not None
+        assert sub._conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def test_reconnects_when_the_server_closed_the_connection(pki: Pki, server: SmtpServer) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import abc
 import unicodedata
 from collections.abc import Iterable, Sequence
-from types import TracebackType
-from typing import Self
 
+from .._closing import Closing
 from .._errors import AmbiguousPractitioner, PractitionerNotFound
 from ..identifiers import Identifier, MSSanteAddress, parse, parse_address
 from ..models import Practitioner
@@ -113,7 +112,7 @@ def unique(matches: Iterable[Practitioner], ref: object) -> Practitioner:
     return entries[0] if len(entries) == 1 else merge_practitioners(entries)
 
 
-class Directory(abc.ABC):
+class Directory(Closing, abc.ABC):
     """Where practitioners are found. Two methods, and a context manager.
 
     ``lookup(ref)`` returns exactly one :class:`~medsecure.Practitioner` or raises
@@ -151,16 +150,5 @@ class Directory(abc.ABC):
                 out[key] = self.lookup(ref)
         return out
 
-    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+    def close(self) -> None:  # optional hook: most backends hold nothing
         """Release resources (HTTP clients, database handles)."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

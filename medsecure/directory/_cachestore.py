@@ -91,7 +91,7 @@ class CacheStore:
     def entry(self, idnps: str) -> tuple[Practitioner, float] | None:
         """The kept entry for ``idnps`` and when it was fetched, or None."""
         hit = self._entries.get(idnps)
-        if hit is not None or self._db is None:
+        if hit is not None:
             return hit
         row = self._row("SELECT entry, fetched_at FROM entries WHERE idnps = ?", idnps)
         if row is None:
@@ -110,13 +110,11 @@ class CacheStore:
     def address(self, address: str) -> tuple[str, float] | None:
         """The IDNPS the directory named for ``address`` and when, or None."""
         hit = self._addresses.get(address)
-        if hit is not None or self._db is None:
-            return hit
-        row = self._row("SELECT idnps, fetched_at FROM addresses WHERE address = ?", address)
-        if row is None:
-            return None
-        self._addresses[address] = (row[0], row[1])
-        return row[0], row[1]
+        if hit is None:
+            row = self._row("SELECT idnps, fetched_at FROM addresses WHERE address = ?", address)
+            if row is not None:
+                hit = self._addresses[address] = (row[0], row[1])
+        return hit
 
     def claimants(self, address: str) -> set[str]:
         """The IDNPS of every kept entry that lists ``address``."""

@@ -15,12 +15,9 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from ._headers import (
-    addresses_header,
-    check_address,
-    format_date,
-    format_message_ids,
-    header_line,
+    check_parties,
     normalize_message_id,
+    opening_headers,
     raw_header_line,
 )
 from ._mime import MessageStream, Multipart, base64_body, leaf, read_chunks, render, text_body
@@ -70,30 +67,21 @@ def build_e2e_message(
     ``in_reply_to`` / ``references`` thread a reply (a signed receipt, for instance).
     ``product_reference`` adds ``X-MSS-NIL`` (required by MSSanté operators on every message).
     """
-    check_address(sender, "sender")
-    if isinstance(recipients, str) or not recipients:
-        raise ValueError("recipients must be a non-empty sequence of addresses")
-    for r in recipients:
-        check_address(r, "recipient")
+    check_parties(sender, recipients)
     if not isinstance(message_id, str) or not _MESSAGE_ID_RE.fullmatch(message_id):
         raise ValueError("message_id must be letters, digits, '.', '_' or '-' (1 to 128)")
     domain = sender.rsplit("@", 1)[1]
     mid = normalize_message_id(mail_message_id or f"{message_id}@{domain}")
     filename = message_id + ENVELOPE_SUFFIX
-    headers = [
-        addresses_header("From", [(None, sender)]),
-        addresses_header("To", [(None, r) for r in recipients]),
-        raw_header_line("Date", format_date(date)),
-        raw_header_line("Message-ID", f"<{mid}>"),
-        header_line("Subject", E2E_SUBJECT),
-    ]
-    refs = list(references)
-    if in_reply_to is not None:
-        headers.append(raw_header_line("In-Reply-To", format_message_ids([in_reply_to])))
-        if normalize_message_id(in_reply_to) not in {normalize_message_id(r) for r in refs}:
-            refs.append(in_reply_to)
-    if refs:
-        headers.append(raw_header_line("References", format_message_ids(refs)))
+    headers = opening_headers(
+        (None, sender),
+        recipients,
+        date,
+        mid,
+        E2E_SUBJECT,
+        in_reply_to=in_reply_to,
+        references=references,
+    )
     if product_reference is not None:
         headers.append(raw_header_line("X-MSS-NIL", product_reference))
     body = Multipart(

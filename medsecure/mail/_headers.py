@@ -177,6 +177,47 @@ def format_date(when: dt.datetime) -> str:
     return email.utils.format_datetime(when)
 
 
+def check_parties(sender: str, recipients: Sequence[str]) -> None:
+    """ValueError unless ``sender`` is an address and ``recipients`` a non-empty sequence of
+    addresses."""
+    check_address(sender, "sender")
+    if isinstance(recipients, str) or not recipients:
+        raise ValueError("recipients must be a non-empty sequence of addresses")
+    for r in recipients:
+        check_address(r, "recipient")
+
+
+def opening_headers(
+    sender: tuple[str | None, str],
+    recipients: Sequence[str],
+    date: dt.datetime,
+    message_id: str,
+    subject: str,
+    *,
+    charset: str = "utf-8",
+    in_reply_to: str | None = None,
+    references: Sequence[str] = (),
+) -> list[str]:
+    """The fields every message medsecure builds starts with, in this order: From (display
+    name, address), To, Date, Message-ID (``message_id`` bare), Subject; then In-Reply-To and
+    References for a reply (``in_reply_to`` joins ``references`` unless it is there already)."""
+    headers = [
+        addresses_header("From", [sender], charset=charset),
+        addresses_header("To", [(None, r) for r in recipients]),
+        raw_header_line("Date", format_date(date)),
+        raw_header_line("Message-ID", f"<{message_id}>"),
+        header_line("Subject", subject, charset=charset),
+    ]
+    refs = list(references)
+    if in_reply_to is not None:
+        headers.append(raw_header_line("In-Reply-To", format_message_ids([in_reply_to])))
+        if normalize_message_id(in_reply_to) not in {normalize_message_id(r) for r in refs}:
+            refs.append(in_reply_to)
+    if refs:
+        headers.append(raw_header_line("References", format_message_ids(refs)))
+    return headers
+
+
 def encode_params(params: Sequence[tuple[str, str]], *, charset: str = "utf-8") -> list[str]:
     """MIME parameters as ``name="value"`` segments; RFC 2231 for non-ASCII or long values.
 

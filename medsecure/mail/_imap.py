@@ -34,13 +34,12 @@ import imaplib
 import re
 import ssl
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
-from typing import BinaryIO, Self, TypeVar
+from typing import BinaryIO, TypeVar
 
 from .._errors import StorageError, TransportError, TransportUnavailable
-from ._config import MailItem, MailServer, server_text, tls_context, tls_failure
+from ._config import MailItem, MailServer, server_text, tls_failure
+from ._connection import MailConnection
 
 __all__ = ["ImapMailbox", "imap_utf7"]
 
@@ -128,7 +127,7 @@ class _IMAP4_SSL(_Bounded, imaplib.IMAP4_SSL):
     pass
 
 
-class ImapMailbox:
+class ImapMailbox(MailConnection[_IMAP4 | _IMAP4_SSL]):
     """Messages of one IMAP folder: list, peek at headers, fetch in parts, move.
 
     ``folder`` is the folder read (default ``INBOX``). ``chunk_size`` bounds each partial fetch
@@ -136,6 +135,8 @@ class ImapMailbox:
     ``spool_dir`` is where :meth:`fetch` keeps its anonymous temporary files. Use as a context
     manager (or call :meth:`close`); one connection is kept and reopened when it drops.
     """
+
+    protocol = "imap"
 
     def __init__(
         self,
@@ -147,59 +148,35 @@ class ImapMailbox:
         max_message_size: int | None = None,
         spool_dir: str | None = None,
     ) -> None:
-        if not isinstance(server, MailServer):
-            raise TypeError("server must be a MailServer")
+        super().__init__(server)
         if not 4096 <= chunk_size <= 64 << 20:
             raise ValueError("chunk_size must be between 4 KiB and 64 MiB")
         if not 1024 <= header_limit <= 8 << 20:
             raise ValueError("header_limit must be between 1 KiB and 8 MiB")
         self._folder_arg = _folder_arg(folder)
-        self.server = server
         self.folder = folder
         self._chunk = chunk_size
         self._header_limit = header_limit
         self._max_size = max_message_size
         self._spool = spool_dir
-        self._context = tls_context(server)
-        self._imap: _IMAP4 | _IMAP4_SSL | None = None
         self._caps: frozenset[str] = frozenset()
         self._created: set[str] = set()
-        self._lock = threading.RLock()
         #: The folder's UIDVALIDITY at the last selection (``None`` before the first).
         self.uidvalidity: int | None = None
-        #: Connections opened so far.
-        self.connections = 0
 
-    def __repr__(self) -> str:
-        return f"<ImapMailbox {self.server.host}:{self.server.port_for('imap')} {self.folder!r}>"
+    def _detail(self) -> str:
+        return f" {self.folder!r}"
 
-    def __enter__(self) -> Self:
-        return self
+    def _goodbye(self, imap: _IMAP4 | _IMAP4_SSL) -> None:
+        with contextlib.suppress(imaplib.IMAP4.error, OSError, ValueError):
+            imap.budget = 1 << 20
+            imap.logout()
+        with contextlib.suppress(OSError):
+            imap.shutdown()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Log out and close the connection."""
-        with self._lock:
-            imap, self._imap = self._imap, None
-            if imap is not None:
-                with contextlib.suppress(imaplib.IMAP4.error, OSError, ValueError):
-                    imap.budget = 1 << 20
-                    imap.logout()
-                with contextlib.suppress(OSError):
-                    imap.shutdown()
-
-    def _drop(self) -> None:
-        imap, self._imap = self._imap, None
-        if imap is not None:
-            with contextlib.suppress(OSError, ValueError):
-                imap.shutdown()
+    def _cut(self, imap: _IMAP4 | _IMAP4_SSL) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            imap.shutdown()
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -266,8 +243,7 @@ class ImapMailbox:
                 self._caps = frozenset(caps.decode("ascii", "replace").upper().split())
         except BaseException:
             if imap is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    imap.shutdown()
+                self._cut(imap)
             raise
         return imap
 
@@ -315,11 +291,8 @@ class ImapMailbox:
         out broken, reconnect once (every operation here is safe to repeat)."""
         with self._lock:
             for attempt in (1, 2):
-                reused = self._imap is not None
                 with self._errors(what):
-                    if self._imap is None:
-                        self._imap = self._connect()
-                    imap = self._imap
+                    imap, reused = self._opened()
                     try:
                         self._select(imap)
                         return op(imap)

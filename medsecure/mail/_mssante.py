@@ -38,12 +38,10 @@ from ..models import Patient
 from ._errors import PatientMailboxForbidden
 from ._headers import (
     addresses_header,
-    check_address,
+    check_parties,
     check_value,
-    format_date,
-    format_message_ids,
-    header_line,
     normalize_message_id,
+    opening_headers,
     raw_header_line,
 )
 from ._mime import (
@@ -175,11 +173,7 @@ def build_mssante_message(
     patient has recorded an opposition or a document is ``INVISIBLE_PATIENT``, or when the
     mailbox's INS is not the documents' patient's; ValueError for malformed arguments.
     """
-    check_address(sender, "sender")
-    if isinstance(recipients, str) or not recipients:
-        raise ValueError("recipients must be a non-empty sequence of addresses")
-    for r in recipients:
-        check_address(r, "recipient")
+    check_parties(sender, recipients)
     check_value(product_reference, "product_reference")
     if not product_reference.strip() or not product_reference.isascii():
         raise ValueError("product_reference (X-MSS-NIL) must be a non-empty ASCII reference")
@@ -239,20 +233,16 @@ def build_mssante_message(
     else:
         full_subject = subject if subject is not None else "Message"
 
-    headers = [
-        addresses_header("From", [(sender_name, sender)], charset=header_charset),
-        addresses_header("To", [(None, r) for r in recipients]),
-        raw_header_line("Date", format_date(date)),
-        raw_header_line("Message-ID", f"<{mid}>"),
-        header_line("Subject", full_subject, charset=header_charset),
-    ]
-    refs = list(references)
-    if in_reply_to is not None:
-        headers.append(raw_header_line("In-Reply-To", format_message_ids([in_reply_to])))
-        if normalize_message_id(in_reply_to) not in {normalize_message_id(r) for r in refs}:
-            refs.append(in_reply_to)
-    if refs:
-        headers.append(raw_header_line("References", format_message_ids(refs)))
+    headers = opening_headers(
+        (sender_name, sender),
+        recipients,
+        date,
+        mid,
+        full_subject,
+        charset=header_charset,
+        in_reply_to=in_reply_to,
+        references=references,
+    )
     if read_receipt:
         headers.append(addresses_header("Disposition-Notification-To", [(None, sender)]))
     shown = {"From": sender, "To": ", ".join(recipients), "Subject": full_subject}

@@ -76,6 +76,16 @@ class PartInfo:
     """``report-type`` of the nearest enclosing multipart/report, lower-cased."""
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where an entity stands in the message: the boundaries of the enclosing multiparts (one
+    list, shared down the tree), their media types, and the nearest report type."""
+
+    stack: list[bytes]
+    parents: tuple[str, ...]
+    report_type: str | None
+
+
 class Sink(Protocol):
     """Receives a leaf's decoded bytes."""
 
@@ -419,27 +429,15 @@ class _Walker:
                 raise MailFormatError(f"a header block is larger than {limit} bytes")
         return parse_header_block(bytes(block))
 
-    def entity(
-        self,
-        headers: Message,
-        stack: list[bytes],
-        parents: tuple[str, ...],
-        report_type: str | None,
-    ) -> tuple[int, bool] | None:
+    def entity(self, headers: Message, at: _Place) -> tuple[int, bool] | None:
         media_type = media_type_of(headers)
         if media_type.startswith("multipart/"):
-            return self._multipart(headers, media_type, stack, parents, report_type)
-        return self._leaf(headers, media_type, stack, parents, report_type)
+            return self._multipart(headers, media_type, at)
+        return self._leaf(headers, media_type, at)
 
-    def _multipart(
-        self,
-        headers: Message,
-        media_type: str,
-        stack: list[bytes],
-        parents: tuple[str, ...],
-        report_type: str | None,
-    ) -> tuple[int, bool] | None:
-        if len(parents) >= self.limits.max_depth:
+    def _multipart(self, headers: Message, media_type: str, at: _Place) -> tuple[int, bool] | None:
+        stack, report_type = at.stack, at.report_type
+        if len(at.parents) >= self.limits.max_depth:
             raise MailFormatError(f"multipart nesting deeper than {self.limits.max_depth}")
         boundary = param_of(headers, "boundary")
         if boundary is None or not _BCHARS.fullmatch(boundary):
@@ -451,39 +449,22 @@ class _Walker:
             report_type = (param_of(headers, "report-type") or "").lower() or None
         stack.append(raw)
         level = len(stack) - 1
-        inner = (*parents, media_type)
-        found = self.scan(stack, _discard)  # the preamble
-        if found is None:
-            raise MailFormatError("a multipart has no delimiter (truncated message?)")
-        idx, close = found
-        if idx != level:
-            raise MailFormatError("misnested multipart boundaries")
-        if close:
+        inner = _Place(stack, (*at.parents, media_type), report_type)
+        preamble = self.scan(stack, _discard)
+        if _closes(preamble, level, "a multipart has no delimiter (truncated message?)"):
             raise MailFormatError("a multipart has no body part")
         while True:
             self.parts += 1
             if self.parts > self.limits.max_parts:
                 raise MailFormatError(f"more than {self.limits.max_parts} MIME parts")
             part_headers = self.read_headers(self.limits.max_part_header_bytes)
-            found = self.entity(part_headers, stack, inner, report_type)
-            if found is None:
-                raise MailFormatError("a multipart is not terminated (truncated message?)")
-            idx, close = found
-            if idx != level:
-                raise MailFormatError("misnested multipart boundaries")
-            if close:
+            found = self.entity(part_headers, inner)
+            if _closes(found, level, "a multipart is not terminated (truncated message?)"):
                 break
         stack.pop()
         return self.scan(stack, _discard)  # the epilogue, up to the parent's next delimiter
 
-    def _leaf(
-        self,
-        headers: Message,
-        media_type: str,
-        stack: list[bytes],
-        parents: tuple[str, ...],
-        report_type: str | None,
-    ) -> tuple[int, bool] | None:
+    def _leaf(self, headers: Message, media_type: str, at: _Place) -> tuple[int, bool] | None:
         cte = str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
         decoder_type = _DECODERS.get(cte)
         if decoder_type is None:
@@ -495,15 +476,26 @@ class _Walker:
             media_type=media_type,
             filename=decode_filename(headers),
             disposition=disp,
-            parents=parents,
-            report_type=report_type,
+            parents=at.parents,
+            report_type=at.report_type,
         )
         decision = self.handler(info)
         decoder = decoder_type(decision.sink, decision.cap, decision.truncate)
-        found = self.scan(stack, decoder.feed)
+        found = self.scan(at.stack, decoder.feed)
         decoder.close()
         self.leaves.append(LeafResult(info, decoder.size, decoder.truncated))
         return found
+
+
+def _closes(found: tuple[int, bool] | None, level: int, missing: str) -> bool:
+    """Whether the delimiter a scan ended on closes the multipart at ``level``; it must be that
+    multipart's own (``missing`` says what it means when there is none)."""
+    if found is None:
+        raise MailFormatError(missing)
+    idx, close = found
+    if idx != level:
+        raise MailFormatError("misnested multipart boundaries")
+    return close
 
 
 def _discard(data: bytes) -> None:
@@ -521,7 +513,7 @@ def walk(
     top = walker.read_headers(limits.max_header_bytes)
     if not top.keys():
         raise MailFormatError("not a mail message: no header fields")
-    found = walker.entity(top, [], (), None)
+    found = walker.entity(top, _Place([], (), None))
     if found is not None:  # pragma: no cover - no boundary is active at top level
         raise MailFormatError("unexpected delimiter at top level")
     return top, walker.leaves

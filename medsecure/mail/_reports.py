@@ -25,12 +25,9 @@ from typing import Literal
 
 from ._errors import MailFormatError
 from ._headers import (
-    addresses_header,
     check_address,
-    format_date,
-    format_message_ids,
-    header_line,
     normalize_message_id,
+    opening_headers,
     raw_header_line,
 )
 from ._mime import Leaf, MessageStream, Multipart, bytes_body, leaf, render, text_body
@@ -442,15 +439,9 @@ def build_mdn(
             if error is None
             else "Erreur de traitement / Processing error"
         )
-    headers = [
-        addresses_header("From", [(None, sender)]),
-        addresses_header("To", [(None, to)]),
-        raw_header_line("Date", format_date(date)),
-        raw_header_line("Message-ID", f"<{own_id}>"),
-        header_line("Subject", subject, charset=header_charset),
-        raw_header_line("In-Reply-To", format_message_ids([original])),
-        raw_header_line("References", format_message_ids([original])),
-    ]
+    headers = opening_headers(
+        (None, sender), [to], date, own_id, subject, charset=header_charset, in_reply_to=original
+    )
     if automatic:
         headers.append(raw_header_line("Auto-Submitted", "auto-replied"))
     if product_reference is not None:

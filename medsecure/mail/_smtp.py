@@ -33,12 +33,10 @@ import re
 import smtplib
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from types import TracebackType
-from typing import BinaryIO, Literal, Self
+from typing import BinaryIO, Literal
 
 from .._errors import (
     DeliveryRejected,
@@ -47,7 +45,8 @@ from .._errors import (
     TransportError,
     TransportUnavailable,
 )
-from ._config import MailServer, server_text, tls_context, tls_failure, translate_os_errors
+from ._config import MailServer, server_text, tls_failure, translate_os_errors
+from ._connection import MailConnection
 
 __all__ = [
     "DataEncoder",
@@ -186,12 +185,14 @@ class _Drop(Exception):
         self.before_mail = before_mail
 
 
-class SmtpSubmitter:
+class SmtpSubmitter(MailConnection[smtplib.SMTP]):
     """Submit RFC 5322 messages to a submission server, streamed, over one reused connection.
 
     Use as a context manager (or call :meth:`close`). Not thread-safe across threads beyond a
     lock that serialises :meth:`submit` calls on one instance.
     """
+
+    protocol = "smtp"
 
     def __init__(
         self,
@@ -200,49 +201,22 @@ class SmtpSubmitter:
         local_hostname: str | None = None,
         chunk_size: int = CHUNK_SIZE,
     ) -> None:
-        if not isinstance(server, MailServer):
-            raise TypeError("server must be a MailServer")
+        super().__init__(server)
         if not 1024 <= chunk_size <= 16 << 20:
             raise ValueError("chunk_size must be between 1 KiB and 16 MiB")
-        self.server = server
         self._local_hostname = local_hostname
         self._chunk = chunk_size
-        self._context = tls_context(server)
-        self._smtp: smtplib.SMTP | None = None
-        self._lock = threading.Lock()
-        #: Connections opened so far (lets callers and tests see reuse).
-        self.connections = 0
-
-    def __repr__(self) -> str:
-        return f"<SmtpSubmitter {self.server.host}:{self.server.port_for('smtp')}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- connection ----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """QUIT and close the connection (errors ignored: nothing is pending then)."""
-        with self._lock:
-            smtp, self._smtp = self._smtp, None
-            if smtp is not None:
-                try:
-                    smtp.quit()
-                except (smtplib.SMTPException, OSError):
-                    smtp.close()
-
-    def _drop(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is not None:
+    def _goodbye(self, smtp: smtplib.SMTP) -> None:
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
             smtp.close()
+
+    def _cut(self, smtp: smtplib.SMTP) -> None:
+        smtp.close()
 
     def _connect(self) -> smtplib.SMTP:
         server = self.server
@@ -289,31 +263,30 @@ class SmtpSubmitter:
                 if server.has_credentials:
                     self._authenticate(smtp)
             except smtplib.SMTPConnectError as exc:
-                self._close_quietly(smtp)
+                self._cut_quietly(smtp)
                 raise self._status_error(
                     f"SMTP server {host} refused the connection",
                     SmtpReply.of(exc.smtp_code, exc.smtp_error),
                 ) from exc
             except smtplib.SMTPServerDisconnected as exc:
-                self._close_quietly(smtp)
+                self._cut_quietly(smtp)
                 raise TransportUnavailable(f"SMTP server {host} closed the connection") from exc
             except ssl.SSLError as exc:
-                self._close_quietly(smtp)
+                self._cut_quietly(smtp)
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise tls_failure(host, exc) from exc
                 raise TransportError(
                     f"TLS with SMTP server {host} failed: {exc.reason or type(exc).__name__}"
                 ) from exc
             except BaseException:
-                self._close_quietly(smtp)
+                self._cut_quietly(smtp)
                 raise
         assert smtp is not None
         return smtp
 
-    @staticmethod
-    def _close_quietly(smtp: smtplib.SMTP | None) -> None:
+    def _cut_quietly(self, smtp: smtplib.SMTP | None) -> None:
         if smtp is not None:
-            smtp.close()
+            self._cut(smtp)
 
     def _ehlo(self, smtp: smtplib.SMTP) -> None:
         code, text = smtp.ehlo()
@@ -382,10 +355,7 @@ class SmtpSubmitter:
         transaction ends in a clean state (success, or a RSET after a refusal), and one the
         server closed meanwhile fails at MAIL, before anything of the message was sent, which
         :meth:`submit` retries once on a fresh connection."""
-        if self._smtp is not None:
-            return self._smtp, True
-        self._smtp = self._connect()
-        return self._smtp, False
+        return self._opened()
 
     @staticmethod
     def _status_error(what: str, reply: SmtpReply) -> TransportError:

@@ -108,31 +108,16 @@ FORMAT_COMPLEMENT_OID = "1.2.250.1.213.1.1.4.2.282"  # TRE_A06-FormatCodeComplem
 # JDV_J10 / ASS_A12 (ansforge/IG-terminologie-de-sante): format of an unstructured body by
 # media type; a CDA without a declared model is "urn:asipSante:modelesHorsProfils:2011".
 _FORMATS = {
-    "application/pdf": Code(
-        code="urn:ihe:iti:xds-sd:pdf:2008",
-        label="Document à corps non structuré en Pdf/A-1",
-        system=IHE_FORMAT_OID,
-    ),
-    "text/plain": Code(
-        code="urn:ihe:iti:xds-sd:text:2008",
-        label="Document à corps non structuré en texte brut",
-        system=IHE_FORMAT_OID,
-    ),
-    "image/jpeg": Code(
-        code="urn:ihe:iti-fr:xds-sd:jpeg:2010",
-        label="Document à corps non structuré en format jpeg",
-        system=IHE_FORMAT_OID,
-    ),
-    "image/tiff": Code(
-        code="urn:ihe:iti-fr:xds-sd:tiff:2010",
-        label="Document à corps non structuré en format tiff",
-        system=IHE_FORMAT_OID,
-    ),
-    "application/rtf": Code(
-        code="urn:ihe:iti-fr:xds-sd:rtf:2010",
-        label="Document à corps non structuré en format rtf",
-        system=IHE_FORMAT_OID,
-    ),
+    media_type: Code(
+        code=code, label=f"Document à corps non structuré en {what}", system=IHE_FORMAT_OID
+    )
+    for media_type, code, what in (
+        ("application/pdf", "urn:ihe:iti:xds-sd:pdf:2008", "Pdf/A-1"),
+        ("text/plain", "urn:ihe:iti:xds-sd:text:2008", "texte brut"),
+        ("image/jpeg", "urn:ihe:iti-fr:xds-sd:jpeg:2010", "format jpeg"),
+        ("image/tiff", "urn:ihe:iti-fr:xds-sd:tiff:2010", "format tiff"),
+        ("application/rtf", "urn:ihe:iti-fr:xds-sd:rtf:2010", "format rtf"),
+    )
 }
 _DEFAULT_FORMAT = Code(
     code="urn:asipSante:modelesHorsProfils:2011",
@@ -501,17 +486,21 @@ def _localized(parent: ET.Element, tag: str, text: str | None) -> None:
     ls.set(f"{{{XML_NS}}}lang", "fr-FR")
 
 
-def _classification(
-    b: _Builder, parent: ET.Element, scheme: str, obj: str, code: Code, what: str
-) -> None:
-    c = _el(
+def _classified(b: _Builder, parent: ET.Element, scheme: str, obj: str, node: str) -> ET.Element:
+    return _el(
         parent,
         "Classification",
         classificationScheme=scheme,
         classifiedObject=obj,
         id=b.next_id("cl"),
-        nodeRepresentation=code.code,
+        nodeRepresentation=node,
     )
+
+
+def _classification(
+    b: _Builder, parent: ET.Element, scheme: str, obj: str, code: Code, what: str
+) -> None:
+    c = _classified(b, parent, scheme, obj, code.code)
     _slot(c, "codingScheme", [_oid_of(code.system, what)])
     _localized(c, "Name", code.label or code.code)
 
@@ -519,14 +508,7 @@ def _classification(
 def _author_classification(
     b: _Builder, parent: ET.Element, scheme: str, obj: str, author: XdmAuthor
 ) -> None:
-    c = _el(
-        parent,
-        "Classification",
-        classificationScheme=scheme,
-        classifiedObject=obj,
-        id=b.next_id("cl"),
-        nodeRepresentation="",
-    )
+    c = _classified(b, parent, scheme, obj, "")
     _slot(c, "authorPerson", [_xcn(author)])
     xon = _xon(author)
     if xon is not None:

@@ -32,16 +32,15 @@ client as a transient failure of that transport and logged as a bug.
 from __future__ import annotations
 
 import abc
-import contextlib
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, BinaryIO, ClassVar, Literal
 
+from .._closing import AsyncClosing, Closing
 from .._errors import StorageError, TransportError
+from .._fs import new_file
 
 if TYPE_CHECKING:
     from ..models import Endpoint
@@ -88,8 +87,8 @@ class UnsupportedItem(TransportError):
     over (a symbolic link, a FIFO, a device, a folder). It is left where it is."""
 
 
-class Transport(abc.ABC):
-    """Base class of transports."""
+class _Routing:
+    """What a transport declares, sync or async: the endpoint kinds it serves and its name."""
 
     #: Endpoint kinds this transport can deliver to.
     kinds: ClassVar[frozenset[str]] = frozenset()
@@ -102,6 +101,10 @@ class Transport(abc.ABC):
     def accepts(self, endpoint: Endpoint) -> bool:
         """Whether this transport can deliver to ``endpoint``."""
         return endpoint.kind in self.kinds
+
+
+class Transport(_Routing, Closing, abc.ABC):
+    """Base class of transports."""
 
     @abc.abstractmethod
     def deliver(
@@ -126,22 +129,12 @@ class Transport(abc.ABC):
         exist yet, in the receiver's inbox). The default copies :meth:`fetch`'s stream and
         fsyncs it; raises :class:`UnsupportedItem` for what is not an envelope and
         :class:`~medsecure.TransportUnavailable` if it is gone (taken by another reader)."""
-        src = self.fetch(item)
-        with src:
+        with self.fetch(item) as src:
             try:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                with os.fdopen(fd, "wb") as out:
+                with new_file(target) as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    target.unlink()
                 raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    target.unlink()
-                raise
 
     def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
         """States of envelopes delivered earlier to ``endpoint``, by message id: ``waiting``,
@@ -150,36 +143,14 @@ class Transport(abc.ABC):
         The default (a transport that cannot tell) answers nothing."""
         return {}
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:  # optional hook
         """Release resources."""
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncTransport(abc.ABC):
+class AsyncTransport(_Routing, AsyncClosing, abc.ABC):
     """The asynchronous twin of :class:`Transport`, for :class:`~medsecure.AsyncClient`: the
     same operations as coroutines. Reading a waiting envelope is :meth:`take` (write it to a
     path), so that large envelopes stream to disk without passing through the caller."""
-
-    kinds: ClassVar[frozenset[str]] = frozenset()
-
-    @property
-    def name(self) -> str:
-        """A stable name for this mailbox (used to remember what was already reported)."""
-        return type(self).__name__
-
-    def accepts(self, endpoint: Endpoint) -> bool:
-        """Whether this transport can deliver to ``endpoint``."""
-        return endpoint.kind in self.kinds
 
     @abc.abstractmethod
     async def deliver(
@@ -203,16 +174,5 @@ class AsyncTransport(abc.ABC):
         """See :meth:`Transport.poll`."""
         return {}
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
+    async def aclose(self) -> None:  # optional hook
         """Release resources."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from .._errors import DeliveryRejected, StorageError, TransportError, TransportUnavailable
-from .._fs import fsync_dir
+from .._fs import fsync_dir, new_file, removing_on_failure
 from ..models import Endpoint
 from ._base import Incoming, Transport, UnsupportedItem
 
@@ -44,6 +44,7 @@ _ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _STALE_TMP_SECONDS = 36 * 3600  # Maildir's advice for abandoned tmp/ files
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_NOT_REGULAR = "not a regular file (a link, a FIFO, a device or a folder)"
 _TRANSIENT = {
     errno.ENOSPC,
     errno.EDQUOT,
@@ -108,22 +109,10 @@ class FileTransport(Transport):
         try:
             self.prepare(box)
             if not self._link(envelope, tmp):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        shutil.copyfileobj(envelope, out, 1 << 20)
-                        out.flush()
-                        os.fsync(out.fileno())
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                    raise
-            try:
+                with new_file(tmp, mode=0o644) as out:
+                    shutil.copyfileobj(envelope, out, 1 << 20)
+            with removing_on_failure(tmp):
                 self._publish(tmp, box / "new", message_id)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
             fsync_dir(box / "new")
         except OSError as exc:
             where = f"drop folder {str(box)!r}"
@@ -194,11 +183,7 @@ class FileTransport(Transport):
             except OSError:
                 continue
             if m is None or not stat.S_ISREG(st.st_mode):
-                problem = (
-                    "not a medsecure envelope name"
-                    if m is None
-                    else "not a regular file (a link, a FIFO, a device or a folder)"
-                )
+                problem = "not a medsecure envelope name" if m is None else _NOT_REGULAR
                 # the handle is the folder entry's name: it is reported, never opened
                 out.append(
                     Incoming(
@@ -212,33 +197,12 @@ class FileTransport(Transport):
     def take(self, item: Incoming, target: Path) -> None:
         """Link (same file system) or copy a waiting regular file to ``target``, from the
         descriptor opened without following links and without blocking."""
-        path = self._path(item)
+        path, fd, st = self._open_regular(item)
         try:
-            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError as exc:
-            raise TransportUnavailable("the envelope was taken by another reader") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
-                raise UnsupportedItem(
-                    "not a regular file (a link, a FIFO, a device or a folder)"
-                ) from exc
-            raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
             if self._link_same(path, target, st):
                 return
-            out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(os.dup(fd), "rb") as src, os.fdopen(out_fd, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    target.unlink()
-                raise
+            with os.fdopen(os.dup(fd), "rb") as src, new_file(target) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
         except OSError as exc:
             raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
         finally:
@@ -291,21 +255,33 @@ class FileTransport(Transport):
             raise ValueError("not an item of this transport")
         return self.root / "new" / item.handle
 
-    def fetch(self, item: Incoming) -> BinaryIO:
+    def _open_regular(self, item: Incoming) -> tuple[Path, int, os.stat_result]:
+        """Open a waiting item without following links and without blocking: its path, the
+        descriptor (the caller closes it) and its status. Anything but a regular file is
+        :class:`UnsupportedItem`, a file gone meanwhile :class:`TransportUnavailable`."""
         path = self._path(item)
         try:
             fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
             raise TransportUnavailable("the envelope was taken by another reader") from exc
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO):
-                raise UnsupportedItem(
-                    "not a regular file (a link, a FIFO, a device or a folder)"
-                ) from exc
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+                raise UnsupportedItem(_NOT_REGULAR) from exc
             raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise UnsupportedItem("not a regular file (a link, a FIFO, a device or a folder)")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsupportedItem(_NOT_REGULAR)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot read an incoming envelope: {exc.strerror}") from exc
+            raise
+        return path, fd, st
+
+    def fetch(self, item: Incoming) -> BinaryIO:
+        _, fd, _ = self._open_regular(item)
+        try:
             return os.fdopen(fd, "rb")
         except BaseException:
             os.close(fd)

@@ -64,6 +64,7 @@ from .._errors import (
     TransportError,
     TransportUnavailable,
 )
+from .._fs import removing_on_failure
 from ..envelope._labels import ENVELOPE_MAGIC
 from ..envelope._message import MESSAGE_ID_RE
 from ..mail import MailLimits, MssanteOptions, build_e2e_message, parse_message
@@ -416,20 +417,13 @@ class MailTransport(Transport):
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
-        try:
-            with os.fdopen(fd, "wb") as out:
-                self._extract(mail_item, out, self._spool or target.parent)
-                try:
-                    out.flush()
-                    os.fsync(out.fileno())
-                except OSError as exc:
-                    raise StorageError(
-                        f"cannot store an incoming envelope: {exc.strerror}"
-                    ) from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                target.unlink()
-            raise
+        with removing_on_failure(target), os.fdopen(fd, "wb") as out:
+            self._extract(mail_item, out, self._spool or target.parent)
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
 
     def fetch(self, item: Incoming) -> BinaryIO:
         """The envelope of a waiting medsecure message, in an anonymous temporary file."""

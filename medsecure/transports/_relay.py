@@ -20,9 +20,11 @@ again if the relay answers ``unknown-key``.
 * ``acknowledge`` names the message id (``DELETE``), so repeating it never removes another
   envelope.
 
-The two classes share everything but the I/O: the request plans, the response classification
-and the backoff are pure functions of :class:`_Core`; the sync and async drivers are the same
-code line for line (a test suite runs against both).
+The two classes share everything but the I/O. :class:`_Core` holds the rules: which request
+each operation makes (:class:`_Request`), how an answer is read, and the request loop itself
+(:meth:`_Core.exchange`, a generator that says when to send, to wait or to publish the key
+bundle); :class:`_Resume` is the state of a resumable download. The sync and async drivers
+only perform what these ask for, with blocking or awaiting I/O (a test suite runs against both).
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, Generic, NoReturn, TypeVar
 
 import anyio
 import httpx
 
+from .._closing import AsyncClosing
 from .._errors import (
     DeliveryRejected,
     IdentityError,
@@ -56,6 +59,7 @@ from .._errors import (
     TransportError,
     TransportUnavailable,
 )
+from .._fs import removing_on_failure
 from .._identity import Identity
 from ..models import Endpoint
 from ..relay._bundle import MAX_BUNDLE_BYTES, KeyBundle, sign_bundle
@@ -114,6 +118,32 @@ class _Verdict:
     error: Exception | None = None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One signed request an operation makes: to the relay at ``base``, with a body of ``size``
+    bytes whose digest is ``digest`` (``size`` None: no body); ``ok`` are the answers that end
+    it; with ``stream`` a good answer is handed over unread (a download)."""
+
+    method: str
+    url: str
+    ok: tuple[int, ...]
+    base: str
+    digest: bytes = EMPTY_DIGEST
+    size: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the request loop asks its driver to do next: ``send`` the request signed with
+    ``headers`` (and answer with the verdict), ``publish`` the key bundle, or ``sleep``."""
+
+    action: str
+    headers: dict[str, str] = field(default_factory=dict)
+    wait: float = 0.0
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -130,7 +160,6 @@ class _Core:
         self,
         identity: Identity,
         url: str,
-        *,
         identifiers: Sequence[str],
         statements: Sequence[Any],
         retries: int,
@@ -153,7 +182,6 @@ class _Core:
         self._statements = tuple(statements)
         self._bundle: KeyBundle | None = None
         self.published: set[str] = set()
-        self._warned: set[str] = set()
 
     def base(self, url: str) -> str:
         if not isinstance(url, str):
@@ -175,7 +203,10 @@ class _Core:
             )
         return self._bundle
 
-    # -- URLs ------------------------------------------------------------------------------
+    def endpoint(self) -> Endpoint:
+        return Endpoint(kind="relay", url=self.url, mailbox=self.mailbox)
+
+    # -- the requests of each operation ----------------------------------------------------
     def message_url(self, base: str, mailbox: str, message_id: str) -> str:
         return f"{base}/v1/mailboxes/{mailbox}/messages/{message_id}"
 
@@ -192,14 +223,113 @@ class _Core:
             raise DeliveryRejected("the relay endpoint has a malformed URL") from exc
         return base, self.message_url(base, endpoint.mailbox, message_id)
 
-    def headers(self, method: str, url: str, digest: bytes = EMPTY_DIGEST) -> dict[str, str]:
-        return sign_request(self.identity, method, url, digest)
+    @contextlib.contextmanager
+    def publication(self, base: str | None) -> Iterator[tuple[_Request, bytes]]:
+        """The request that publishes this identity's key bundle on a relay (default: its
+        own), and the bundle. The relay counts as published from now on (the request's own
+        loop must not publish first), unless the block fails."""
+        where = self.base(base) if base else self.url
+        raw = self.bundle().raw
+        self.published.add(where)
+        try:
+            yield (
+                _Request(
+                    "PUT",
+                    f"{where}/v1/keys/{self.mailbox}",
+                    (204,),
+                    where,
+                    StreamDigest.of([raw]).digest(),
+                    len(raw),
+                    {"Content-Type": "application/vnd.medsecure.key-bundle+cbor"},
+                ),
+                raw,
+            )
+        except BaseException:
+            self.published.discard(where)
+            raise
 
-    # -- answers ---------------------------------------------------------------------------
+    def upload(self, target: tuple[str, str], digest: StreamDigest) -> _Request:
+        """The PUT of an envelope to ``target`` (:meth:`endpoint_target`'s relay and URL)."""
+        base, url = target
+        return _Request("PUT", url, (201,), base, digest.digest(), digest.size)
+
+    def listing(self) -> _Request:
+        return _Request("GET", f"{self.url}/v1/mailboxes/{self.mailbox}/messages", (200,), self.url)
+
+    def item_url(self, item: Incoming) -> str:
+        if not isinstance(item, Incoming) or not _MID_RE.fullmatch(item.handle):
+            raise ValueError("not an item of this transport")
+        return self.message_url(self.url, self.mailbox, item.handle)
+
+    def removal(self, item: Incoming) -> _Request:
+        return _Request("DELETE", self.item_url(item), (204, 404), self.url)
+
+    def states_request(self, message_ids: Sequence[str], url: str | None) -> _Request:
+        base = self.base(url) if url else self.url
+        ids = list(message_ids)
+        if not 1 <= len(ids) <= 100 or not all(_MID_RE.fullmatch(m) for m in ids):
+            raise ValueError("give 1 to 100 message ids")
+        query = urllib.parse.urlencode([("message_id", m) for m in ids])
+        return _Request("GET", f"{base}/v1/uploads?{query}", (200,), base)
+
+    def poll_request(self, endpoint: Endpoint, message_ids: Sequence[str]) -> _Request | None:
+        """The states request for uploads to ``endpoint``, or None if there is nothing to ask."""
+        if endpoint.kind != "relay" or not endpoint.url or not message_ids:
+            return None
+        return self.states_request(message_ids, endpoint.url)
+
+    def keys_url(
+        self, base: str, fingerprint: str | None, identifier: str | None, after: str | None = None
+    ) -> str:
+        if (fingerprint is None) == (identifier is None):
+            raise ValueError("give a fingerprint or an identifier")
+        if fingerprint is not None:
+            if not _FP_RE.fullmatch(fingerprint):
+                raise ValueError("not an ms1… fingerprint")
+            return f"{base}/v1/keys/{fingerprint}"
+        query = {"identifier": identifier} | ({"after": after} if after is not None else {})
+        return f"{base}/v1/keys?" + urllib.parse.urlencode(query)
+
+    # -- the request loop ------------------------------------------------------------------
+    def exchange(self, request: _Request) -> Generator[_Step, _Verdict | None, NoReturn]:
+        """The request loop, without I/O. Each ``send`` step is answered with the verdict on
+        what came back (the driver stops asking once the verdict is ``ok``); the other steps
+        with None. Raises the last error when retrying is over or cannot help."""
+        if request.base not in self.published:
+            yield _Step("publish")
+        attempt = 0
+        republished = False
+        while True:
+            # signing with ML-DSA takes about a millisecond: fine on an event loop too
+            headers = sign_request(self.identity, request.method, request.url, request.digest)
+            headers.update(request.extra)
+            if request.size is not None:
+                headers["Content-Length"] = str(request.size)
+                headers.setdefault("Content-Type", "application/octet-stream")
+            verdict = yield _Step("send", headers)
+            assert verdict is not None
+            if verdict.action == "publish" and not republished:
+                republished = True
+                yield _Step("publish")
+                continue
+            if verdict.action != "retry" or attempt >= self.retries:
+                assert verdict.error is not None
+                raise verdict.error
+            wait = verdict.wait if verdict.wait is not None else self.delay(attempt)
+            yield _Step("sleep", wait=wait)
+            attempt += 1
+
     def delay(self, attempt: int) -> float:
         """Exponential backoff with jitter (attempt 0 is the first retry)."""
         ceiling = min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 30))
         return ceiling * (0.5 + random.random() / 2)
+
+    def judge(
+        self, request: _Request, response: httpx.Response, answer: bytes
+    ) -> httpx.Response | _Verdict:
+        """A read answer: itself if it is one of the request's good answers, else the verdict."""
+        verdict = self.classify(response.status_code, response.headers, answer, request.ok)
+        return _decoded(response, answer) if verdict.action == "ok" else verdict
 
     def classify(
         self, status: int, headers: httpx.Headers, body: bytes, ok: tuple[int, ...]
@@ -229,11 +359,10 @@ class _Core:
             return _Verdict("fail", error=DeliveryRejected(what))
         return _Verdict("fail", error=TransportUnavailable(what))
 
-    def waiting(self, body: bytes) -> list[Incoming]:
-        doc = _json(body)
+    # -- what the answers say --------------------------------------------------------------
+    def waiting(self, answer: httpx.Response) -> list[Incoming]:
         out = []
-        items = doc.get("messages") if isinstance(doc, dict) else None
-        for item in items if isinstance(items, list) else []:
+        for item in _listed(answer, "messages"):
             if not isinstance(item, dict):
                 continue
             mid, size = item.get("message_id"), item.get("size")
@@ -244,11 +373,9 @@ class _Core:
             out.append(Incoming(handle=mid, message_id=mid, size=size))
         return out
 
-    def states(self, body: bytes) -> list[UploadState]:
-        doc = _json(body)
+    def states(self, answer: httpx.Response) -> list[UploadState]:
         out = []
-        items = doc.get("uploads") if isinstance(doc, dict) else None
-        for item in items if isinstance(items, list) else []:
+        for item in _listed(answer, "uploads"):
             if not isinstance(item, dict):
                 continue
             mb, mid, state, at = (
@@ -268,26 +395,18 @@ class _Core:
                 out.append(UploadState(mb, mid, str(state), at))
         return out
 
-    def keys_url(
-        self, base: str, fingerprint: str | None, identifier: str | None, after: str | None = None
-    ) -> str:
-        if (fingerprint is None) == (identifier is None):
-            raise ValueError("give a fingerprint or an identifier")
-        if fingerprint is not None:
-            if not _FP_RE.fullmatch(fingerprint):
-                raise ValueError("not an ms1… fingerprint")
-            return f"{base}/v1/keys/{fingerprint}"
-        query = {"identifier": identifier} | ({"after": after} if after is not None else {})
-        return f"{base}/v1/keys?" + urllib.parse.urlencode(query)
+    def polled(self, endpoint: Endpoint, answer: httpx.Response) -> dict[str, str]:
+        """The states of uploads to ``endpoint``'s mailbox, by message id."""
+        return {s.message_id: s.state for s in self.states(answer) if s.mailbox == endpoint.mailbox}
 
-    def next_keys(self, status: int, body: bytes, pages: int) -> str | None:
+    def next_keys(self, answer: httpx.Response, pages: int) -> str | None:
         """The cursor of the next page of a look-up by identifier (None: that was the last),
         after ``pages`` pages. A relay answers every claim of an identifier, a page at a time;
         an answer cut short would hide whoever is on the pages not read, so past
         ``_MAX_KEY_PAGES`` the look-up fails instead of answering in part."""
-        if status != 200:
+        if answer.status_code != 200:
             return None
-        doc = _json(body)
+        doc = _json(answer.content)
         cursor = doc.get("next") if isinstance(doc, dict) else None
         if not isinstance(cursor, str) or not _CURSOR_RE.fullmatch(cursor):
             return None
@@ -298,17 +417,15 @@ class _Core:
             )
         return cursor
 
-    def bundles(self, status: int, body: bytes, fingerprint: str | None) -> list[KeyBundle]:
+    def bundles(self, answer: httpx.Response, fingerprint: str | None) -> list[KeyBundle]:
         """Parse what a key lookup returned; bundles that do not verify are skipped."""
-        if status == 404:
+        if answer.status_code == 404:
             return []
         if fingerprint is not None:
-            raws = [body]
+            raws = [answer.content]
         else:
-            doc = _json(body)
-            items = doc.get("bundles") if isinstance(doc, dict) else None
             raws = []
-            for text in items if isinstance(items, list) else []:
+            for text in _listed(answer, "bundles"):
                 if isinstance(text, str) and len(text) < 2 * MAX_BUNDLE_BYTES:
                     with contextlib.suppress(ValueError):
                         raws.append(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
@@ -323,17 +440,102 @@ class _Core:
                 out.append(bundle)
         return out
 
-    def item_url(self, item: Incoming) -> str:
-        if not isinstance(item, Incoming) or not _MID_RE.fullmatch(item.handle):
-            raise ValueError("not an item of this transport")
-        return self.message_url(self.url, self.mailbox, item.handle)
 
-    def states_url(self, base: str, message_ids: Sequence[str]) -> str:
-        if not 1 <= len(message_ids) <= 100 or not all(_MID_RE.fullmatch(m) for m in message_ids):
-            raise ValueError("give 1 to 100 message ids")
-        return f"{base}/v1/uploads?" + urllib.parse.urlencode(
-            [("message_id", m) for m in message_ids]
-        )
+class _KeyLookup:
+    """A key look-up, without I/O: the request for each page (:attr:`request`, None once the
+    look-up is complete) and the bundles the answers held, each fingerprint once."""
+
+    def __init__(
+        self, core: _Core, fingerprint: str | None, identifier: str | None, url: str | None
+    ) -> None:
+        self.core = core
+        self.base = core.base(url) if url else core.url
+        self.fingerprint = fingerprint
+        self.identifier = identifier
+        self.pages = 0
+        self._found: dict[str, KeyBundle] = {}
+        self.request: _Request | None = self._page(None)
+
+    def _page(self, after: str | None) -> _Request:
+        url = self.core.keys_url(self.base, self.fingerprint, self.identifier, after)
+        return _Request("GET", url, (200, 404), self.base)
+
+    def answered(self, answer: httpx.Response) -> None:
+        """Take in the answer to :attr:`request`; set the next page's request, if any."""
+        for bundle in self.core.bundles(answer, self.fingerprint):
+            self._found.setdefault(bundle.fingerprint, bundle)
+        self.pages += 1
+        after = None if self.fingerprint is not None else self.core.next_keys(answer, self.pages)
+        self.request = None if after is None else self._page(after)
+
+    def found(self) -> list[KeyBundle]:
+        return list(self._found.values())
+
+
+class _Resume:
+    """A resumable download, without I/O: where it is, what the relay said of the body (size,
+    ETag), what was received and not read yet, and how many times it broke."""
+
+    def __init__(self, core: _Core, url: str, expected: int | None) -> None:
+        self.core = core
+        self.url = url
+        self.pos = 0
+        # the listed size bounds what a (hostile) relay can make us read
+        self.expected = expected
+        self.size: int | None = None
+        self.etag: str | None = None
+        self.pending = b""
+        self.failures = 0
+
+    def request(self) -> _Request:
+        """The GET that starts the download, or resumes it where it broke."""
+        extra = {"Accept-Encoding": "identity"}
+        if self.pos:
+            extra["Range"] = f"bytes={self.pos}-"
+            if self.etag:
+                extra["If-Range"] = self.etag
+        return _Request("GET", self.url, (200, 206), self.core.url, extra=extra, stream=True)
+
+    def refusal(self, response: httpx.Response) -> TransportUnavailable | None:
+        """None if the (streamed) answer to :meth:`request` continues the download (its size
+        and ETag are kept from the first one), else the error to raise once it is closed."""
+        if self.pos and response.status_code != 206:
+            return TransportUnavailable("the relay could not resume the download")
+        if self.size is None:
+            length = response.headers.get("content-length", "")
+            size = int(length) if length.isdigit() else self.expected
+            if self.expected is not None and size != self.expected:
+                return TransportUnavailable("the relay sent another size than it listed")
+            self.size = size
+            self.etag = response.headers.get("etag")
+        return None
+
+    @property
+    def complete(self) -> bool:
+        return self.size is not None and self.pos >= self.size
+
+    def received(self, chunk: bytes) -> None:
+        self.pending = chunk[: self.size - self.pos if self.size is not None else None]
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` received bytes (all of them if ``n < 0``)."""
+        count = len(self.pending) if n < 0 else min(n, len(self.pending))
+        data, self.pending = self.pending[:count], self.pending[count:]
+        self.pos += len(data)
+        return data
+
+    def ended(self) -> TransportUnavailable | None:
+        """The body ended: None if that is the end (no size was announced), else the error."""
+        return None if self.size is None else TransportUnavailable("the download ended early")
+
+    def retry(self, error: TransportUnavailable) -> float:
+        """After a break: how long to wait before resuming; raises ``error`` when the retries
+        are spent."""
+        if self.failures >= self.core.retries:
+            raise error
+        wait = self.core.delay(self.failures)
+        self.failures += 1
+        return wait
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -358,6 +560,20 @@ def _json(body: bytes) -> Any:
         raise TransportError("the relay's answer is not valid JSON") from exc
 
 
+def _listed(answer: httpx.Response, key: str) -> list[Any]:
+    """The list under ``key`` in a JSON answer (empty if there is none: the items are checked
+    one by one by the caller)."""
+    doc = _json(answer.content)
+    items = doc.get(key) if isinstance(doc, dict) else None
+    return items if isinstance(items, list) else []
+
+
+def _bounded(answer: bytes) -> bytes:
+    if len(answer) > _MAX_JSON:
+        raise TransportError("the relay's answer is too large")
+    return answer
+
+
 def _decoded(response: httpx.Response, content: bytes) -> httpx.Response:
     """A read answer (its content already decoded by httpx, so without Content-Encoding)."""
     headers = [
@@ -368,6 +584,10 @@ def _decoded(response: httpx.Response, content: bytes) -> httpx.Response:
     return httpx.Response(response.status_code, headers=headers, content=content)
 
 
+def _unreachable(exc: Exception) -> _Verdict:
+    return _Verdict("retry", None, _translate(exc))
+
+
 def _translate(exc: Exception) -> TransportUnavailable:
     return TransportUnavailable(f"relay unreachable: {type(exc).__name__}")
 
@@ -375,35 +595,45 @@ def _translate(exc: Exception) -> TransportUnavailable:
 _TRANSIENT_HTTP = (httpx.TransportError, httpx.StreamError)
 
 
-class _Spooled:
-    """A seekable copy of a non-seekable envelope, in a private temporary file."""
+class _Source:
+    """An envelope to upload, read twice (for its digest, then as the body): the caller's
+    stream if it can seek, else a seekable copy in a private temporary file."""
 
-    @staticmethod
-    def seekable(envelope: BinaryIO) -> tuple[BinaryIO, bool]:
+    def __init__(self, envelope: BinaryIO) -> None:
         try:
             envelope.seek(envelope.tell())
-            return envelope, False
+            self.file, self.spooled = envelope, False
         except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
-            spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - closed by caller
+            spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - see close()
             shutil.copyfileobj(envelope, spool, _CHUNK)
             spool.seek(0)
-            return spool, True  # type: ignore[return-value]
+            self.file, self.spooled = spool, True  # type: ignore[assignment]
+        self.start = self.file.tell()
+
+    def digest(self) -> StreamDigest:
+        d = StreamDigest()
+        while block := self.file.read(_CHUNK):
+            d.update(block)
+        return d
+
+    def rewind(self) -> None:
+        self.file.seek(self.start)
+
+    def read(self) -> bytes:
+        return self.file.read(_CHUNK)
+
+    def close(self) -> None:
+        if self.spooled:
+            self.file.close()
 
 
-# ==============================================================================================
-# sync
-# ==============================================================================================
+_C = TypeVar("_C", httpx.Client, httpx.AsyncClient)
+_S = TypeVar("_S")
 
 
-class RelayTransport(Transport):
-    """Deliver to relay mailboxes (``Endpoint(kind="relay", url=…, mailbox=…)``) and receive
-    from the caller's own mailbox on the relay at ``url``.
-
-    ``client`` may be given (connection reuse, proxies, TLS settings, tests); otherwise one
-    ``httpx.Client`` is made and closed with the transport. ``identifiers`` (IDNPS) and
-    ``statements`` go into the published key bundle so that others can find the key; they do not
-    make it trusted. ``sleep`` is the wait between retries (tests pass a recorder).
-    """
+class _Relay(Generic[_C, _S]):
+    """What the two drivers have in common besides :class:`_Core`: the constructor (see
+    :class:`RelayTransport`), the names and the endpoint to publish."""
 
     kinds: ClassVar[frozenset[str]] = frozenset({"relay"})
 
@@ -412,7 +642,7 @@ class RelayTransport(Transport):
         identity: Identity,
         url: str,
         *,
-        client: httpx.Client | None = None,
+        client: _C | None = None,
         identifiers: Sequence[str] = (),
         statements: Sequence[Any] = (),
         timeout: float = 30.0,
@@ -420,21 +650,29 @@ class RelayTransport(Transport):
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 120.0,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: _S | None = None,
     ) -> None:
         self._core = _Core(
-            identity,
-            url,
-            identifiers=identifiers,
-            statements=statements,
-            retries=retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            max_retry_after=max_retry_after,
+            identity, url, identifiers, statements, retries, backoff, max_backoff, max_retry_after
         )
         self._own_client = client is None
-        self._client = client if client is not None else httpx.Client(timeout=timeout)
-        self._sleep = sleep
+        self._client: _C = client if client is not None else self._new_client(timeout)
+        self._sleep: _S = sleep if sleep is not None else self._default_sleep()
+
+    def _new_client(self, timeout: float) -> _C:
+        raise NotImplementedError
+
+    def _default_sleep(self) -> _S:
+        raise NotImplementedError
+
+    def _prepare(
+        self, request: _Request, headers: dict[str, str], body: Callable[[], Any] | None
+    ) -> httpx.Request:
+        """One attempt's HTTP request, built by the client (so that its defaults apply)."""
+        content = body() if body is not None else None
+        return self._client.build_request(
+            request.method, request.url, headers=headers, content=content
+        )
 
     @property
     def url(self) -> str:
@@ -453,148 +691,110 @@ class RelayTransport(Transport):
 
     def endpoint(self) -> Endpoint:
         """The endpoint others deliver to, to publish in a directory."""
-        return Endpoint(kind="relay", url=self.url, mailbox=self.mailbox)
+        return self._core.endpoint()
 
     def __repr__(self) -> str:
-        return f"<RelayTransport {self.url!r} {self.mailbox}>"
+        return f"<{type(self).__name__} {self.url!r} {self.mailbox}>"
+
+
+# ==============================================================================================
+# sync
+# ==============================================================================================
+
+
+class RelayTransport(_Relay[httpx.Client, Callable[[float], None]], Transport):
+    """Deliver to relay mailboxes (``Endpoint(kind="relay", url=…, mailbox=…)``) and receive
+    from the caller's own mailbox on the relay at ``url``.
+
+    ``client`` may be given (connection reuse, proxies, TLS settings, tests); otherwise one
+    ``httpx.Client`` is made and closed with the transport. ``identifiers`` (IDNPS) and
+    ``statements`` go into the published key bundle so that others can find the key; they do not
+    make it trusted. ``sleep`` is the wait between retries (default ``time.sleep``; tests pass a
+    recorder).
+    """
+
+    def _new_client(self, timeout: float) -> httpx.Client:
+        return httpx.Client(timeout=timeout)
+
+    def _default_sleep(self) -> Callable[[float], None]:
+        return time.sleep
 
     # -- the request loop ------------------------------------------------------------------
-    def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        ok: tuple[int, ...],
-        base: str | None = None,
-        body: Callable[[], Any] | None = None,
-        digest: bytes = EMPTY_DIGEST,
-        size: int = 0,
-        extra: dict[str, str] | None = None,
-        stream: bool = False,
-    ) -> httpx.Response:
-        core = self._core
-        where = base or core.url
-        if where not in core.published:
-            self.publish(where)
-        attempt = 0
-        republished = False
+    def _send(self, request: _Request, body: Callable[[], Any] | None = None) -> httpx.Response:
+        steps = self._core.exchange(request)
+        step = next(steps)
         while True:
-            headers = core.headers(method, url, digest)
-            headers.update(extra or {})
-            if body is not None:
-                headers["Content-Length"] = str(size)
-                headers.setdefault("Content-Type", "application/octet-stream")
-            request = self._client.build_request(
-                method, url, headers=headers, content=body() if body is not None else None
-            )
-            try:
-                response = self._client.send(request, stream=True)
-            except _TRANSIENT_HTTP as exc:
-                verdict = _Verdict("retry", None, _translate(exc))
-            else:
-                if stream and response.status_code in ok:
-                    return response
-                try:
-                    answer = b""
-                    for part in response.iter_bytes(_CHUNK):
-                        answer += part
-                        if len(answer) > _MAX_JSON:
-                            raise TransportError("the relay's answer is too large")
-                except _TRANSIENT_HTTP as exc:
-                    verdict = _Verdict("retry", None, _translate(exc))
-                else:
-                    verdict = core.classify(response.status_code, response.headers, answer, ok)
-                    if verdict.action == "ok":
-                        return _decoded(response, answer)
-                finally:
-                    response.close()
-            if verdict.action == "publish" and not republished:
-                republished = True
-                self.publish(where)
+            if step.action == "send":
+                outcome = self._attempt(request, self._prepare(request, step.headers, body))
+                if isinstance(outcome, httpx.Response):
+                    return outcome
+                step = steps.send(outcome)
                 continue
-            if verdict.action != "retry" or attempt >= core.retries:
-                assert verdict.error is not None
-                raise verdict.error
-            self._sleep(verdict.wait if verdict.wait is not None else core.delay(attempt))
-            attempt += 1
+            if step.action == "publish":
+                self.publish(request.base)
+            else:
+                self._sleep(step.wait)
+            step = next(steps)
+
+    def _attempt(self, request: _Request, sent: httpx.Request) -> httpx.Response | _Verdict:
+        try:
+            response = self._client.send(sent, stream=True)
+            if request.stream and response.status_code in request.ok:
+                return response
+            try:
+                answer = b""
+                for part in response.iter_bytes(_CHUNK):
+                    answer = _bounded(answer + part)
+            finally:
+                response.close()
+        except _TRANSIENT_HTTP as exc:
+            return _unreachable(exc)
+        return self._core.judge(request, response, answer)
 
     def publish(self, base: str | None = None) -> None:
         """Publish this identity's key bundle on a relay (done before the first request)."""
-        core = self._core
-        where = core.base(base) if base else core.url
-        raw = core.bundle().raw
-        url = f"{where}/v1/keys/{core.mailbox}"
-        core.published.add(where)
-        try:
-            self._send(
-                "PUT",
-                url,
-                ok=(204,),
-                base=where,
-                body=lambda: raw,
-                digest=StreamDigest.of([raw]).digest(),
-                size=len(raw),
-                extra={"Content-Type": "application/vnd.medsecure.key-bundle+cbor"},
-            )
-        except BaseException:
-            core.published.discard(where)
-            raise
+        with self._core.publication(base) as (request, raw):
+            self._send(request, lambda: raw)
 
     # -- Transport -------------------------------------------------------------------------
     def deliver(
         self, endpoint: Endpoint, envelope: BinaryIO, *, message_id: str, size: int
     ) -> None:
-        base, url = self._core.endpoint_target(endpoint, message_id)
-        source, spooled = _Spooled.seekable(envelope)
+        target = self._core.endpoint_target(endpoint, message_id)
+        source = _Source(envelope)
         try:
-            start = source.tell()
-            d = StreamDigest()
-            while block := source.read(_CHUNK):
-                d.update(block)
+            request = self._core.upload(target, source.digest())
 
             def chunks() -> Iterator[bytes]:
-                source.seek(start)
-                while block := source.read(_CHUNK):
+                source.rewind()
+                while block := source.read():
                     yield block
 
-            self._send(
-                "PUT", url, ok=(201,), base=base, body=chunks, digest=d.digest(), size=d.size
-            )
+            self._send(request, chunks)
         finally:
-            if spooled:
-                source.close()
+            source.close()
 
     def list(self) -> Sequence[Incoming]:
-        url = f"{self._core.url}/v1/mailboxes/{self._core.mailbox}/messages"
-        return self._core.waiting(self._send("GET", url, ok=(200,)).content)
+        return self._core.waiting(self._send(self._core.listing()))
 
     def fetch(self, item: Incoming) -> BinaryIO:
         return io.BufferedReader(_Download(self, self._core.item_url(item), item.size), _CHUNK)
 
     def acknowledge(self, item: Incoming) -> None:
         with contextlib.suppress(DeliveryRejected):  # not-found: already acknowledged
-            self._send("DELETE", self._core.item_url(item), ok=(204, 404))
+            self._send(self._core.removal(item))
 
     def upload_states(
         self, message_ids: Sequence[str], *, url: str | None = None
     ) -> Sequence[UploadState]:
         """States of this identity's uploads on a relay (default: its own): whether each was
         collected, is still waiting, or expired uncollected."""
-        base = self._core.base(url) if url else self._core.url
-        answer = self._send(
-            "GET", self._core.states_url(base, list(message_ids)), ok=(200,), base=base
-        )
-        return self._core.states(answer.content)
+        return self._core.states(self._send(self._core.states_request(message_ids, url)))
 
     def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
         """States of uploads to ``endpoint``'s relay and mailbox (see Transport.poll)."""
-        if endpoint.kind != "relay" or not endpoint.url or not message_ids:
-            return {}
-        return {
-            s.message_id: s.state
-            for s in self.upload_states(message_ids, url=endpoint.url)
-            if s.mailbox == endpoint.mailbox
-        }
+        request = self._core.poll_request(endpoint, message_ids)
+        return {} if request is None else self._core.polled(endpoint, self._send(request))
 
     def find_keys(
         self,
@@ -607,21 +807,10 @@ class RelayTransport(Transport):
         bundle claiming an identifier (IDNPS, ``rpps:…``; read page by page, or
         :class:`TransportError` if there are too many to read). Self-signed only: a trust policy
         decides."""
-        base = self._core.base(url) if url else self._core.url
-        found: dict[str, KeyBundle] = {}
-        after: str | None = None
-        pages = 0
-        while True:
-            target = self._core.keys_url(base, fingerprint, identifier, after)
-            answer = self._send("GET", target, ok=(200, 404), base=base)
-            for bundle in self._core.bundles(answer.status_code, answer.content, fingerprint):
-                found.setdefault(bundle.fingerprint, bundle)
-            pages += 1
-            if fingerprint is not None:
-                return list(found.values())
-            after = self._core.next_keys(answer.status_code, answer.content, pages)
-            if after is None:
-                return list(found.values())
+        lookup = _KeyLookup(self._core, fingerprint, identifier, url)
+        while lookup.request is not None:
+            lookup.answered(self._send(lookup.request))
+        return lookup.found()
 
     def close(self) -> None:
         if self._own_client:
@@ -633,73 +822,45 @@ class _Download(io.RawIOBase):
 
     def __init__(self, transport: RelayTransport, url: str, expected: int | None = None) -> None:
         self._t = transport
-        self._url = url
-        self._pos = 0
-        # the listed size bounds what a (hostile) relay can make us read
-        self._expected = expected
-        self._size: int | None = None
-        self._etag: str | None = None
+        self._state = _Resume(transport._core, url, expected)
         self._response: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
-        self._pending = b""
-        self._failures = 0
 
     def readable(self) -> bool:
         return True
 
     def _open(self) -> None:
-        extra = {"Accept-Encoding": "identity"}
-        if self._pos:
-            extra["Range"] = f"bytes={self._pos}-"
-            if self._etag:
-                extra["If-Range"] = self._etag
-        response = self._t._send("GET", self._url, ok=(200, 206), extra=extra, stream=True)
-        if self._pos and response.status_code != 206:
+        response = self._t._send(self._state.request())
+        refusal = self._state.refusal(response)
+        if refusal is not None:
             response.close()
-            raise TransportUnavailable("the relay could not resume the download")
-        if self._size is None:
-            length = response.headers.get("content-length", "")
-            self._size = int(length) if length.isdigit() else self._expected
-            if self._expected is not None and self._size != self._expected:
-                self._size = None
-                response.close()
-                raise TransportUnavailable("the relay sent another size than it listed")
-            self._etag = response.headers.get("etag")
+            raise refusal
         self._response = response
         self._chunks = response.iter_raw(_CHUNK)
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
-        while not self._pending:
-            if self._size is not None and self._pos >= self._size:
+        state = self._state
+        while not state.pending:
+            if state.complete:
                 return 0
             try:
                 if self._chunks is None:
                     self._open()
                 assert self._chunks is not None
-                self._pending = next(self._chunks)[
-                    : self._size - self._pos if self._size is not None else None
-                ]
+                state.received(next(self._chunks))
             except StopIteration:
                 self._drop()
-                if self._size is None:
+                error = state.ended()
+                if error is None:
                     return 0
-                self._retry(TransportUnavailable("the download ended early"))
+                self._t._sleep(state.retry(error))
             except _TRANSIENT_HTTP as exc:
                 self._drop()
-                self._retry(_translate(exc))
-        n = min(len(view), len(self._pending))
-        view[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        self._pos += n
-        return n
-
-    def _retry(self, error: TransportUnavailable) -> None:
-        core = self._t._core
-        if self._failures >= core.retries:
-            raise error
-        self._t._sleep(core.delay(self._failures))
-        self._failures += 1
+                self._t._sleep(state.retry(_translate(exc)))
+        data = state.take(len(view))
+        view[: len(data)] = data
+        return len(data)
 
     def _drop(self) -> None:
         if self._response is not None:
@@ -713,190 +874,86 @@ class _Download(io.RawIOBase):
 
 
 # ==============================================================================================
-# async (the same driver, awaiting)
+# async (the same rules, awaiting)
 # ==============================================================================================
 
 
-class AsyncRelayTransport(AsyncTransport):
+class AsyncRelayTransport(
+    _Relay[httpx.AsyncClient, Callable[[float], Awaitable[None]]], AsyncTransport
+):
     """The async twin of :class:`RelayTransport` on ``httpx.AsyncClient``: the same methods,
-    awaitable; file reads and digests run off the event loop."""
+    awaitable (``sleep`` default: ``anyio.sleep``); file reads and digests run off the event
+    loop."""
 
-    kinds: ClassVar[frozenset[str]] = frozenset({"relay"})
+    def _new_client(self, timeout: float) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=timeout)
 
-    def __init__(
-        self,
-        identity: Identity,
-        url: str,
-        *,
-        client: httpx.AsyncClient | None = None,
-        identifiers: Sequence[str] = (),
-        statements: Sequence[Any] = (),
-        timeout: float = 30.0,
-        retries: int = 6,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        max_retry_after: float = 120.0,
-        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-    ) -> None:
-        self._core = _Core(
-            identity,
-            url,
-            identifiers=identifiers,
-            statements=statements,
-            retries=retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            max_retry_after=max_retry_after,
-        )
-        self._own_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(timeout=timeout)
-        self._sleep = sleep
-
-    @property
-    def url(self) -> str:
-        """The relay holding this identity's mailbox."""
-        return self._core.url
-
-    @property
-    def name(self) -> str:
-        """``relay:<url>`` (this identity's mailbox on that relay)."""
-        return f"relay:{self._core.url}"
-
-    @property
-    def mailbox(self) -> str:
-        """This identity's mailbox name (its fingerprint)."""
-        return self._core.mailbox
-
-    def accepts(self, endpoint: Endpoint) -> bool:
-        """Whether this transport can deliver to ``endpoint``."""
-        return endpoint.kind in self.kinds
-
-    def endpoint(self) -> Endpoint:
-        """The endpoint others deliver to, to publish in a directory."""
-        return Endpoint(kind="relay", url=self.url, mailbox=self.mailbox)
-
-    def __repr__(self) -> str:
-        return f"<AsyncRelayTransport {self.url!r} {self.mailbox}>"
+    def _default_sleep(self) -> Callable[[float], Awaitable[None]]:
+        return anyio.sleep
 
     async def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        ok: tuple[int, ...],
-        base: str | None = None,
-        body: Callable[[], Any] | None = None,
-        digest: bytes = EMPTY_DIGEST,
-        size: int = 0,
-        extra: dict[str, str] | None = None,
-        stream: bool = False,
+        self, request: _Request, body: Callable[[], Any] | None = None
     ) -> httpx.Response:
-        core = self._core
-        where = base or core.url
-        if where not in core.published:
-            await self.publish(where)
-        attempt = 0
-        republished = False
+        steps = self._core.exchange(request)
+        step = next(steps)
         while True:
-            # signing with ML-DSA takes about a millisecond: fine on the loop
-            headers = core.headers(method, url, digest)
-            headers.update(extra or {})
-            if body is not None:
-                headers["Content-Length"] = str(size)
-                headers.setdefault("Content-Type", "application/octet-stream")
-            request = self._client.build_request(
-                method, url, headers=headers, content=body() if body is not None else None
-            )
-            try:
-                response = await self._client.send(request, stream=True)
-            except _TRANSIENT_HTTP as exc:
-                verdict = _Verdict("retry", None, _translate(exc))
-            else:
-                if stream and response.status_code in ok:
-                    return response
-                try:
-                    answer = b""
-                    async for part in response.aiter_bytes(_CHUNK):
-                        answer += part
-                        if len(answer) > _MAX_JSON:
-                            raise TransportError("the relay's answer is too large")
-                except _TRANSIENT_HTTP as exc:
-                    verdict = _Verdict("retry", None, _translate(exc))
-                else:
-                    verdict = core.classify(response.status_code, response.headers, answer, ok)
-                    if verdict.action == "ok":
-                        return _decoded(response, answer)
-                finally:
-                    await response.aclose()
-            if verdict.action == "publish" and not republished:
-                republished = True
-                await self.publish(where)
+            if step.action == "send":
+                outcome = await self._attempt(request, self._prepare(request, step.headers, body))
+                if isinstance(outcome, httpx.Response):
+                    return outcome
+                step = steps.send(outcome)
                 continue
-            if verdict.action != "retry" or attempt >= core.retries:
-                assert verdict.error is not None
-                raise verdict.error
-            await self._sleep(verdict.wait if verdict.wait is not None else core.delay(attempt))
-            attempt += 1
+            if step.action == "publish":
+                await self.publish(request.base)
+            else:
+                await self._sleep(step.wait)
+            step = next(steps)
+
+    async def _attempt(self, request: _Request, sent: httpx.Request) -> httpx.Response | _Verdict:
+        try:
+            response = await self._client.send(sent, stream=True)
+            if request.stream and response.status_code in request.ok:
+                return response
+            try:
+                answer = b""
+                async for part in response.aiter_bytes(_CHUNK):
+                    answer = _bounded(answer + part)
+            finally:
+                await response.aclose()
+        except _TRANSIENT_HTTP as exc:
+            return _unreachable(exc)
+        return self._core.judge(request, response, answer)
 
     async def publish(self, base: str | None = None) -> None:
         """Publish this identity's key bundle on a relay (done before the first request)."""
-        core = self._core
-        where = core.base(base) if base else core.url
-        raw = core.bundle().raw
-        url = f"{where}/v1/keys/{core.mailbox}"
-        core.published.add(where)
+        with self._core.publication(base) as (request, raw):
 
-        async def once() -> AsyncIterator[bytes]:
-            yield raw
+            async def once() -> AsyncIterator[bytes]:
+                yield raw
 
-        try:
-            await self._send(
-                "PUT",
-                url,
-                ok=(204,),
-                base=where,
-                body=once,
-                digest=StreamDigest.of([raw]).digest(),
-                size=len(raw),
-                extra={"Content-Type": "application/vnd.medsecure.key-bundle+cbor"},
-            )
-        except BaseException:
-            core.published.discard(where)
-            raise
+            await self._send(request, once)
 
     async def deliver(
         self, endpoint: Endpoint, envelope: BinaryIO, *, message_id: str, size: int
     ) -> None:
         """Deliver one envelope (see :meth:`RelayTransport.deliver`)."""
-        base, url = self._core.endpoint_target(endpoint, message_id)
-        source, spooled = await anyio.to_thread.run_sync(_Spooled.seekable, envelope)
+        target = self._core.endpoint_target(endpoint, message_id)
+        source = await anyio.to_thread.run_sync(_Source, envelope)
         try:
-            start = source.tell()
-
-            def digest() -> StreamDigest:
-                d = StreamDigest()
-                while block := source.read(_CHUNK):
-                    d.update(block)
-                return d
-
-            d = await anyio.to_thread.run_sync(digest)
+            digest = await anyio.to_thread.run_sync(source.digest)
 
             async def chunks() -> AsyncIterator[bytes]:
-                await anyio.to_thread.run_sync(source.seek, start)
-                while block := await anyio.to_thread.run_sync(source.read, _CHUNK):
+                await anyio.to_thread.run_sync(source.rewind)
+                while block := await anyio.to_thread.run_sync(source.read):
                     yield block
 
-            await self._send(
-                "PUT", url, ok=(201,), base=base, body=chunks, digest=d.digest(), size=d.size
-            )
+            await self._send(self._core.upload(target, digest), chunks)
         finally:
-            if spooled:
-                source.close()
+            source.close()
 
     async def list(self) -> Sequence[Incoming]:
         """Envelopes waiting in this identity's mailbox, oldest first."""
-        url = f"{self._core.url}/v1/mailboxes/{self._core.mailbox}/messages"
-        return self._core.waiting((await self._send("GET", url, ok=(200,))).content)
+        return self._core.waiting(await self._send(self._core.listing()))
 
     def fetch(self, item: Incoming) -> AsyncDownload:
         """A resumable async reader of a waiting envelope (``async with``; ``await read(n)``)."""
@@ -908,46 +965,30 @@ class AsyncRelayTransport(AsyncTransport):
         fd = await asyncio.to_thread(
             os.open, target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
         )
-        out = os.fdopen(fd, "wb")
         try:
-            async with self.fetch(item) as download:
-                async for chunk in download:
-                    await asyncio.to_thread(out.write, chunk)
-            await asyncio.to_thread(_flush_and_sync, out)
+            with removing_on_failure(target), os.fdopen(fd, "wb") as out:
+                async with self.fetch(item) as download:
+                    async for chunk in download:
+                        await asyncio.to_thread(out.write, chunk)
+                await asyncio.to_thread(_flush_and_sync, out)
         except OSError as exc:
-            out.close()
-            target.unlink(missing_ok=True)
             raise StorageError(f"cannot store an incoming envelope: {exc.strerror}") from exc
-        except BaseException:
-            out.close()
-            target.unlink(missing_ok=True)
-            raise
-        out.close()
 
     async def acknowledge(self, item: Incoming) -> None:
         """Remove an envelope the receiver has stored durably (by its message id)."""
         with contextlib.suppress(DeliveryRejected):
-            await self._send("DELETE", self._core.item_url(item), ok=(204, 404))
+            await self._send(self._core.removal(item))
 
     async def upload_states(
         self, message_ids: Sequence[str], *, url: str | None = None
     ) -> Sequence[UploadState]:
         """See :meth:`RelayTransport.upload_states`."""
-        base = self._core.base(url) if url else self._core.url
-        answer = await self._send(
-            "GET", self._core.states_url(base, list(message_ids)), ok=(200,), base=base
-        )
-        return self._core.states(answer.content)
+        return self._core.states(await self._send(self._core.states_request(message_ids, url)))
 
     async def poll(self, endpoint: Endpoint, message_ids: Sequence[str]) -> dict[str, str]:
         """See :meth:`RelayTransport.poll`."""
-        if endpoint.kind != "relay" or not endpoint.url or not message_ids:
-            return {}
-        return {
-            s.message_id: s.state
-            for s in await self.upload_states(message_ids, url=endpoint.url)
-            if s.mailbox == endpoint.mailbox
-        }
+        request = self._core.poll_request(endpoint, message_ids)
+        return {} if request is None else self._core.polled(endpoint, await self._send(request))
 
     async def find_keys(
         self,
@@ -957,32 +998,15 @@ class AsyncRelayTransport(AsyncTransport):
         url: str | None = None,
     ) -> Sequence[KeyBundle]:
         """See :meth:`RelayTransport.find_keys`."""
-        base = self._core.base(url) if url else self._core.url
-        found: dict[str, KeyBundle] = {}
-        after: str | None = None
-        pages = 0
-        while True:
-            target = self._core.keys_url(base, fingerprint, identifier, after)
-            answer = await self._send("GET", target, ok=(200, 404), base=base)
-            for bundle in self._core.bundles(answer.status_code, answer.content, fingerprint):
-                found.setdefault(bundle.fingerprint, bundle)
-            pages += 1
-            if fingerprint is not None:
-                return list(found.values())
-            after = self._core.next_keys(answer.status_code, answer.content, pages)
-            if after is None:
-                return list(found.values())
+        lookup = _KeyLookup(self._core, fingerprint, identifier, url)
+        while lookup.request is not None:
+            lookup.answered(await self._send(lookup.request))
+        return lookup.found()
 
     async def aclose(self) -> None:
         """Release the HTTP client if this transport made it."""
         if self._own_client:
             await self._client.aclose()
-
-    async def __aenter__(self) -> AsyncRelayTransport:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 def _flush_and_sync(out: BinaryIO) -> None:
@@ -990,79 +1014,51 @@ def _flush_and_sync(out: BinaryIO) -> None:
     os.fsync(out.fileno())
 
 
-class AsyncDownload:
+class AsyncDownload(AsyncClosing):
     """The async twin of the sync transport's resumable download."""
 
     def __init__(
         self, transport: AsyncRelayTransport, url: str, expected: int | None = None
     ) -> None:
         self._t = transport
-        self._url = url
-        self._pos = 0
-        # the listed size bounds what a (hostile) relay can make us read
-        self._expected = expected
-        self._size: int | None = None
-        self._etag: str | None = None
+        self._state = _Resume(transport._core, url, expected)
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
-        self._pending = b""
-        self._failures = 0
 
     async def _open(self) -> None:
-        extra = {"Accept-Encoding": "identity"}
-        if self._pos:
-            extra["Range"] = f"bytes={self._pos}-"
-            if self._etag:
-                extra["If-Range"] = self._etag
-        response = await self._t._send("GET", self._url, ok=(200, 206), extra=extra, stream=True)
-        if self._pos and response.status_code != 206:
+        response = await self._t._send(self._state.request())
+        refusal = self._state.refusal(response)
+        if refusal is not None:
             await response.aclose()
-            raise TransportUnavailable("the relay could not resume the download")
-        if self._size is None:
-            length = response.headers.get("content-length", "")
-            self._size = int(length) if length.isdigit() else self._expected
-            if self._expected is not None and self._size != self._expected:
-                self._size = None
-                await response.aclose()
-                raise TransportUnavailable("the relay sent another size than it listed")
-            self._etag = response.headers.get("etag")
+            raise refusal
         self._response = response
         self._chunks = response.aiter_raw(_CHUNK)
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (``b""`` at the end); ``n < 0`` reads one chunk."""
-        while not self._pending:
-            if self._size is not None and self._pos >= self._size:
+        state = self._state
+        while not state.pending:
+            if state.complete:
                 return b""
             try:
                 if self._chunks is None:
                     await self._open()
                 assert self._chunks is not None
-                chunk = await self._chunks.__anext__()
-                self._pending = chunk[: self._size - self._pos if self._size is not None else None]
+                state.received(await self._chunks.__anext__())
             except StopAsyncIteration:
                 await self._drop()
-                if self._size is None:
+                error = state.ended()
+                if error is None:
                     return b""
-                await self._retry(TransportUnavailable("the download ended early"))
+                await self._t._sleep(state.retry(error))
             except _TRANSIENT_HTTP as exc:
                 await self._drop()
-                await self._retry(_translate(exc))
-        take = len(self._pending) if n < 0 else min(n, len(self._pending))
-        data, self._pending = self._pending[:take], self._pending[take:]
-        self._pos += len(data)
-        return data
+                await self._t._sleep(state.retry(_translate(exc)))
+        return state.take(n)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while data := await self.read():
             yield data
-
-    async def _retry(self, error: TransportUnavailable) -> None:
-        core = self._t._core
-        if self._failures >= core.retries:
-            raise error
-        await self._t._sleep(core.delay(self._failures))
-        self._failures += 1
 
     async def _drop(self) -> None:
         if self._response is not None:
@@ -1073,9 +1069,3 @@ class AsyncDownload:
     async def aclose(self) -> None:
         """Stop the download."""
         await self._drop()
-
-    async def __aenter__(self) -> AsyncDownload:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()

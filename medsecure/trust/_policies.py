@@ -26,7 +26,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import final
+from typing import ClassVar, final
 
 from .._errors import KeyChanged, RevokedKey, TrustError, UntrustedKey
 from .._identity import PublicIdentity
@@ -64,6 +64,17 @@ class TrustDecision:
     authority: str | None = None
     """Fingerprint of the authority whose statement vouched for the key, if any."""
     newly_pinned: bool = False
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What a check decides on: a key presented for a practitioner, every authentic statement
+    about the practitioner, and the time of the check."""
+
+    practitioner: Practitioner
+    key: PublicIdentity
+    statements: list[Statement]
+    now: dt.datetime
 
 
 def _statements(practitioner: Practitioner, extra: Iterable[Statement]) -> list[Statement]:
@@ -114,13 +125,7 @@ class TrustPolicy(abc.ABC):
         self._revocations.append(statement)
 
     @abc.abstractmethod
-    def _vouch(
-        self,
-        practitioner: Practitioner,
-        key: PublicIdentity,
-        statements: list[Statement],
-        now: dt.datetime,
-    ) -> TrustDecision:
+    def _vouch(self, claim: _Claim) -> TrustDecision:
         """Accept the key on this policy's grounds or raise a TrustError (pins are handled after)."""
 
     def _revokers(self, fingerprint: str) -> frozenset[str]:
@@ -165,21 +170,15 @@ class TrustPolicy(abc.ABC):
             entry.not_after is not None and when > _utc(entry.not_after)
         ):
             raise UntrustedKey(f"key {fp} of {practitioner.idnps} is outside its validity period")
-        decision = self._vouch(practitioner, key, statements, when)
+        claim = _Claim(practitioner, key, statements, when)
+        decision = self._vouch(claim)
         if self.pins is None:
             return decision
-        return self._continuity(practitioner, key, statements, when, decision)
+        return self._continuity(claim, decision)
 
-    def _continuity(
-        self,
-        practitioner: Practitioner,
-        key: PublicIdentity,
-        statements: list[Statement],
-        when: dt.datetime,
-        decision: TrustDecision,
-    ) -> TrustDecision:
+    def _continuity(self, claim: _Claim, decision: TrustDecision) -> TrustDecision:
         assert self.pins is not None
-        idnps = practitioner.idnps
+        idnps, key, when = claim.practitioner.idnps, claim.key, claim.now
         pinned = self.pins.pinned(idnps)
         fp = key.fingerprint
         if fp in pinned:
@@ -192,12 +191,12 @@ class TrustPolicy(abc.ABC):
         if not pinned:
             self.pins.pin(idnps, fp, when)
             return TrustDecision(idnps, key, decision.reason, decision.authority, newly_pinned=True)
-        for st in statements:
+        for st in claim.statements:
             if not (is_self_signed_rotation(st, idnps=idnps, new_key=fp) and st.key in pinned):
                 continue
             # A revoked key may be in an attacker's hands (that is why it was revoked): a
             # rotation it signed, whenever it claims to have been issued, hands over nothing.
-            if self._revocation(practitioner, statements, st.key) is not None:
+            if self._revocation(claim.practitioner, claim.statements, st.key) is not None:
                 log.warning(
                     "ignoring a rotation of %s from %s to %s: the old key is revoked",
                     idnps,
@@ -209,7 +208,7 @@ class TrustPolicy(abc.ABC):
             log.info("key of %s rotated from %s to %s", idnps, st.key, fp)
             return TrustDecision(idnps, key, "rotation", decision.authority, newly_pinned=True)
         newest_pin = max(pinned.values())
-        for st in statements:
+        for st in claim.statements:
             if (
                 st.type == BINDING
                 and st.key == fp
@@ -284,14 +283,9 @@ class AuthorityPolicy(TrustPolicy):
     def _revokers(self, fingerprint: str) -> frozenset[str]:
         return self._authorities | {fingerprint}
 
-    def _vouch(
-        self,
-        practitioner: Practitioner,
-        key: PublicIdentity,
-        statements: list[Statement],
-        now: dt.datetime,
-    ) -> TrustDecision:
-        bindings = [s for s in statements if s.type == BINDING and s.key == key.fingerprint]
+    def _vouch(self, claim: _Claim) -> TrustDecision:
+        practitioner, key, now = claim.practitioner, claim.key, claim.now
+        bindings = [s for s in claim.statements if s.type == BINDING and s.key == key.fingerprint]
         if not bindings:
             raise UntrustedKey(
                 f"key {key.fingerprint} of {practitioner.idnps} is not signed by any directory authority"
@@ -310,7 +304,27 @@ class AuthorityPolicy(TrustPolicy):
         return TrustDecision(practitioner.idnps, key, "authority", best.issuer.fingerprint)
 
 
-class UnsafeTrustOnFirstUse(TrustPolicy):
+class _Unsafe(TrustPolicy):
+    """A policy that vouches for every key the directory lists, on no grounds at all (which
+    its name says), logging each acceptance."""
+
+    #: The decision's reason.
+    _reason: ClassVar[str]
+    #: What the warning adds after "accepting key … of …".
+    _caveat: ClassVar[str] = ""
+
+    def _vouch(self, claim: _Claim) -> TrustDecision:
+        log.warning(
+            "%s: accepting key %s of %s%s",
+            type(self).__name__,
+            claim.key.fingerprint,
+            claim.practitioner.idnps,
+            self._caveat,
+        )
+        return TrustDecision(claim.practitioner.idnps, claim.key, self._reason)
+
+
+class UnsafeTrustOnFirstUse(_Unsafe):
     """**Unsafe**: accept a key the directory lists without any authority statement on first use,
     then enforce continuity (pinning) only.
 
@@ -332,22 +346,11 @@ class UnsafeTrustOnFirstUse(TrustPolicy):
         super().__init__(pins=pins, revocations=revocations, clock=clock)
         log.warning("UnsafeTrustOnFirstUse: keys are accepted without any authority statement")
 
-    def _vouch(
-        self,
-        practitioner: Practitioner,
-        key: PublicIdentity,
-        statements: list[Statement],
-        now: dt.datetime,
-    ) -> TrustDecision:
-        log.warning(
-            "UnsafeTrustOnFirstUse: accepting key %s of %s without authority",
-            key.fingerprint,
-            practitioner.idnps,
-        )
-        return TrustDecision(practitioner.idnps, key, "first-use")
+    _reason = "first-use"
+    _caveat = " without authority"
 
 
-class UnsafeAcceptAll(TrustPolicy):
+class UnsafeAcceptAll(_Unsafe):
     """**Unsafe**: accept every key the directory lists for the practitioner that is not revoked
     (tests, demos). Logs a warning when used."""
 
@@ -357,12 +360,4 @@ class UnsafeAcceptAll(TrustPolicy):
         super().__init__(pins=None, revocations=revocations, clock=clock)
         log.warning("UnsafeAcceptAll: every key is trusted; never use this in production")
 
-    def _vouch(
-        self,
-        practitioner: Practitioner,
-        key: PublicIdentity,
-        statements: list[Statement],
-        now: dt.datetime,
-    ) -> TrustDecision:
-        log.warning("UnsafeAcceptAll: accepting key %s of %s", key.fingerprint, practitioner.idnps)
-        return TrustDecision(practitioner.idnps, key, "unsafe")
+    _reason = "unsafe"

@@ -194,6 +194,20 @@ def _fp_bytes(key: PublicIdentity | str) -> bytes:
     raise ValueError("expected a PublicIdentity or an ms1… fingerprint")
 
 
+def _sign_about(
+    issuer: Identity,
+    kind: str,
+    idnps: str,
+    key: PublicIdentity | str,
+    issued_at: dt.datetime | None,
+    extra: dict[int, Any],
+) -> Statement:
+    """Sign a statement of ``kind`` about ``key`` for the practitioner ``idnps``: the fields
+    every statement has (docs/trust.md: version, type, IDNPS, key, issue time), then ``extra``."""
+    fields = {1: 1, 2: kind, 3: parse(idnps).idnps, 4: _fp_bytes(key), 5: _ts(issued_at or _now())}
+    return _sign(issuer, {**fields, **extra})
+
+
 def sign_binding(
     authority: Identity,
     *,
@@ -206,17 +220,8 @@ def sign_binding(
     """An authority vouches that ``key`` belongs to the practitioner ``idnps`` in a window."""
     if not_after <= not_before:
         raise ValueError("not_after must be after not_before")
-    return _sign(
-        authority,
-        {
-            1: 1,
-            2: BINDING,
-            3: parse(idnps).idnps,
-            4: _fp_bytes(key),
-            5: _ts(issued_at or _now()),
-            6: _ts(not_before),
-            7: _ts(not_after),
-        },
+    return _sign_about(
+        authority, BINDING, idnps, key, issued_at, {6: _ts(not_before), 7: _ts(not_after)}
     )
 
 
@@ -224,17 +229,7 @@ def sign_rotation(
     old: Identity, *, idnps: str, new_key: PublicIdentity, issued_at: dt.datetime | None = None
 ) -> Statement:
     """The old key hands over to ``new_key`` (signed by the old key itself)."""
-    return _sign(
-        old,
-        {
-            1: 1,
-            2: ROTATION,
-            3: parse(idnps).idnps,
-            4: old.public.fingerprint_bytes,
-            5: _ts(issued_at or _now()),
-            8: _fp_bytes(new_key),
-        },
-    )
+    return _sign_about(old, ROTATION, idnps, old.public, issued_at, {8: _fp_bytes(new_key)})
 
 
 def sign_revocation(
@@ -246,17 +241,7 @@ def sign_revocation(
     issued_at: dt.datetime | None = None,
 ) -> Statement:
     """Revoke ``key`` for ``idnps``; signed by an authority or by the key itself."""
-    return _sign(
-        issuer,
-        {
-            1: 1,
-            2: REVOCATION,
-            3: parse(idnps).idnps,
-            4: _fp_bytes(key),
-            5: _ts(issued_at or _now()),
-            9: reason,
-        },
-    )
+    return _sign_about(issuer, REVOCATION, idnps, key, issued_at, {9: reason})
 
 
 # --------------------------------------------------------------------------------------------

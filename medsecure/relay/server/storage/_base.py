@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, TypeVar
 
 from ...._errors import StorageError
 from ...._fs import SYNC_EVERY, _sync_pool, fsync_dir
@@ -45,6 +45,12 @@ __all__ = [
     "FileUpload",
     "GroupCommit",
     "INLINE_MAX",
+    "NewMessage",
+    "SqlStorage",
+    "admit",
+    "open_file_body",
+    "sql_statements",
+    "stored_message",
 ]
 
 #: Bodies up to this size are buffered in memory while they arrive and kept in their metadata
@@ -69,6 +75,59 @@ class StoredMessage:
     received_at: int
     state: str
     state_at: int
+
+    def values(self) -> tuple[str, str, str, int, bytes, int, str, int]:
+        """The fields in the order of :data:`COLUMNS`."""
+        return (
+            self.mailbox,
+            self.message_id,
+            self.sender,
+            self.size,
+            self.digest,
+            self.received_at,
+            self.state,
+            self.state_at,
+        )
+
+
+def stored_message(row: Sequence[Any]) -> StoredMessage:
+    """A :class:`StoredMessage` from a row of :data:`COLUMNS` (as either database returns it)."""
+    r = row
+    return StoredMessage(r[0], r[1], r[2], int(r[3]), bytes(r[4]), int(r[5]), r[6], int(r[7]))
+
+
+#: The columns of a :class:`StoredMessage`, in its order.
+COLUMNS: Final = "mailbox, message_id, sender, size, digest, received_at, state, state_at"
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """An envelope to record: its routing metadata, the time, the mailbox's quota, and where
+    its durable body is (``body`` kept inline, else a ``file`` name or a large ``object``)."""
+
+    mailbox: str
+    message_id: str
+    sender: str
+    digest: bytes
+    size: int
+    now: int
+    quota: int
+    body: bytes | None = None
+    file: str | None = None
+    object: int | None = None
+
+    def stored(self) -> StoredMessage:
+        """The record of this envelope once accepted (waiting since now)."""
+        return StoredMessage(
+            self.mailbox,
+            self.message_id,
+            self.sender,
+            self.size,
+            self.digest,
+            self.now,
+            WAITING,
+            self.now,
+        )
 
 
 class Conflict(Exception):
@@ -211,6 +270,23 @@ class GroupCommit(Generic[C]):
             w.wake.set()
 
 
+def admit(
+    message: NewMessage, existing: StoredMessage | None, used: Callable[[], int]
+) -> tuple[StoredMessage, bool]:
+    """Whether to record ``message``, decided under its mailbox's lock before anything is
+    written (every backend applies this rule): an identical replay (same sender, same body)
+    answers with the ``existing`` record (not new); any other reuse of the id is a
+    :class:`Conflict`; a mailbox that would hold more than its quota (``used()`` bytes wait
+    there now) :class:`QuotaExceeded`; else the new record."""
+    if existing is not None:
+        if existing.sender == message.sender and existing.digest == message.digest:
+            return existing, False
+        raise Conflict
+    if used() + message.size > message.quota:
+        raise QuotaExceeded
+    return message.stored(), True
+
+
 class BodyReader(abc.ABC):
     """Reads a stored body by ranges."""
 
@@ -232,12 +308,7 @@ class Storage(abc.ABC):
     # -- keys ------------------------------------------------------------------------------
     @abc.abstractmethod
     def publish_key(
-        self,
-        fingerprint: str,
-        bundle: bytes,
-        identifiers: Sequence[str],
-        published: int,
-        seen: int,
+        self, fingerprint: str, bundle: bytes, identifiers: Sequence[str], published: int, seen: int
     ) -> None:
         """Store (or replace with a newer) key bundle. Each identifier it claims is recorded with
         the time the relay first saw this identity claim it (``seen``, Unix time in
@@ -266,12 +337,21 @@ class Storage(abc.ABC):
     def find(self, mailbox: str, message_id: str) -> StoredMessage | None:
         """A message in any state."""
 
-    @abc.abstractmethod
     def begin_upload(self, size: int) -> Upload:
         """Start writing a body of ``size`` bytes (announced, checked by the caller). For
-        ``size <= INLINE_MAX`` this must not block (the app calls it on its event loop)."""
+        ``size <= INLINE_MAX`` this does not block (the app calls it on its event loop): the
+        body is buffered in memory."""
+        if size <= INLINE_MAX:
+            return BufferedUpload()
+        try:
+            return self._begin_large()
+        except OSError as exc:
+            raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
 
     @abc.abstractmethod
+    def _begin_large(self) -> Upload:
+        """An upload of a body larger than :data:`INLINE_MAX`."""
+
     def commit_upload(
         self,
         upload: Upload,
@@ -287,6 +367,36 @@ class Storage(abc.ABC):
         """Make the (complete, verified) body durable and visible. Returns the record and
         whether it is new; an identical replay returns the original record (and discards the
         upload). Raises :class:`Conflict` or :class:`QuotaExceeded` (the upload is discarded)."""
+        file: str | None = None
+        oid: int | None = None
+        inline = bytes(upload.buffer) if isinstance(upload, BufferedUpload) else None
+        if inline is None:
+            try:
+                # the body's own fsyncs run here, in parallel with other uploads' commits
+                file, oid = self._place(upload)
+            except OSError as exc:
+                upload.abort()
+                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
+        message = NewMessage(
+            mailbox, message_id, sender, digest, size, now, quota, inline, file, oid
+        )
+        try:
+            stored, new = self._record(upload, message)
+        except BaseException:
+            upload.abort()
+            raise
+        if not new:
+            upload.abort()  # an identical replay: the first copy stands
+        return stored, new
+
+    @abc.abstractmethod
+    def _place(self, upload: Upload) -> tuple[str | None, int | None]:
+        """Make a large body durable (an :class:`OSError` fails the upload): its file name or
+        its large object."""
+
+    @abc.abstractmethod
+    def _record(self, upload: Upload, message: NewMessage) -> tuple[StoredMessage, bool]:
+        """Record ``message`` durably (see :func:`admit`); the record and whether it is new."""
 
     @abc.abstractmethod
     def usage(self, mailbox: str) -> int:
@@ -323,6 +433,114 @@ class Storage(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+# The statements both SQL backends run as they are, written with "?" marks and the table names
+# as fields; :func:`sql_statements` puts in each backend's names and marks (once, at import).
+_STATEMENTS: Final = {
+    "key": "SELECT bundle FROM {keys} WHERE fingerprint = ?",
+    "keys_for": "SELECT i.first_seen, i.fingerprint, k.bundle FROM {key_identifiers} i"
+    " JOIN {keys} k ON k.fingerprint = i.fingerprint"
+    " WHERE i.identifier = ? AND (i.first_seen, i.fingerprint) > (?, ?)"
+    " ORDER BY i.first_seen, i.fingerprint LIMIT ?",
+    "find": "SELECT {columns} FROM {messages} WHERE mailbox = ? AND message_id = ?",
+    "usage": "SELECT bytes FROM {usage} WHERE mailbox = ?",
+    "waiting": "SELECT {columns} FROM {messages} WHERE mailbox = ? AND state = ?"
+    " ORDER BY received_at, message_id LIMIT ?",
+    "body": "SELECT size, body, {location} FROM {messages}"
+    " WHERE mailbox = ? AND message_id = ? AND state = ?",
+    "uploads": "SELECT {columns} FROM {messages} WHERE sender = ? AND message_id {{ids}}"
+    " ORDER BY message_id, mailbox",
+    "tombstones": "DELETE FROM {messages} WHERE state IN (?, ?) AND state_at < ?",
+    "stats": "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM {usage}",
+}
+
+
+def sql_statements(*, mark: str, location: str, **tables: str) -> dict[str, str]:
+    """The shared statements in one backend's dialect: its parameter ``mark``, the columns
+    that say where a large body is (``location``) and its table names (``messages``,
+    ``usage``, ``keys``, ``key_identifiers``)."""
+    return {
+        name: sql.format(columns=COLUMNS, location=location, **tables).replace("?", mark)
+        for name, sql in _STATEMENTS.items()
+    }
+
+
+class SqlStorage(Storage):
+    """What the SQL backends share: their read statements (:func:`sql_statements`). A backend
+    supplies the statements (``_sql``), runs them (:meth:`_query`) and opens a large body
+    (:meth:`_open_large`)."""
+
+    _sql: ClassVar[dict[str, str]]
+
+    @abc.abstractmethod
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """The rows of a read (on a connection that never waits for a commit)."""
+
+    @abc.abstractmethod
+    def _ids_in(self, ids: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        """A condition that a column is one of ``ids``, and its parameters."""
+
+    @abc.abstractmethod
+    def _open_large(self, size: int, location: Sequence[Any]) -> BodyReader | None:
+        """A reader of a large body, from the ``location`` columns of its row."""
+
+    # -- keys ------------------------------------------------------------------------------
+    def key(self, fingerprint: str) -> bytes | None:
+        rows = self._query(self._sql["key"], (fingerprint,))
+        return bytes(rows[0][0]) if rows else None
+
+    def keys_for(
+        self, identifier: str, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str, bytes]]:
+        seen, fingerprint = after if after is not None else (-1, "")
+        rows = self._query(self._sql["keys_for"], (identifier, seen, fingerprint, limit))
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    # -- messages --------------------------------------------------------------------------
+    def find(self, mailbox: str, message_id: str) -> StoredMessage | None:
+        rows = self._query(self._sql["find"], (mailbox, message_id))
+        return stored_message(rows[0]) if rows else None
+
+    def usage(self, mailbox: str) -> int:
+        rows = self._query(self._sql["usage"], (mailbox,))
+        return int(rows[0][0]) if rows else 0
+
+    def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
+        rows = self._query(self._sql["waiting"], (mailbox, WAITING, limit))
+        return [stored_message(r) for r in rows]
+
+    def open_body(self, mailbox: str, message_id: str) -> BodyReader | None:
+        rows = self._query(self._sql["body"], (mailbox, message_id, WAITING))
+        if not rows:
+            return None
+        size, body, *location = rows[0]
+        if body is not None:
+            return BytesReader(bytes(body))
+        return self._open_large(int(size), location)
+
+    def uploads(self, sender: str, message_ids: Sequence[str]) -> list[StoredMessage]:
+        if not message_ids:
+            return []
+        condition, ids = self._ids_in(message_ids)
+        rows = self._query(self._sql["uploads"].format(ids=condition), (sender, *ids))
+        return [stored_message(r) for r in rows]
+
+    # -- maintenance -----------------------------------------------------------------------
+    def stats(self) -> tuple[int, int]:
+        rows = self._query(self._sql["stats"])
+        return int(rows[0][0]), int(rows[0][1])
+
+
+def open_file_body(path: Path, size: int) -> BodyReader | None:
+    """A reader of a body kept in a file (None if it was acknowledged meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read an envelope: {exc.strerror}") from exc
+    return FileReader(fd, size)
 
 
 def prepare_body_folders(root: Path) -> None:

@@ -36,11 +36,11 @@ Choices (docs/relay.md has the measurements and the reasoning):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +51,21 @@ from ...._errors import StorageError
 from ._base import (
     COLLECTED,
     EXPIRED,
-    INLINE_MAX,
     WAITING,
     BodyReader,
-    BufferedUpload,
-    BytesReader,
     Conflict,
-    FileReader,
     FileUpload,
     GroupCommit,
+    NewMessage,
     QuotaExceeded,
-    Storage,
+    SqlStorage,
     StoredMessage,
     Upload,
+    admit,
+    open_file_body,
     prepare_body_folders,
+    sql_statements,
+    stored_message,
 )
 
 __all__ = ["PostgresStorage"]
@@ -104,7 +105,6 @@ CREATE INDEX IF NOT EXISTS relay_key_identifiers_seen
 #: A registered body file older than this is an upload that died (or a very slow one, which
 #: then fails at its commit and is retried by its client).
 ORPHAN_AGE = 86400
-_COLUMNS = "mailbox, message_id, sender, size, digest, received_at, state, state_at"
 _SCHEMA_LOCK = 0x6D65647365637572  # "medsecur": one instance creates the schema at a time
 
 
@@ -113,8 +113,17 @@ def _lock_key(mailbox: str) -> int:
     return int.from_bytes(hashlib.sha256(mailbox.encode()).digest()[:8], "big", signed=True)
 
 
-def _row(r: Any) -> StoredMessage:
-    return StoredMessage(r[0], r[1], r[2], int(r[3]), bytes(r[4]), int(r[5]), r[6], int(r[7]))
+def _pool(
+    url: str, min_size: int, max_size: int, *, synchronous: bool = True
+) -> ConnectionPool[Any]:
+    """A pool of autocommit connections, opened later; with ``synchronous=False`` their commits
+    do not wait for the write-ahead log to be flushed (``synchronous_commit`` off)."""
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if not synchronous:
+        kwargs["options"] = "-c synchronous_commit=off"
+    return ConnectionPool(
+        url, min_size=min_size, max_size=max_size, kwargs=kwargs, open=False, timeout=30
+    )
 
 
 @contextlib.contextmanager
@@ -191,22 +200,6 @@ class _LargeObjectReader(BodyReader):
         pass
 
 
-@dataclass(frozen=True)
-class _NewMessage:
-    """An envelope to record in the next group commit (see PostgresStorage._run_batch)."""
-
-    mailbox: str
-    message_id: str
-    sender: str
-    digest: bytes
-    size: int
-    now: int
-    quota: int
-    body: bytes | None
-    file: str | None
-    object: int | None = None
-
-
 class _Outlived(Exception):
     """A shared-folder upload whose registration the sweep removed (it took over a day)."""
 
@@ -231,9 +224,18 @@ class _FolderUpload(FileUpload):
             self.storage._forget_files([self.name])
 
 
-class PostgresStorage(Storage):
+class PostgresStorage(SqlStorage):
     """Relay storage in PostgreSQL (see the module docstring). ``bodies`` is the shared folder
     for large bodies (the same on every instance); without it they are large objects."""
+
+    _sql = sql_statements(
+        mark="%s",
+        location="file, object",
+        messages="relay_messages",
+        usage="relay_mailbox_usage",
+        keys="relay_keys",
+        key_identifiers="relay_key_identifiers",
+    )
 
     def __init__(
         self,
@@ -250,43 +252,21 @@ class PostgresStorage(Storage):
             except OSError as exc:
                 raise StorageError(f"cannot use the bodies folder: {exc.strerror}") from exc
         try:
-            self.pool: ConnectionPool[Any] = ConnectionPool(
-                url,
-                min_size=min_size,
-                max_size=max_size,
-                kwargs={"autocommit": True},
-                open=False,
-                timeout=30,
-            )
+            self.pool = _pool(url, min_size, max_size)
             # Nonces live for the signature window only: losing the last few milliseconds of
             # them in a database crash is acceptable, waiting for a WAL flush on every request
             # is not. Their own pool, with synchronous_commit off for the session: one round
             # trip per nonce.
-            self.nonce_pool: ConnectionPool[Any] = ConnectionPool(
-                url,
-                min_size=1,
-                max_size=8,
-                kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
-                open=False,
-                timeout=30,
-            )
+            self.nonce_pool = _pool(url, 1, 8, synchronous=False)
             # Large-object pieces (see _LargeObjectUpload): short statements on a pool of their
             # own, so that many large uploads arriving at once never take the connections that
             # listings, small uploads and commits use.
-            self.body_pool: ConnectionPool[Any] | None = None
-            if self.bodies is None:
-                self.body_pool = ConnectionPool(
-                    url,
-                    min_size=1,
-                    max_size=8,
-                    kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
-                    open=False,
-                    timeout=30,
-                )
-            self.pool.open(wait=True, timeout=30)
-            self.nonce_pool.open(wait=True, timeout=30)
-            if self.body_pool is not None:
-                self.body_pool.open(wait=True, timeout=30)
+            self.body_pool = (
+                None if self.bodies is not None else _pool(url, 1, 8, synchronous=False)
+            )
+            for pool in (self.pool, self.nonce_pool, self.body_pool):
+                if pool is not None:
+                    pool.open(wait=True, timeout=30)
         except Exception as exc:
             raise StorageError(
                 f"cannot connect to the relay database: {type(exc).__name__}"
@@ -313,7 +293,7 @@ class PostgresStorage(Storage):
         )
         self.nonces: GroupCommit[Any] = GroupCommit(self._run_nonces)
 
-    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with _guard(), self.pool.connection() as conn:
             rows: list[Any] = conn.execute(sql, args).fetchall()
             return rows
@@ -325,18 +305,17 @@ class PostgresStorage(Storage):
         (not a few per envelope): the mailboxes' quota locks, in one global order (so batches
         of several instances cannot deadlock), one look-up of the ids and totals, one insert,
         one update of the totals, one COMMIT (synchronous_commit on)."""
-        items: list[_NewMessage] = [w.fn for w in batch]
+        items: list[NewMessage] = [w.fn for w in batch]
         with _guard(), self.pool.connection() as conn, conn.transaction():
             keys = sorted({_lock_key(m.mailbox) for m in items})
             # a function scan yields the array in order: the locks are taken in that order
             conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k", (keys,))
             boxes = sorted({m.mailbox for m in items})
             existing = {
-                (r[0], r[1]): _row(r)
+                (r[0], r[1]): stored_message(r)
                 for r in conn.execute(
                     "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
-                    " state_at FROM relay_messages"
-                    " WHERE (mailbox, message_id) IN"
+                    " state_at FROM relay_messages WHERE (mailbox, message_id) IN"
                     " (SELECT * FROM unnest(%s::text[], %s::text[]))",
                     ([m.mailbox for m in items], [m.message_id for m in items]),
                 )
@@ -369,28 +348,24 @@ class PostgresStorage(Storage):
                         (objects,),
                     )
                 }
-            new: list[tuple[_NewMessage, StoredMessage]] = []
+            new: list[tuple[NewMessage, StoredMessage]] = []
             for w, m in zip(batch, items, strict=True):
                 found = existing.get((m.mailbox, m.message_id))
-                if found is not None:
-                    if found.sender == m.sender and found.digest == m.digest:
-                        w.result = (found, False)
-                    else:
-                        w.error = Conflict()
-                elif (m.file is not None and m.file not in kept) or (
-                    m.object is not None and m.object not in kept_objects
-                ):
-                    w.error = _Outlived()  # swept as an orphan: the client retries
-                elif used[m.mailbox] + m.size > m.quota:
-                    w.error = QuotaExceeded()
-                else:
-                    record = StoredMessage(
-                        m.mailbox, m.message_id, m.sender, m.size, m.digest, m.now, WAITING, m.now
-                    )
+                try:
+                    if found is None and (
+                        (m.file is not None and m.file not in kept)
+                        or (m.object is not None and m.object not in kept_objects)
+                    ):
+                        raise _Outlived  # swept as an orphan: the client retries
+                    w.result = admit(m, found, functools.partial(used.__getitem__, m.mailbox))
+                except (Conflict, QuotaExceeded, _Outlived) as exc:
+                    w.error = exc
+                    continue
+                record, fresh = w.result
+                if fresh:
                     used[m.mailbox] += m.size
                     existing[(m.mailbox, m.message_id)] = record
                     new.append((m, record))
-                    w.result = (record, True)
             if files:
                 # files of refused or replayed uploads: back in the register, for the caller
                 # to delete (or the sweep, if the caller dies first)
@@ -470,14 +445,16 @@ class PostgresStorage(Storage):
         then unregister them; a crash in between leaves rows the sweep finishes."""
         if not names or self.bodies is None:
             return
+        self._delete_files(names)
+        self._forget_files(names)
+
+    def _delete_files(self, names: Sequence[str]) -> None:
+        """Remove body files wherever they are (``tmp/`` while written, then ``objects/``)."""
+        assert self.bodies is not None
         for name in names:
-            for path in (
-                self.bodies / "objects" / name[:2] / name,
-                self.bodies / "tmp" / name,
-            ):
+            for path in (self.bodies / "objects" / name[:2] / name, self.bodies / "tmp" / name):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        self._forget_files(names)
 
     # -- large objects being written -------------------------------------------------------
     def _drop_objects(self, oids: Sequence[int]) -> None:
@@ -493,55 +470,58 @@ class PostgresStorage(Storage):
     def sweep_objects(self, now: int, limit: int = 500) -> int:
         """Unlink the large objects of uploads that died (registered more than ``ORPHAN_AGE``
         ago); how many. Several instances sweep at once (SKIP LOCKED)."""
-        with _guard(), self.pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT object FROM relay_body_objects WHERE since < %s"
-                " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
-                (now - ORPHAN_AGE, limit),
-            ).fetchall()
-            oids = [int(r[0]) for r in rows]
-            if oids:
-                conn.execute(
-                    "SELECT lo_unlink(o.oid) FROM pg_largeobject_metadata o"
-                    " WHERE o.oid = ANY(%s::bigint[]::oid[])",
-                    (oids,),
-                )
-                conn.execute(
-                    "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])",
-                    (oids,),
-                )
-        return len(oids)
+
+        def unlink(conn: psycopg.Connection[Any], oids: list[Any]) -> None:
+            conn.execute(
+                "SELECT lo_unlink(o.oid) FROM pg_largeobject_metadata o"
+                " WHERE o.oid = ANY(%s::bigint[]::oid[])",
+                (oids,),
+            )
+
+        return self._sweep(
+            "SELECT object FROM relay_body_objects WHERE since < %s"
+            " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
+            "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])",
+            now,
+            limit,
+            unlink,
+        )
 
     def sweep_files(self, now: int, limit: int = 500) -> int:
         """Remove body files of uploads that died (registered more than ``ORPHAN_AGE`` ago) and
         files due for deletion; how many. Several instances sweep at once (SKIP LOCKED)."""
         if self.bodies is None:
             return 0
+        return self._sweep(
+            "SELECT name FROM relay_body_files WHERE since < %s"
+            " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
+            "DELETE FROM relay_body_files WHERE name = ANY(%s)",
+            now,
+            limit,
+            lambda conn, names: self._delete_files(names),
+        )
+
+    def _sweep(
+        self,
+        claim: str,
+        unregister: str,
+        now: int,
+        limit: int,
+        remove: Callable[[psycopg.Connection[Any], list[Any]], None],
+    ) -> int:
+        """Take (``claim``: a work queue, each instance takes the rows no other one holds) up to
+        ``limit`` entries of a register of bodies older than ``ORPHAN_AGE``, ``remove`` them
+        and ``unregister`` them, in one transaction; how many."""
         with _guard(), self.pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT name FROM relay_body_files WHERE since < %s"
-                " ORDER BY since LIMIT %s FOR UPDATE SKIP LOCKED",
-                (now - ORPHAN_AGE, limit),
-            ).fetchall()
-            names = [str(r[0]) for r in rows]
-            for name in names:
-                for path in (
-                    self.bodies / "objects" / name[:2] / name,
-                    self.bodies / "tmp" / name,
-                ):
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-            conn.execute("DELETE FROM relay_body_files WHERE name = ANY(%s)", (names,))
-        return len(names)
+            found = [r[0] for r in conn.execute(claim, (now - ORPHAN_AGE, limit)).fetchall()]
+            if found:
+                remove(conn, found)
+                conn.execute(unregister, (found,))
+        return len(found)
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
-        self,
-        fingerprint: str,
-        bundle: bytes,
-        identifiers: Sequence[str],
-        published: int,
-        seen: int,
+        self, fingerprint: str, bundle: bytes, identifiers: Sequence[str], published: int, seen: int
     ) -> None:
         claimed = sorted(set(identifiers))
         with _guard(), self.pool.connection() as conn, conn.transaction():
@@ -564,22 +544,8 @@ class PostgresStorage(Storage):
                     (claimed, fingerprint, seen),
                 )
 
-    def key(self, fingerprint: str) -> bytes | None:
-        rows = self._all("SELECT bundle FROM relay_keys WHERE fingerprint = %s", (fingerprint,))
-        return bytes(rows[0][0]) if rows else None
-
-    def keys_for(
-        self, identifier: str, after: tuple[int, str] | None, limit: int
-    ) -> list[tuple[int, str, bytes]]:
-        seen, fingerprint = after if after is not None else (-1, "")
-        rows = self._all(
-            "SELECT i.first_seen, i.fingerprint, k.bundle FROM relay_key_identifiers i"
-            " JOIN relay_keys k ON k.fingerprint = i.fingerprint"
-            " WHERE i.identifier = %s AND (i.first_seen, i.fingerprint) > (%s, %s)"
-            " ORDER BY i.first_seen, i.fingerprint LIMIT %s",
-            (identifier, seen, fingerprint, limit),
-        )
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+    def _ids_in(self, ids: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        return "= ANY(%s)", [list(ids)]
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
         # grouped like the commits: the requests that arrive while one insert is on its way
@@ -605,115 +571,36 @@ class PostgresStorage(Storage):
             seen.add((keyid, nonce))
 
     # -- messages --------------------------------------------------------------------------
-    def find(self, mailbox: str, message_id: str) -> StoredMessage | None:
-        rows = self._all(
-            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
-            " FROM relay_messages WHERE mailbox = %s AND message_id = %s",
-            (mailbox, message_id),
-        )
-        return _row(rows[0]) if rows else None
-
-    def begin_upload(self, size: int) -> Upload:
-        if size <= INLINE_MAX:
-            return BufferedUpload()
+    def _begin_large(self) -> Upload:
         if self.bodies is not None:
-            try:
-                return _FolderUpload(self, self.bodies)
-            except OSError as exc:
-                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
+            return _FolderUpload(self, self.bodies)
         assert self.body_pool is not None
         return _LargeObjectUpload(self, self.body_pool)
 
-    def commit_upload(
-        self,
-        upload: Upload,
-        *,
-        mailbox: str,
-        message_id: str,
-        sender: str,
-        digest: bytes,
-        size: int,
-        now: int,
-        quota: int,
-    ) -> tuple[StoredMessage, bool]:
-        inline: bytes | None = None
-        name: str | None = None
-        oid: int | None = None
-        if isinstance(upload, BufferedUpload):
-            inline = bytes(upload.buffer)
-        elif isinstance(upload, _LargeObjectUpload):
-            oid = upload.oid
-            assert oid is not None
-        else:
-            assert isinstance(upload, _FolderUpload) and self.bodies is not None
-            try:
-                upload.finish(self.bodies / "objects")
-            except OSError as exc:
-                upload.abort()
-                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
-            name = upload.name
+    def _place(self, upload: Upload) -> tuple[str | None, int | None]:
+        if isinstance(upload, _LargeObjectUpload):
+            assert upload.oid is not None
+            return None, upload.oid
+        assert isinstance(upload, _FolderUpload) and self.bodies is not None
+        upload.finish(self.bodies / "objects")
+        return upload.name, None
 
-        record = _NewMessage(
-            mailbox,
-            message_id,
-            sender,
-            digest,
-            size,
-            now,
-            quota,
-            body=inline,
-            file=name,
-            object=oid,
-        )
+    def _record(self, upload: Upload, message: NewMessage) -> tuple[StoredMessage, bool]:
         try:
-            stored, new = self.commits.submit(record, mailbox)
+            stored, new = self.commits.submit(message, message.mailbox)
         except _Outlived:
-            upload.abort()
             raise StorageError("the upload took longer than the orphan sweep allows") from None
-        except BaseException:
-            upload.abort()
-            raise
-        if not new:
-            upload.abort()  # an identical replay: the first copy stands
-        elif isinstance(upload, _LargeObjectUpload):
+        if new and isinstance(upload, _LargeObjectUpload):
             upload.oid = None  # recorded: its message owns the object now
         return stored, new
 
-    def usage(self, mailbox: str) -> int:
-        rows = self._all("SELECT bytes FROM relay_mailbox_usage WHERE mailbox = %s", (mailbox,))
-        return int(rows[0][0]) if rows else 0
-
-    def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
-        rows = self._all(
-            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
-            " FROM relay_messages WHERE mailbox = %s AND state = %s"
-            " ORDER BY received_at, message_id LIMIT %s",
-            (mailbox, WAITING, limit),
-        )
-        return [_row(r) for r in rows]
-
-    def open_body(self, mailbox: str, message_id: str) -> BodyReader | None:
-        rows = self._all(
-            "SELECT object, size, body, file FROM relay_messages"
-            " WHERE mailbox = %s AND message_id = %s AND state = %s",
-            (mailbox, message_id, WAITING),
-        )
-        if not rows:
-            return None
-        oid, size, body, name = rows[0]
-        if body is not None:
-            return BytesReader(bytes(body))
+    def _open_large(self, size: int, location: Sequence[Any]) -> BodyReader | None:
+        name, oid = location
         if name is not None and self.bodies is not None:
-            try:
-                fd = os.open(self.bodies / "objects" / name[:2] / name, os.O_RDONLY)
-            except FileNotFoundError:
-                return None  # acknowledged meanwhile
-            except OSError as exc:
-                raise StorageError(f"cannot read an envelope: {exc.strerror}") from exc
-            return FileReader(fd, int(size))
+            return open_file_body(self.bodies / "objects" / name[:2] / name, size)
         if oid is None:
             return None
-        return _LargeObjectReader(self.pool, int(oid), int(size))
+        return _LargeObjectReader(self.pool, int(oid), size)
 
     def _retire(
         self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int
@@ -744,41 +631,31 @@ class PostgresStorage(Storage):
             )
         return files
 
-    def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
+    def _retire_locked(self, select: str, args: Sequence[Any], state: str, now: int) -> int:
+        """Retire the waiting messages ``select`` locks (rows of mailbox, message id, object,
+        file, size) in one transaction, then delete their body files; how many."""
         with _guard(), self.pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT mailbox, message_id, object, file, size FROM relay_messages"
-                " WHERE mailbox = %s AND message_id = %s AND state = %s FOR UPDATE",
-                (mailbox, message_id, WAITING),
-            ).fetchall()
-            files = self._retire(conn, rows, COLLECTED, now)
+            rows = conn.execute(select, args).fetchall()
+            files = self._retire(conn, rows, state, now)
         self._unlink_files(files)
-        return bool(rows)
+        return len(rows)
 
-    def uploads(self, sender: str, message_ids: Sequence[str]) -> list[StoredMessage]:
-        if not message_ids:
-            return []
-        rows = self._all(
-            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
-            " FROM relay_messages WHERE sender = %s AND message_id = ANY(%s)"
-            " ORDER BY message_id, mailbox",
-            (sender, list(message_ids)),
+    def acknowledge(self, mailbox: str, message_id: str, now: int) -> bool:
+        select = (
+            "SELECT mailbox, message_id, object, file, size FROM relay_messages"
+            " WHERE mailbox = %s AND message_id = %s AND state = %s FOR UPDATE"
         )
-        return [_row(r) for r in rows]
+        return self._retire_locked(select, (mailbox, message_id, WAITING), COLLECTED, now) > 0
 
     # -- maintenance -----------------------------------------------------------------------
     def expire(self, received_before: int, now: int, limit: int = 500) -> int:
-        with _guard(), self.pool.connection() as conn, conn.transaction():
-            # A work queue: each instance takes the rows no other instance holds.
-            rows = conn.execute(
-                "SELECT mailbox, message_id, object, file, size FROM relay_messages"
-                " WHERE state = %s AND received_at < %s ORDER BY received_at LIMIT %s"
-                " FOR UPDATE SKIP LOCKED",
-                (WAITING, received_before, limit),
-            ).fetchall()
-            files = self._retire(conn, rows, EXPIRED, now)
-        self._unlink_files(files)
-        return len(rows)
+        # A work queue: each instance takes the rows no other instance holds.
+        select = (
+            "SELECT mailbox, message_id, object, file, size FROM relay_messages"
+            " WHERE state = %s AND received_at < %s ORDER BY received_at LIMIT %s"
+            " FOR UPDATE SKIP LOCKED"
+        )
+        return self._retire_locked(select, (WAITING, received_before, limit), EXPIRED, now)
 
     def purge(self, now: int, tombstones_before: int) -> None:
         while self.sweep_files(now) == 500:
@@ -787,16 +664,7 @@ class PostgresStorage(Storage):
             pass
         with _guard(), self.pool.connection() as conn:
             conn.execute("DELETE FROM relay_nonces WHERE expires < %s", (now,))
-            conn.execute(
-                "DELETE FROM relay_messages WHERE state IN (%s, %s) AND state_at < %s",
-                (COLLECTED, EXPIRED, tombstones_before),
-            )
-
-    def stats(self) -> tuple[int, int]:
-        rows = self._all(
-            "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM relay_mailbox_usage"
-        )
-        return int(rows[0][0]), int(rows[0][1])
+            conn.execute(self._sql["tombstones"], (COLLECTED, EXPIRED, tombstones_before))
 
     def close(self) -> None:
         if self.body_pool is not None:

@@ -38,20 +38,21 @@ from ...._fs import fsync_dir
 from ._base import (
     COLLECTED,
     EXPIRED,
-    INLINE_MAX,
     WAITING,
     BodyReader,
-    BufferedUpload,
-    BytesReader,
     Conflict,
-    FileReader,
     FileUpload,
     GroupCommit,
+    NewMessage,
     QuotaExceeded,
-    Storage,
+    SqlStorage,
     StoredMessage,
     Upload,
+    admit,
+    open_file_body,
     prepare_body_folders,
+    sql_statements,
+    stored_message,
 )
 
 try:
@@ -79,15 +80,19 @@ CREATE TABLE IF NOT EXISTS key_identifiers (
     PRIMARY KEY (identifier, fingerprint)
 );
 """
-_COLUMNS = "mailbox, message_id, sender, size, digest, received_at, state, state_at"
 
 
-def _row(r: Any) -> StoredMessage:
-    return StoredMessage(*r[:8])
-
-
-class SQLiteStorage(Storage):
+class SQLiteStorage(SqlStorage):
     """The embedded storage in a data folder (see the module docstring)."""
+
+    _sql = sql_statements(
+        mark="?",
+        location="object",
+        messages="messages",
+        usage="usage",
+        keys="keys",
+        key_identifiers="key_identifiers",
+    )
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -235,12 +240,7 @@ class SQLiteStorage(Storage):
 
     # -- keys ------------------------------------------------------------------------------
     def publish_key(
-        self,
-        fingerprint: str,
-        bundle: bytes,
-        identifiers: Sequence[str],
-        published: int,
-        seen: int,
+        self, fingerprint: str, bundle: bytes, identifiers: Sequence[str], published: int, seen: int
     ) -> None:
         with self._tx() as db:
             row = db.execute(
@@ -267,22 +267,8 @@ class SQLiteStorage(Storage):
                 [(i, fingerprint, seen) for i in claimed],
             )
 
-    def key(self, fingerprint: str) -> bytes | None:
-        rows = self._query("SELECT bundle FROM keys WHERE fingerprint = ?", (fingerprint,))
-        return bytes(rows[0][0]) if rows else None
-
-    def keys_for(
-        self, identifier: str, after: tuple[int, str] | None, limit: int
-    ) -> list[tuple[int, str, bytes]]:
-        seen, fingerprint = after if after is not None else (-1, "")
-        rows = self._query(
-            "SELECT i.first_seen, i.fingerprint, k.bundle FROM key_identifiers i"
-            " JOIN keys k ON k.fingerprint = i.fingerprint"
-            " WHERE i.identifier = ? AND (i.first_seen, i.fingerprint) > (?, ?)"
-            " ORDER BY i.first_seen, i.fingerprint LIMIT ?",
-            (identifier, seen, fingerprint, limit),
-        )
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+    def _ids_in(self, ids: Sequence[str]) -> tuple[str, Sequence[Any]]:
+        return f"IN ({','.join('?' * len(ids))})", ids
 
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
         with self._nonce_lock:
@@ -295,109 +281,41 @@ class SQLiteStorage(Storage):
         return True
 
     # -- messages --------------------------------------------------------------------------
-    def find(self, mailbox: str, message_id: str) -> StoredMessage | None:
-        rows = self._query(
-            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at FROM messages WHERE mailbox = ? AND message_id = ?",
-            (mailbox, message_id),
-        )
-        return _row(rows[0]) if rows else None
+    def _begin_large(self) -> Upload:
+        return FileUpload(self.root)
 
-    def begin_upload(self, size: int) -> Upload:
-        if size <= INLINE_MAX:
-            return BufferedUpload()
-        try:
-            return FileUpload(self.root)
-        except OSError as exc:
-            raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
+    def _place(self, upload: Upload) -> tuple[str | None, int | None]:
+        assert isinstance(upload, FileUpload)
+        return upload.finish(self.root / "objects"), None
 
-    def commit_upload(
-        self,
-        upload: Upload,
-        *,
-        mailbox: str,
-        message_id: str,
-        sender: str,
-        digest: bytes,
-        size: int,
-        now: int,
-        quota: int,
-    ) -> tuple[StoredMessage, bool]:
-        assert isinstance(upload, BufferedUpload | FileUpload)
-        name: str | None = None
-        inline: bytes | None = None
-        if isinstance(upload, BufferedUpload):
-            inline = bytes(upload.buffer)
-        else:
-            try:
-                # the body's own fsyncs run here, in parallel with other uploads' commits
-                name = upload.finish(self.root / "objects")
-            except OSError as exc:
-                upload.abort()
-                raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
-
+    def _record(self, upload: Upload, message: NewMessage) -> tuple[StoredMessage, bool]:
         def record(db: sqlite3.Connection) -> tuple[StoredMessage, bool]:
-            row = db.execute(
-                "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
-                " FROM messages WHERE mailbox = ? AND message_id = ?",
-                (mailbox, message_id),
-            ).fetchone()
-            if row is not None:
-                existing = _row(row)
-                if existing.sender == sender and existing.digest == digest:
-                    return existing, False
-                raise Conflict
-            used = db.execute("SELECT bytes FROM usage WHERE mailbox = ?", (mailbox,)).fetchone()
-            if (used[0] if used else 0) + size > quota:
-                raise QuotaExceeded
-            db.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (mailbox, message_id, sender, size, digest, now, WAITING, now, name, inline),
-            )
-            db.execute(
-                "INSERT INTO usage VALUES (?, ?, 1) ON CONFLICT (mailbox) DO UPDATE"
-                " SET bytes = bytes + excluded.bytes, count = count + 1",
-                (mailbox, size),
-            )
-            return StoredMessage(mailbox, message_id, sender, size, digest, now, WAITING, now), True
+            m = message
+            row = db.execute(self._sql["find"], (m.mailbox, m.message_id)).fetchone()
 
-        try:
-            stored, new = self.commits.submit(record, mailbox)
-        except BaseException:
-            upload.abort()
-            raise
-        if not new:
-            upload.abort()  # an identical replay: the first copy stands
-        return stored, new
+            def used() -> int:
+                total = db.execute(self._sql["usage"], (m.mailbox,)).fetchone()
+                return int(total[0]) if total else 0
 
-    def usage(self, mailbox: str) -> int:
-        rows = self._query("SELECT bytes FROM usage WHERE mailbox = ?", (mailbox,))
-        return int(rows[0][0]) if rows else 0
+            stored, new = admit(m, stored_message(row) if row else None, used)
+            if new:
+                db.execute(
+                    "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*stored.values(), m.file, m.body),
+                )
+                db.execute(
+                    "INSERT INTO usage VALUES (?, ?, 1) ON CONFLICT (mailbox) DO UPDATE"
+                    " SET bytes = bytes + excluded.bytes, count = count + 1",
+                    (m.mailbox, m.size),
+                )
+            return stored, new
 
-    def waiting(self, mailbox: str, limit: int) -> list[StoredMessage]:
-        rows = self._query(
-            "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at FROM messages WHERE mailbox = ? AND state = ?"
-            " ORDER BY received_at, message_id LIMIT ?",
-            (mailbox, WAITING, limit),
-        )
-        return [_row(r) for r in rows]
+        result: tuple[StoredMessage, bool] = self.commits.submit(record, message.mailbox)
+        return result
 
-    def open_body(self, mailbox: str, message_id: str) -> BodyReader | None:
-        rows = self._query(
-            "SELECT object, size, body FROM messages"
-            " WHERE mailbox = ? AND message_id = ? AND state = ?",
-            (mailbox, message_id, WAITING),
-        )
-        if rows and rows[0][2] is not None:
-            return BytesReader(bytes(rows[0][2]))
-        if not rows or rows[0][0] is None:
-            return None
-        try:
-            fd = os.open(self.root / "objects" / str(rows[0][0]), os.O_RDONLY)
-        except FileNotFoundError:
-            return None  # acknowledged meanwhile
-        except OSError as exc:
-            raise StorageError(f"cannot read an envelope: {exc.strerror}") from exc
-        return FileReader(fd, int(rows[0][1]))
+    def _open_large(self, size: int, location: Sequence[Any]) -> BodyReader | None:
+        name = location[0]
+        return None if name is None else open_file_body(self.root / "objects" / str(name), size)
 
     def _retire(self, db: sqlite3.Connection, rows: list[Any], state: str, now: int) -> list[str]:
         """Retire waiting envelopes (rows of mailbox, message id, object, size)."""
@@ -436,17 +354,6 @@ class SQLiteStorage(Storage):
         self._unlink(names)
         return bool(rows)
 
-    def uploads(self, sender: str, message_ids: Sequence[str]) -> list[StoredMessage]:
-        if not message_ids:
-            return []
-        marks = ",".join("?" * len(message_ids))
-        rows = self._query(
-            f"SELECT {_COLUMNS} FROM messages WHERE sender = ? AND message_id IN ({marks})"  # noqa: S608 - only "?" marks are interpolated
-            " ORDER BY message_id, mailbox",
-            (sender, *message_ids),
-        )
-        return [_row(r) for r in rows]
-
     # -- maintenance -----------------------------------------------------------------------
     def expire(self, received_before: int, now: int, limit: int = 500) -> int:
         with self._tx() as db:
@@ -466,15 +373,8 @@ class SQLiteStorage(Storage):
             except sqlite3.Error as exc:
                 raise StorageError(f"relay database failure: {exc}") from exc
         with self._tx() as db:
-            db.execute(
-                "DELETE FROM messages WHERE state IN (?, ?) AND state_at < ?",
-                (COLLECTED, EXPIRED, tombstones_before),
-            )
+            db.execute(self._sql["tombstones"], (COLLECTED, EXPIRED, tombstones_before))
             db.execute("DELETE FROM usage WHERE count = 0")
-
-    def stats(self) -> tuple[int, int]:
-        rows = self._query("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) FROM usage")
-        return int(rows[0][0]), int(rows[0][1])
 
     def close(self) -> None:
         with self._lock:

@@ -102,6 +102,21 @@ def test_import_loads_only_the_errors() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_mail_formats_load_no_network_driver() -> None:
+    """``medsecure.mail``'s message formats are sans I/O: its drivers (SMTP, IMAP, Maildir) are
+    public names of the same package but load on first use."""
+    code = (
+        "import sys, medsecure.mail as mail;"
+        "early = [m for m in ('smtplib', 'imaplib', 'medsecure.mail._smtp', 'medsecure.mail._imap')"
+        " if m in sys.modules];"
+        "mail.SmtpSubmitter, mail.ImapMailbox;"
+        "late = [m for m in ('medsecure.mail._smtp', 'medsecure.mail._imap') if m in sys.modules];"
+        "print(','.join(early) + '|' + ','.join(late))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "|medsecure.mail._smtp,medsecure.mail._imap"
+
+
 # Every public subpackage's names, pinned literally: a name that moves or disappears is a change
 # users notice (CHANGELOG), never an accident.
 SUBPACKAGES = {
@@ -151,16 +166,23 @@ SUBPACKAGES = {
         "ENVELOPE_MEDIA_TYPE",
         "XDM_FILENAME",
         "DeliveryReport",
+        "DiscoveredServer",
         "FoldResult",
+        "ImapMailbox",
         "MailFormatError",
+        "MailItem",
         "MailLimits",
         "MailPart",
+        "MailServer",
+        "MaildirFolder",
         "MessageStream",
         "MssanteHeaders",
         "MssanteOptions",
         "ParsedMessage",
         "PartInfo",
         "PatientMailboxForbidden",
+        "SmtpSubmitter",
+        "SubmitResult",
         "XdmAuthor",
         "XdmDocument",
         "XdmEntry",
@@ -172,6 +194,8 @@ SUBPACKAGES = {
         "build_mdn",
         "build_mssante_message",
         "build_xdm_zip",
+        "classify_header",
+        "discover",
         "display_subject",
         "fold_status",
         "is_patient_mailbox",

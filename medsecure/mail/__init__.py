@@ -15,7 +15,16 @@ SMTP/IMAP drivers and the mail transport use these; see ``docs/mail.md``.
 * :func:`parse_message` — any received message: envelope decoded to a file, reports, parts.
 * :func:`parse_report` — the :class:`DeliveryReport` values of a DSN or an MDN;
   :func:`fold_status` folds them into a recipient's status.
+
+The network drivers that move those messages are public here too, loaded on first use (so
+``import medsecure.mail`` stays sans I/O): :class:`MailServer` (server settings and TLS),
+:func:`discover` (RFC 6186 SRV records), :class:`SmtpSubmitter`, :class:`ImapMailbox`,
+:class:`MaildirFolder`, the :class:`MailItem` they list, and :func:`classify_header` (is a
+listed message medsecure's, a report, or foreign?). See ``docs/mail-transport.md``.
 """
+
+import importlib as _importlib
+import typing as _typing
 
 from ._e2e import E2E_SUBJECT, E2E_TEXT, ENVELOPE_MEDIA_TYPE, build_e2e_message
 from ._errors import MailFormatError, PatientMailboxForbidden
@@ -45,22 +54,36 @@ from ._xdm import (
     parse_xdm_zip,
 )
 
+if _typing.TYPE_CHECKING:
+    from ..transports._mailrules import classify_header
+    from ._config import DiscoveredServer, MailItem, MailServer, discover
+    from ._imap import ImapMailbox
+    from ._maildir import MaildirFolder
+    from ._smtp import SmtpSubmitter, SubmitResult
+
 __all__ = [
     "E2E_SUBJECT",
     "E2E_TEXT",
     "ENVELOPE_MEDIA_TYPE",
     "XDM_FILENAME",
     "DeliveryReport",
+    "DiscoveredServer",
     "FoldResult",
+    "ImapMailbox",
     "MailFormatError",
+    "MailItem",
     "MailLimits",
     "MailPart",
+    "MailServer",
+    "MaildirFolder",
     "MessageStream",
     "MssanteHeaders",
     "MssanteOptions",
     "ParsedMessage",
     "PartInfo",
     "PatientMailboxForbidden",
+    "SmtpSubmitter",
+    "SubmitResult",
     "XdmAuthor",
     "XdmDocument",
     "XdmEntry",
@@ -72,6 +95,8 @@ __all__ = [
     "build_mdn",
     "build_mssante_message",
     "build_xdm_zip",
+    "classify_header",
+    "discover",
     "display_subject",
     "fold_status",
     "is_patient_mailbox",
@@ -82,3 +107,29 @@ __all__ = [
     "parse_report",
     "parse_xdm_zip",
 ]
+
+# The drivers, imported on first use (ssl, smtplib, imaplib; discover needs dnspython).
+_LAZY: dict[str, str] = {
+    "DiscoveredServer": "medsecure.mail._config",
+    "MailItem": "medsecure.mail._config",
+    "MailServer": "medsecure.mail._config",
+    "discover": "medsecure.mail._config",
+    "ImapMailbox": "medsecure.mail._imap",
+    "MaildirFolder": "medsecure.mail._maildir",
+    "SmtpSubmitter": "medsecure.mail._smtp",
+    "SubmitResult": "medsecure.mail._smtp",
+    "classify_header": "medsecure.transports._mailrules",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medsecure.mail' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -578,3 +578,19 @@ def test_relay_commands_refuse_misuse_in_one_line(tmp_path):
         assert done.returncode != 0
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("medsecure: error:"), done.stderr
+
+
+def test_an_unreachable_relay_is_named_in_words_not_library_classes() -> None:
+    """Nothing listens: the error is TransportUnavailable (the outbox retries later) and says
+    what happened in words an operator can act on, not httpx's class name."""
+    from relaykit import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    box = Endpoint(kind="relay", url=url, mailbox=bob.fingerprint)
+    with RelayTransport(alice, url, retries=1, sleep=lambda _s: None) as t:
+        with pytest.raises(TransportUnavailable) as caught:
+            t.deliver(box, io.BytesIO(b"x" * 100), message_id=message_id(), size=100)
+    text = str(caught.value)
+    assert text == "relay unreachable: connection refused or address unreachable"
+    assert "Error" not in text

@@ -588,8 +588,21 @@ def _unreachable(exc: Exception) -> _Verdict:
     return _Verdict("retry", None, _translate(exc))
 
 
+# What a network failure means, in words an operator acts on (never httpx's class names).
+_FAILURES: tuple[tuple[type[Exception], str], ...] = (
+    (httpx.ConnectTimeout, "no connection within the timeout"),
+    (httpx.ConnectError, "connection refused or address unreachable"),
+    (httpx.PoolTimeout, "no free connection within the timeout"),
+    (httpx.TimeoutException, "the relay stopped answering within the timeout"),
+    (httpx.RemoteProtocolError, "the relay closed the connection or broke HTTP"),
+    (httpx.NetworkError, "the connection broke"),
+    (httpx.StreamError, "the transfer was interrupted"),
+)
+
+
 def _translate(exc: Exception) -> TransportUnavailable:
-    return TransportUnavailable(f"relay unreachable: {type(exc).__name__}")
+    what = next((text for kind, text in _FAILURES if isinstance(exc, kind)), "network failure")
+    return TransportUnavailable(f"relay unreachable: {what}")
 
 
 _TRANSIENT_HTTP = (httpx.TransportError, httpx.StreamError)

@@ -588,9 +588,11 @@ def test_an_unreachable_relay_is_named_in_words_not_library_classes() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     alice, bob = m.Identity.generate(), m.Identity.generate()
     box = Endpoint(kind="relay", url=url, mailbox=bob.fingerprint)
-    with RelayTransport(alice, url, retries=1, sleep=lambda _s: None) as t:
-        with pytest.raises(TransportUnavailable) as caught:
-            t.deliver(box, io.BytesIO(b"x" * 100), message_id=message_id(), size=100)
+    with (
+        RelayTransport(alice, url, retries=1, sleep=lambda _s: None) as t,
+        pytest.raises(TransportUnavailable) as caught,
+    ):
+        t.deliver(box, io.BytesIO(b"x" * 100), message_id=message_id(), size=100)
     text = str(caught.value)
     assert text == "relay unreachable: connection refused or address unreachable"
     assert "Error" not in text

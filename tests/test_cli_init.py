@@ -382,6 +382,8 @@ def test_init_mail_discover_asks_dns(pki: Pki, tmp_path: Path) -> None:
             "--mail-security",
         ),
         (["--relay", "ftp://relay.example"], "--relay"),
+        (["--mailbox", "a-file"], "--mailbox"),
+        (["--mailbox", "a-file/box"], "--mailbox"),
         (["--relay", "relay.example"], "--relay"),
         (["--relay", "https://relay.example:99999"], "--relay"),
     ],

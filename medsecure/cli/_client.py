@@ -126,6 +126,21 @@ def _undone_on_failure(root: Path, mailbox: Path | None) -> Iterator[None]:
         raise
 
 
+def _check_mailbox(box: Path) -> None:
+    """Refuse a --mailbox that cannot become a drop folder before anything is created, naming
+    the flag (init would otherwise fail half-way and blame --home)."""
+    existing = box
+    while not existing.exists() and not existing.is_symlink():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing == box:
+        if not box.is_dir() or box.is_symlink():
+            raise CliError(f"--mailbox: {str(box)!r} exists and is not a folder")
+    elif not existing.is_dir() or existing.is_symlink():
+        raise CliError(f"--mailbox: {str(existing)!r} is in the way and is not a folder")
+
+
 def _next_steps(root: Path, me: str, authorities: bool, net: Network, fingerprint: str) -> str:
     key_pub = root / f"identity.key{PUBLIC_SUFFIX}"
     home = f" --home {root}"
@@ -259,9 +274,16 @@ def init(
     ]
     if fhir_url:
         sources.append({"fhir": fhir_url, "api_key_env": "ESANTE_API_KEY"})
-    secret = passphrase(confirm=True)
     box = Path(mailbox).expanduser() if mailbox else None
+    if box is not None:
+        _check_mailbox(box)
+    secret = passphrase(confirm=True)
     with _undone_on_failure(root, box), about("--home", "create the home"):
+        if box is not None:
+            from medsecure.transports import FileTransport
+
+            with about("--mailbox", "create the drop folder"):
+                FileTransport.prepare(box)
         identity = medsecure.init_home(
             root,
             passphrase=secret,

@@ -216,6 +216,16 @@ class Inbox:
                 # our disk is full or failing: this item stays in the mailbox (nothing lost)
                 # and the others are still tried (a smaller one may fit)
                 log.error("an incoming envelope stays in the mailbox for now: %s", exc)
+            except Exception as exc:  # a transport's failure nobody foresaw
+                # (one's own transport raising OSError or anything else): the item stays where
+                # it is, the others are still taken; only the exception's type is logged (its
+                # text could quote a file name)
+                log.error(
+                    "an incoming envelope stays in the %s mailbox for now: its transport failed"
+                    " (%s)",
+                    transport.name,
+                    type(exc).__name__,
+                )
         return stored
 
     def _report_unsupported(self, transport: Transport, item: Incoming, problem: str) -> None:
@@ -246,7 +256,8 @@ class Inbox:
 
     def _take_one(self, transport: Transport, item: Incoming) -> bool:
         tmp = self.store.inbox_dir / f".medsecure-in-{os.getpid()}-{secrets.token_hex(6)}"
-        transport.take(item, tmp)
+        with removing_on_failure(tmp):  # also what a transport's failed take() left
+            transport.take(item, tmp)
         with removing_on_failure(tmp):
             try:
                 with tmp.open("rb") as fh:

@@ -294,3 +294,22 @@ def test_a_hostile_relay_cannot_make_a_download_longer_restarted_or_partial(
                 assert relay.ranges == [None, f"bytes={RESUMED_AT}-", f"bytes={2 * RESUMED_AT}-"]
     finally:
         relay.close()
+
+
+@pytest.mark.parametrize("take", [_take_sync, _take_async], ids=["sync", "async"])
+def test_a_target_that_cannot_be_created_is_a_storage_error(
+    tmp_path: Path, take: Callable[..., None]
+) -> None:
+    """The inbox's file cannot be made (here: its folder is gone): both drivers say
+    StorageError, which the client handles by leaving the envelope on the relay, never a raw
+    OSError that would stop receive()."""
+    import medsecure as m
+    from medsecure.transports import Incoming
+
+    relay = _HostileRelay("resume")
+    item = Incoming(handle=MID, message_id=MID, size=len(BODY))
+    try:
+        with pytest.raises(m.StorageError, match="cannot store an incoming envelope"):
+            take(m.Identity.generate(), relay.url, item, tmp_path / "gone" / "taken")
+    finally:
+        relay.close()

@@ -195,6 +195,53 @@ def test_an_unforeseen_exception_quarantines_one_envelope_only(
         assert len(cb.receive()) == 1  # and the next call is fine too
 
 
+def test_a_transport_failing_in_an_unforeseen_way_loses_nothing_and_blocks_nobody(
+    world: tuple[Party, Party, Party, MemoryDirectory],
+    authority: m.Identity,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One's own transport whose take() raises what the Transport contract does not allow (a
+    raw OSError, a RuntimeError) after writing part of the file: that envelope stays in the
+    mailbox, nothing partial is left in the inbox, the others are received, and the next
+    receive() takes it."""
+    from medsecure.trust import AuthorityPolicy, PinStore
+
+    alice, bob, _mallory, directory = world
+    failures = [OSError(5, "Input/output error", "/mnt/Dupont.pdf"), RuntimeError("Dupont")]
+
+    class Flaky(FileTransport):
+        def take(self, item: m.transports.Incoming, target: Path) -> None:  # type: ignore[name-defined]
+            if failures:
+                target.write_bytes(b"partial")
+                raise failures.pop(0)
+            super().take(item, target)
+
+    with client(alice, directory, authority) as ca:
+        for n in range(3):
+            ca.send(m.Document(content=b"report %d" % n), to=bob.ref)
+    cb = m.Client(
+        bob.identity,
+        directory,
+        Flaky(bob.box),
+        bob.home,
+        trust=AuthorityPolicy([authority.public], pins=PinStore(bob.box.parent / "pins-b.sqlite")),
+        me=bob.idnps,
+    )
+    with cb, caplog.at_level(logging.WARNING):
+        first = cb.receive()
+        assert len(first) == 1
+        assert not list(bob.home.rglob(".medsecure-in-*"))  # nothing partial kept
+        assert len(FileTransport(bob.box).list()) == 2  # the two others wait where they were
+        every = cb.receive()  # unread messages: the first one and the two taken now
+        assert sorted(x.documents[0].read() for x in every) == [
+            b"report 0",
+            b"report 1",
+            b"report 2",
+        ]
+    assert "its transport failed (OSError)" in caplog.text
+    assert "Dupont" not in caplog.text
+
+
 def _receive_in_thread(c: m.Client) -> list[m.ReceivedMessage]:
     """Run receive() where a hang cannot block the test suite forever."""
     out: list[Any] = []

@@ -975,10 +975,10 @@ class AsyncRelayTransport(
     async def take(self, item: Incoming, target: Path) -> None:
         """Download a waiting envelope (resumably) to ``target``: a new 0600 file, fsynced;
         disk writes run off the event loop."""
-        fd = await asyncio.to_thread(
-            os.open, target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
         try:
+            fd = await asyncio.to_thread(
+                os.open, target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
             with removing_on_failure(target), os.fdopen(fd, "wb") as out:
                 async with self.fetch(item) as download:
                     async for chunk in download:

@@ -680,3 +680,44 @@ def test_both_signatures_must_sign_the_same_request_on_either_path(differ):
     with pytest.raises(AuthError) as err:
         verify_request("PUT", url, fields, resolve=lambda k: me.public, now=_NOW, window=60)
     assert err.value.slug == "signature-invalid"
+
+
+# -- the relay's worker threads ---------------------------------------------------------------
+
+
+def test_relay_workers_answer_each_caller_and_drop_work_cancelled_before_it_starts():
+    import threading
+
+    from medsecure.relay.server._app import _Workers
+
+    async def scenario():
+        workers = _Workers(2, "test-relay")
+        gate = threading.Event()
+        ran: list[str] = []
+
+        def blocked(name):
+            gate.wait(30)
+            ran.append(name)
+            return name
+
+        def fail():
+            raise ValueError("refused")
+
+        # two threads at most: both busy, so the third piece of work waits in the queue
+        first, second = workers.run(blocked, "a"), workers.run(blocked, "b")
+        third = workers.run(blocked, "c")
+        third.cancel()
+        gate.set()
+        assert await asyncio.gather(first, second) == ["a", "b"]
+        with pytest.raises(ValueError, match="refused"):
+            await workers.run(fail)
+        assert await asyncio.gather(*(workers.run(len, "x" * i) for i in range(50))) == list(
+            range(50)
+        )
+        assert sorted(ran) == ["a", "b"]  # the cancelled one never ran
+        assert workers._threads == 2
+        workers.shutdown()
+        with pytest.raises(RuntimeError):
+            workers.run(len, "")
+
+    asyncio.run(scenario())

@@ -721,3 +721,29 @@ def test_relay_workers_answer_each_caller_and_drop_work_cancelled_before_it_star
             workers.run(len, "")
 
     asyncio.run(scenario())
+
+
+def test_verification_slots_admit_at_most_their_count_at_once():
+    import threading
+
+    from medsecure.relay.server._app import _Slots
+
+    slots = _Slots(2)
+    slots.__enter__()
+    slots.__enter__()
+    entered = threading.Event()
+
+    def third():
+        with slots:
+            entered.set()
+
+    waiting = threading.Thread(target=third)
+    waiting.start()
+    waiting.join(0.3)  # a wrong bound lets it through at once; a right one holds it
+    assert waiting.is_alive() and not entered.is_set()
+    slots.__exit__(None, None, None)
+    waiting.join(30)
+    assert entered.is_set()
+    slots.__exit__(None, None, None)
+    with slots, slots:  # both slots are free again
+        pass

@@ -174,6 +174,23 @@ class _Workers:
                 self._queue.put(None)
 
 
+class _Slots:
+    """A bounded count of holders (a semaphore) built on a SimpleQueue of tokens: taken and
+    given back in C, where threading.BoundedSemaphore runs a Python-level Condition, which
+    costs more than the verification it guards is worth when many threads wait for it."""
+
+    def __init__(self, count: int) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(count):
+            self._tokens.put(None)
+
+    def __enter__(self) -> None:
+        self._tokens.get()
+
+    def __exit__(self, *exc: object) -> None:
+        self._tokens.put(None)
+
+
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
@@ -194,10 +211,10 @@ class _State:
         self.authorities = public_authorities(config.public_urls)
         self._allowed: dict[str, tuple[bool, float]] = {}
         self.keys = _KeyCache()
-        # Signatures verified at once: one per core. Verification is CPU work (half of it in
-        # Python, under the GIL); more threads than cores would only contend for the GIL and
-        # the cores, and slow the event loop that reads the requests.
-        self.verify_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        # Signatures verified at once: one per core. Verification is CPU work; more threads
+        # than cores would only contend for the cores (and, for requests not in our signers'
+        # form, for the GIL), and slow the event loop that reads the requests.
+        self.verify_slots = _Slots(max(1, os.cpu_count() or 1))
         # Worker threads for authentication and small uploads (see _run). Enough for every
         # upload that waits for its group commit: those threads sleep.
         self.workers = _Workers(64, "medsecure-relay")

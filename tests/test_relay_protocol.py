@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import json
 import time
 
 import httpx
+import hypothesis
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -488,3 +490,260 @@ def test_a_page_of_keys_is_bounded_in_count_and_in_bytes():
     assert len(json.dumps(page)) <= KEYS_PAGE_BYTES + 1000 < _MAX_JSON
     # one bundle always fits
     assert len(keys_page([(0, fp, b"b" * (KEYS_PAGE_BYTES * 2))], 100)["bundles"]) == 1
+
+
+# -- the verifier's strict path for the form sign_request writes ------------------------------
+
+_NOW = 1_800_000_000
+_FAST_URLS = (
+    "http://127.0.0.1:8443/v1/mailboxes/ms1" + "a" * 52 + "/messages/" + MID,
+    "https://relay.example/v1/keys?identifier=rpps%3A10003456789&limit=5",
+    "http://localhost:9/v1/uploads?message_id=" + MID + "&message_id=" + MID,
+)
+
+
+@functools.cache
+def _signed_requests():
+    """(identity, method, url, header fields) signed once for the whole module: a hybrid and a
+    classic identity, and URLs the strict path takes or declines."""
+    urls = (
+        *_FAST_URLS,
+        "http://127.0.0.1:80/v1/limits",  # a default port: @authority drops it
+        "http://Relay.Example:8443/v1/limits",  # @authority is lowercased
+        "http://[::1]:8443/v1/limits",
+        "http://127.0.0.1:8443/v1/keys/a%2fb?x=%7e",  # lower-case percent escapes
+    )
+    found = []
+    for suite in ("hybrid", "classic"):
+        me = m.Identity.generate(suite)
+        for i, url in enumerate(urls):
+            method = ("PUT", "GET", "DELETE")[i % 3]
+            digest = hashlib.sha256(url.encode()).digest()
+            headers = sign_request(me, method, url, digest, created=_NOW)
+            found.append((me, method, url, [(k.lower(), v) for k, v in headers.items()]))
+    return found
+
+
+def _outcome(verify, *args, **kwargs):
+    try:
+        got = verify(*args, **kwargs)
+    except AuthError as exc:
+        return ("refused", exc.slug)
+    if got is None:
+        return None
+    return ("accepted", got.fingerprint, got.created, got.nonce, got.digest)
+
+
+def _both(method, url, fields, resolve, now):
+    from medsecure.relay._signing import _fast_verify, _library_verify
+
+    fast = _outcome(_fast_verify, method, url, fields, resolve, now, 60)
+    library = _outcome(_library_verify, method, url, fields, resolve=resolve, now=now, window=60)
+    return fast, library
+
+
+def test_our_requests_take_the_strict_path_and_it_agrees_with_the_library():
+    taken = 0
+    for me, method, url, fields in _signed_requests():
+        fast, library = _both(method, url, fields, lambda k, me=me: me.public, _NOW)
+        assert library is not None and library[0] == "accepted"
+        if url in _FAST_URLS:
+            assert fast == library
+            taken += 1
+        else:
+            assert fast is None  # declined: the library decides
+    assert taken == 2 * len(_FAST_URLS)
+
+
+_EDIT_ALPHABET = 'abcsig12=:;,() "\\@-_+/AZ09\t'
+
+
+@given(
+    which=st.integers(min_value=0, max_value=13),
+    field=st.sampled_from(["signature-input", "signature", "content-digest", "url", "method"]),
+    edit=st.sampled_from(["replace", "delete", "insert"] + ["none"] * 6),
+    change=st.sampled_from(
+        ["none"] * 8
+        + ["created", "nonce", "keyid", "path", "alg", "labels", "swap-signature", "digest"]
+        + ["method"]
+    ),
+    where=st.integers(min_value=0, max_value=10_000),
+    char=st.sampled_from(list(_EDIT_ALPHABET)),
+    shape=st.sampled_from(
+        ["as-is"] * 6 + ["drop-sig2", "swap", "twice", "lower-case-name", "no-digest", "reorder"]
+    ),
+    key=st.sampled_from(["own", "unknown", "other", "wrong-fingerprint"]),
+    skew=st.sampled_from([0, 0, 0, 59, -59, 60, -60, 61, -61, 10**12]),
+)
+@settings(max_examples=1500, deadline=None)
+def test_the_strict_path_decides_as_the_library_on_hostile_variations(
+    which, field, edit, where, char, change, shape, key, skew
+):
+    requests = _signed_requests()
+    me, method, url, fields = requests[which % len(requests)]
+    other = requests[(which + len(requests) // 2) % len(requests)][0]
+    values = dict(fields)
+    texts = {**values, "url": url, "method": method}
+    text = texts[field]
+    i = where % (len(text) + 1)
+    if edit == "replace" and text:
+        text = text[: min(i, len(text) - 1)] + char + text[min(i, len(text) - 1) + 1 :]
+    elif edit == "delete" and text:
+        text = text[: min(i, len(text) - 1)] + text[min(i, len(text) - 1) + 1 :]
+    elif edit == "insert":
+        text = text[:i] + char + text[i:]
+    texts[field] = text
+    # changes that keep the form sign_request writes (the strict path decides them)
+    si = texts["signature-input"]
+    if change == "created":
+        texts["signature-input"] = si.replace(f"created={_NOW}", f"created={_NOW + 1}", 1)
+    elif change == "nonce":
+        texts["signature-input"] = si.replace('nonce="', 'nonce="A', 1)
+    elif change == "keyid":
+        texts["signature-input"] = si.replace(me.fingerprint, other.fingerprint)
+    elif change == "path":
+        texts["url"] = texts["url"].replace("/v1/", "/v2/")
+    elif change == "alg":
+        texts["signature-input"] = si.replace('"ed25519"', '"ml-dsa-65"', 1)
+    elif change == "labels":
+        texts["signature"] = texts["signature"].replace("sig1=", "sig3=").replace("sig2=", "sig1=")
+    elif change == "swap-signature":
+        texts["signature"] = ", ".join(reversed(texts["signature"].split(", ")))
+    elif change == "digest":
+        texts["content-digest"] = format_digest(hashlib.sha256(b"another body").digest())
+    elif change == "method":
+        texts["method"] = "POST"
+    lines = [(name, texts[name]) for name in ("signature-input", "signature", "content-digest")]
+    if shape == "drop-sig2":
+        lines = [(n, v.split(", sig2=")[0]) if n != "content-digest" else (n, v) for n, v in lines]
+    elif shape == "swap":
+        lines = [(n, ", ".join(reversed(v.split(", ")))) for n, v in lines]
+    elif shape == "twice":
+        name, value = lines[0]
+        lines = [(name, value.split(", ")[0]), (name, ", ".join(value.split(", ")[1:])), *lines[1:]]
+    elif shape == "lower-case-name":
+        lines = [(n.upper(), v) for n, v in lines]
+    elif shape == "no-digest":
+        lines = lines[:2]
+    elif shape == "reorder":
+        lines = [
+            (n, v.replace(';alg="ed25519";nonce=', ';nonce=X;alg="ed25519";nonce='))
+            for n, v in lines
+        ]
+    resolve = {
+        "own": lambda k: me.public if k == me.fingerprint else None,
+        "unknown": lambda k: None,
+        "other": lambda k: other.public,
+        "wrong-fingerprint": lambda k: other.public if k == me.fingerprint else None,
+    }[key]
+    from medsecure.relay._signing import _VERIFIED_FIELDS
+
+    # as verify_request hands them over: its three fields, names in lower case
+    lowered = [(n.lower(), v) for n, v in lines if n.lower() in _VERIFIED_FIELDS]
+    fast, library = _both(texts["method"], texts["url"], lowered, resolve, _NOW + skew)
+    if fast is not None:
+        assert fast == library
+    hypothesis.event("strict path: " + ("declined" if fast is None else fast[0]))
+
+
+@pytest.mark.parametrize("differ", ["nonce", "created"])
+def test_both_signatures_must_sign_the_same_request_on_either_path(differ):
+    """A hybrid caller's two signatures, each valid, over requests with different nonces or
+    creation times: refused (the strict path declines, the library refuses)."""
+    from medsecure.relay._signing import _fast_verify
+
+    me = m.Identity.generate("hybrid")
+    url = _FAST_URLS[0]
+    one = sign_request(me, "PUT", url, EMPTY_DIGEST, created=_NOW, nonce="n" * 22)
+    two = sign_request(
+        me,
+        "PUT",
+        url,
+        EMPTY_DIGEST,
+        created=_NOW + (differ == "created"),
+        nonce="m" * 22 if differ == "nonce" else "n" * 22,
+    )
+    spliced = {
+        "content-digest": one["Content-Digest"],
+        "signature-input": ", ".join(
+            [
+                one["Signature-Input"].split(", sig2=")[0],
+                "sig2=" + two["Signature-Input"].split(", sig2=")[1],
+            ]
+        ),
+        "signature": ", ".join(
+            [one["Signature"].split(", sig2=")[0], "sig2=" + two["Signature"].split(", sig2=")[1]]
+        ),
+    }
+    fields = list(spliced.items())
+    assert _fast_verify("PUT", url, fields, lambda k: me.public, _NOW, 60) is None
+    with pytest.raises(AuthError) as err:
+        verify_request("PUT", url, fields, resolve=lambda k: me.public, now=_NOW, window=60)
+    assert err.value.slug == "signature-invalid"
+
+
+# -- the relay's worker threads ---------------------------------------------------------------
+
+
+def test_relay_workers_answer_each_caller_and_drop_work_cancelled_before_it_starts():
+    import threading
+
+    from medsecure.relay.server._app import _Workers
+
+    async def scenario():
+        workers = _Workers(2, "test-relay")
+        gate = threading.Event()
+        ran: list[str] = []
+
+        def blocked(name):
+            gate.wait(30)
+            ran.append(name)
+            return name
+
+        def fail():
+            raise ValueError("refused")
+
+        # two threads at most: both busy, so the third piece of work waits in the queue
+        first, second = workers.run(blocked, "a"), workers.run(blocked, "b")
+        third = workers.run(blocked, "c")
+        third.cancel()
+        gate.set()
+        assert await asyncio.gather(first, second) == ["a", "b"]
+        with pytest.raises(ValueError, match="refused"):
+            await workers.run(fail)
+        assert await asyncio.gather(*(workers.run(len, "x" * i) for i in range(50))) == list(
+            range(50)
+        )
+        assert sorted(ran) == ["a", "b"]  # the cancelled one never ran
+        assert workers._threads == 2
+        workers.shutdown()
+        with pytest.raises(RuntimeError):
+            workers.run(len, "")
+
+    asyncio.run(scenario())
+
+
+def test_verification_slots_admit_at_most_their_count_at_once():
+    import threading
+
+    from medsecure.relay.server._app import _Slots
+
+    slots = _Slots(2)
+    slots.__enter__()
+    slots.__enter__()
+    entered = threading.Event()
+
+    def third():
+        with slots:
+            entered.set()
+
+    waiting = threading.Thread(target=third)
+    waiting.start()
+    waiting.join(0.3)  # a wrong bound lets it through at once; a right one holds it
+    assert waiting.is_alive() and not entered.is_set()
+    slots.__exit__(None, None, None)
+    waiting.join(30)
+    assert entered.is_set()
+    slots.__exit__(None, None, None)
+    with slots, slots:  # both slots are free again
+        pass

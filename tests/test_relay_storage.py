@@ -350,3 +350,25 @@ def test_postgres_large_bodies_are_registered_until_recorded_and_removed_when_re
     assert _objects(url) == (1, 0)
     assert pg_storage.acknowledge(BOX_A, mid, int(time.time()))
     assert _objects(url) == (0, 0)
+
+
+def test_the_group_commit_hands_the_lead_on_until_every_submitter_is_answered():
+    """Many submitters, small batches: leads pass from submitter to submitter, each submitter is
+    woken exactly once (to lead or with its result), and every one gets its own result."""
+    from medsecure.relay.server.storage._base import GroupCommit
+
+    held = threading.Lock()
+
+    def run_batch(batch, execute):
+        with held:  # one transaction at a time, as a database's writer lock
+            execute(None)
+
+    commits = GroupCommit(run_batch, max_batch=3)
+    threads, results, errors = _in_parallel(
+        [lambda i=i: commits.submit(lambda conn, i=i: i * i) for i in range(60)]
+    )
+    for t in threads:
+        t.join(60)
+    assert errors == {} and results == {i: i * i for i in range(60)}
+    assert commits.items == 60 and commits.batches >= 20
+    assert not commits._leading and commits._queue == []

@@ -178,7 +178,11 @@ class _Work:
         self.lead = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self.wake = threading.Event()
+        # A one-shot signal, released once to wake its submitter (to lead, or because its work
+        # is done): a bare lock costs a fraction of a threading.Event, which is built on a
+        # Python-level Condition.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class GroupCommit(Generic[C]):
@@ -228,7 +232,7 @@ class GroupCommit(Generic[C]):
             if not self._leading:
                 self._leading = work.lead = True
         if not work.lead:
-            work.wake.wait()
+            work.wake.acquire()  # released once: see _commit and the hand-over below
         while not work.done:
             # the leader: commit what is queued (its own work first among it) until its own
             # work is done
@@ -240,7 +244,7 @@ class GroupCommit(Generic[C]):
                 if self._queue:
                     heir = self._queue[0]
                     heir.lead = True
-                    heir.wake.set()
+                    heir.wake.release()  # a queued submitter, not done: it waits, once
                 else:
                     self._leading = False
         if work.error is not None:
@@ -267,7 +271,10 @@ class GroupCommit(Generic[C]):
         self.items += len(batch)
         for w in batch:
             w.done = True
-            w.wake.set()
+            # The submitters that lead (this one, and an heir whose wait already ended with the
+            # lead) do not wait; every other one waits once, for this.
+            if not w.lead:
+                w.wake.release()
 
 
 def admit(

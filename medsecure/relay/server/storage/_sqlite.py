@@ -108,7 +108,9 @@ class SQLiteStorage(SqlStorage):
             self._db.executescript(_SCHEMA)
             self._migrate_usage()
             self._migrate_claims()
-            self._nonces = self._connect("nonces.db", "NORMAL")
+            # one connection, in one process (the lock file): exclusive locking spares each
+            # insert the file locks and shared-memory index that WAL keeps for other readers
+            self._nonces = self._connect("nonces.db", "NORMAL", exclusive=True)
             self._nonces.execute(
                 "CREATE TABLE IF NOT EXISTS nonces (keyid TEXT NOT NULL, nonce TEXT NOT NULL,"
                 " expires INTEGER NOT NULL, PRIMARY KEY (keyid, nonce)) WITHOUT ROWID"
@@ -165,11 +167,13 @@ class SQLiteStorage(SqlStorage):
             " ON key_identifiers (identifier, first_seen, fingerprint)"
         )
 
-    def _connect(self, name: str, synchronous: str) -> sqlite3.Connection:
+    def _connect(self, name: str, synchronous: str, exclusive: bool = False) -> sqlite3.Connection:
         path = self.root / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        if exclusive:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before the first access in WAL mode
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         return db

@@ -191,12 +191,12 @@ def test_a_fragment_cannot_add_a_query_the_signature_does_not_cover(relay: Relay
     by someone on the way (uvicorn keeps the fragment in the query string, where the last value
     wins; the signature base drops it): refused, not answered for the other identifier."""
     asked, other, me = m.Identity.generate(), m.Identity.generate(), m.Identity.generate()
-    _publish(asked, relay.url, identifiers=("rpps:10001234567",))
-    _publish(other, relay.url, identifiers=("rpps:10009999990",))
+    _publish(asked, relay.url, identifiers=("rpps:10005555555",))
+    _publish(other, relay.url, identifiers=("rpps:10007777777",))
     _publish(me, relay.url)
-    target = "/v1/keys?identifier=rpps%3A10001234567"
+    target = "/v1/keys?identifier=rpps%3A10005555555"
     headers = sign_request(me, "GET", relay.url + target, EMPTY_DIGEST)
-    status, body = _raw_get(relay.url, target + "#&identifier=rpps%3A10009999990", headers)
+    status, body = _raw_get(relay.url, target + "#&identifier=rpps%3A10007777777", headers)
     assert status == 401 and b"signature-invalid" in body, (status, body[:200])
     # the request as signed is answered (with a fresh nonce), for the identifier it names
     status, body = _raw_get(

@@ -4,10 +4,12 @@ loopback (``medsecure relay serve`` in a subprocess, tests/relaykit.py)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import hashlib
 import io
+import json
 import os
 import re
 import socket
@@ -22,7 +24,7 @@ from relaykit import RelayServer, message_id
 
 import medsecure as m
 from medsecure.models import Endpoint
-from medsecure.relay import sign_bundle, sign_request
+from medsecure.relay import KeyBundle, sign_bundle, sign_request
 from medsecure.relay._digest import EMPTY_DIGEST
 from medsecure.transports import RelayTransport
 
@@ -167,3 +169,42 @@ def test_an_upload_whose_body_stops_arriving_is_abandoned(tmp_path: Path) -> Non
         assert list((data / "tmp").iterdir()) == []
         with RelayTransport(bob, srv.url) as b:
             assert b.list() == []
+
+
+def _raw_get(base: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """A GET with ``target`` sent as is (httpx would drop a fragment); (status, body)."""
+    parts = urllib.parse.urlsplit(base)
+    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection((parts.hostname, parts.port)) as s:
+        s.settimeout(120)  # a bound for a broken relay, not a measurement
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while more := s.recv(65536):
+            answer += more
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def test_a_fragment_cannot_add_a_query_the_signature_does_not_cover(relay: RelayServer) -> None:
+    """A look-up signed for one identifier, with "#&identifier=<another>" appended to its target
+    by someone on the way (uvicorn keeps the fragment in the query string, where the last value
+    wins; the signature base drops it): refused, not answered for the other identifier."""
+    asked, other, me = m.Identity.generate(), m.Identity.generate(), m.Identity.generate()
+    _publish(asked, relay.url, identifiers=("rpps:10005555555",))
+    _publish(other, relay.url, identifiers=("rpps:10007777777",))
+    _publish(me, relay.url)
+    target = "/v1/keys?identifier=rpps%3A10005555555"
+    headers = sign_request(me, "GET", relay.url + target, EMPTY_DIGEST)
+    status, body = _raw_get(relay.url, target + "#&identifier=rpps%3A10007777777", headers)
+    assert status == 401 and b"signature-invalid" in body, (status, body[:200])
+    # the request as signed is answered (with a fresh nonce), for the identifier it names
+    status, body = _raw_get(
+        relay.url, target, sign_request(me, "GET", relay.url + target, EMPTY_DIGEST)
+    )
+    assert status == 200
+    found = [
+        KeyBundle.parse(base64.urlsafe_b64decode(t + "=" * (-len(t) % 4))).fingerprint
+        for t in json.loads(body)["bundles"]
+    ]
+    assert found == [asked.fingerprint]

@@ -747,3 +747,30 @@ def test_verification_slots_admit_at_most_their_count_at_once():
     slots.__exit__(None, None, None)
     with slots, slots:  # both slots are free again
         pass
+
+
+_KEYS = "https://relay.example/v1/keys?identifier=rpps%3A10001234567"
+
+
+@pytest.mark.parametrize(
+    ("signed", "received"),
+    [
+        # what follows "#" is no part of the signed @path or @query, but an ASGI server (uvicorn
+        # with h11) hands it to the app as part of the path or of the query string
+        (_KEYS, _KEYS + "#&identifier=adeli%3A123456789"),
+        (_KEYS, _KEYS + "#"),
+        (_KEYS + "&limit=5", _KEYS + "&limit=5#?limit=1"),
+        ("https://relay.example/v1/limits", "https://relay.example/v1/limits#?x=1"),
+        # user information is left out of @authority
+        (_KEYS, _KEYS.replace("https://", "https://someone@")),
+    ],
+)
+@pytest.mark.parametrize("suite", ["hybrid", "classic"])
+def test_a_fragment_cannot_carry_what_the_signature_does_not_cover(signed, received, suite):
+    me = m.Identity.generate(suite)
+    headers = sign_request(me, "GET", signed, EMPTY_DIGEST, created=_NOW)
+    fields = [(k.lower(), v) for k, v in headers.items()]
+    assert verify_request("GET", signed, fields, resolve=lambda k: me.public, now=_NOW, window=60)
+    with pytest.raises(AuthError) as err:
+        verify_request("GET", received, fields, resolve=lambda k: me.public, now=_NOW, window=60)
+    assert err.value.slug == "signature-invalid"

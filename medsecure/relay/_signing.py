@@ -309,6 +309,8 @@ _FAST_URL = re.compile(
     r"(?:\?((?:[A-Za-z0-9._~=&-]|%[0-9A-F]{2}){0,2048}))?"
 )
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
+# a "#" anywhere, or an "@" before the authority ends: text no signature component covers
+_UNSIGNED_URL_PARTS = re.compile(r"[^#]*#|[^:/?#]*://[^/?#]*@")
 # 32 bytes in canonical base64: 42 characters, one whose low four bits are zero, then "="
 _FAST_DIGEST = re.compile(r"sha-256=:([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=):")
 _FAST_PARAMS = (
@@ -407,6 +409,13 @@ def verify_request(
     # per signature, and every other field is irrelevant (a signature must cover exactly
     # COVERED_COMPONENTS, whose one field is content-digest).
     fields = [(n.lower(), v) for n, v in headers if n.lower() in _VERIFIED_FIELDS]
+    if _UNSIGNED_URL_PARTS.match(url):
+        # http-message-signatures validates a fragment or user information and leaves them out
+        # of @authority, @path and @query, but whoever hands us the URL may still act on them:
+        # uvicorn (h11) keeps "#…" of a request target in the path or query string it gives the
+        # app, so "?identifier=A#&identifier=B" would be verified as "?identifier=A" and answered
+        # for B. A request's URL has neither (clients never send a fragment): refused.
+        raise AuthError("signature-invalid", "a request URL has no fragment or user information")
     fast = _fast_verify(method, url, fields, resolve, now, window)
     if fast is not None:
         return fast

@@ -87,6 +87,25 @@ def test_a_hybrid_signature_needs_both_halves():
     assert err.value.slug == "signature-invalid"
 
 
+def test_a_classic_identity_signs_with_sig1_only():
+    """A classic identity's request carrying another signature beside sig1 (which nothing would
+    check) is refused, whatever that signature is."""
+    me = m.Identity.generate(suite="classic")
+    headers = sign_request(me, "GET", URL, EMPTY_DIGEST)
+    _verify(me, headers)  # as signed: accepted
+    params = headers["Signature-Input"].split("=", 1)[1]
+    extra = dict(headers)
+    extra["Signature-Input"] = headers["Signature-Input"] + ", sig2=" + params
+    extra["Signature"] = headers["Signature"] + ", sig2=:AAAA:"
+    with pytest.raises(AuthError) as err:
+        _verify(me, extra)
+    assert err.value.slug == "signature-invalid"
+    only_signature = dict(headers)
+    only_signature["Signature"] = headers["Signature"] + ", other=:AAAA:"
+    with pytest.raises(AuthError):
+        _verify(me, only_signature)
+
+
 @pytest.mark.parametrize(
     "value",
     ["", "sha-256=abc", "sha-512=:" + "A" * 88 + ":", "sha-256=:AAAA:", "x" * 2000, "sha-256=:é:"],

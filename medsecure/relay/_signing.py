@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import http_sf
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives.asymmetric import mldsa
 from http_message_signatures import (
@@ -422,6 +423,21 @@ def verify_request(
     return _library_verify(method, url, fields, resolve=resolve, now=now, window=window)
 
 
+def _labels(message: _Message) -> set[str]:
+    """The labels of the request's Signature-Input and Signature fields (both parsed: a label in
+    either that the other lacks counts)."""
+    found: set[str] = set()
+    for name in ("signature-input", "signature"):
+        try:
+            parsed = http_sf.parse(message.headers[name].encode("ascii"), tltype="dictionary")
+        except (http_sf.StructuredFieldError, UnicodeEncodeError, ValueError) as exc:
+            raise AuthError("signature-invalid") from exc
+        if not isinstance(parsed, dict):
+            raise AuthError("signature-invalid")
+        found.update(str(label) for label in parsed)
+    return found
+
+
 def _library_verify(
     method: str,
     url: str,
@@ -464,6 +480,9 @@ def _library_verify(
         identity = resolver.identity
         results.append(found[0])
     assert identity is not None
+    if identity.suite != "hybrid" and _labels(message) != {LABEL_ED25519}:
+        # a classic identity signs with sig1 only: anything beside it would go unchecked
+        raise AuthError("signature-invalid", "a classic identity signs with sig1 only")
     first = results[0]
     if any(
         r.parameters != {**first.parameters, "alg": r.parameters.get("alg")}

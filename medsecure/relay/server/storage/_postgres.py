@@ -107,6 +107,34 @@ CREATE INDEX IF NOT EXISTS relay_key_identifiers_seen
 ORPHAN_AGE = 86400
 _SCHEMA_LOCK = 0x6D65647365637572  # "medsecur": one instance creates the schema at a time
 
+# The statements of a group-commit batch (constant strings: psycopg prepares each one on a
+# connection after a few uses, so the server plans them once).
+_LOCK_MAILBOXES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k"
+#: The batch's ids that exist (full records) and its mailboxes' totals (rows whose message id
+#: is NULL: the mailbox, then the bytes waiting in it in the size column).
+_LOOK_UP = (
+    "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
+    " FROM relay_messages WHERE (mailbox, message_id) IN"
+    " (SELECT * FROM unnest(%s::text[], %s::text[]))"
+    " UNION ALL SELECT mailbox, NULL, NULL, bytes, NULL, NULL, NULL, NULL"
+    " FROM relay_mailbox_usage WHERE mailbox = ANY(%s::text[])"
+)
+#: The new records, and what they add to their mailboxes' totals, in one statement. The
+#: bodies are sent in binary (as text, bytea is hex: twice the bytes, escaped one by one). A new
+#: record is 'waiting' (WAITING).
+_INSERT_MESSAGES = (
+    "WITH added AS (INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+    " received_at, state, state_at, body, file, object)"
+    " SELECT m, i, s, z, d, t, 'waiting', t, b, f, o FROM unnest(%s::text[],"
+    " %s::text[], %s::text[], %s::bigint[], %b::bytea[], %s::bigint[], %b::bytea[],"
+    " %s::text[], %s::bigint[]::oid[]) AS n(m, i, s, z, d, t, b, f, o)"
+    " RETURNING mailbox, size)"
+    " INSERT INTO relay_mailbox_usage (mailbox, bytes, count)"
+    " SELECT mailbox, SUM(size), COUNT(*) FROM added GROUP BY mailbox"
+    " ON CONFLICT (mailbox) DO UPDATE SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
+    " count = relay_mailbox_usage.count + EXCLUDED.count"
+)
+
 
 def _lock_key(mailbox: str) -> int:
     """The advisory lock of a mailbox (a signed 64-bit key; the same on every instance)."""
@@ -301,54 +329,61 @@ class PostgresStorage(SqlStorage):
     def _run_batch(
         self, batch: list[Any], execute: Callable[[psycopg.Connection[Any]], None]
     ) -> None:
-        """One transaction for a batch of new envelopes, in a constant number of statements
-        (not a few per envelope): the mailboxes' quota locks, in one global order (so batches
-        of several instances cannot deadlock), one look-up of the ids and totals, one insert,
-        one update of the totals, one COMMIT (synchronous_commit on)."""
+        """One transaction for a batch of new envelopes, in two round trips to the database
+        whatever the batch holds (psycopg's pipeline mode: statements are sent without waiting
+        for each answer).
+
+        1. ``BEGIN``; the mailboxes' quota locks, in one global order (so batches of several
+           instances cannot deadlock); one look-up of the ids and the mailboxes' totals (and,
+           for large bodies, their leaving the sweep's registers). The look-up is a statement
+           of its own after the locks' statement: PostgreSQL (read committed) gives each
+           statement a snapshot taken when it starts, so it sees every transaction that held a
+           lock before this one took it. The pipeline only spares the wait between them.
+        2. The decisions are made here (:func:`admit`); then one insert of the new records
+           that also adds them to their mailboxes' totals (a data-modifying CTE), and
+           ``COMMIT`` (``synchronous_commit`` on): the pipeline's end waits for its answer.
+        """
         items: list[NewMessage] = [w.fn for w in batch]
-        with _guard(), self.pool.connection() as conn, conn.transaction():
+        with _guard(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             keys = sorted({_lock_key(m.mailbox) for m in items})
             # a function scan yields the array in order: the locks are taken in that order
-            conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k", (keys,))
+            conn.execute(_LOCK_MAILBOXES, (keys,))
             boxes = sorted({m.mailbox for m in items})
-            existing = {
-                (r[0], r[1]): stored_message(r)
-                for r in conn.execute(
-                    "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
-                    " state_at FROM relay_messages WHERE (mailbox, message_id) IN"
-                    " (SELECT * FROM unnest(%s::text[], %s::text[]))",
-                    ([m.mailbox for m in items], [m.message_id for m in items]),
-                )
-            }
-            used = dict.fromkeys(boxes, 0)
-            for mailbox, total in conn.execute(
-                "SELECT mailbox, bytes FROM relay_mailbox_usage WHERE mailbox = ANY(%s)", (boxes,)
-            ):
-                used[mailbox] = int(total)
+            look_up = conn.execute(
+                _LOOK_UP, ([m.mailbox for m in items], [m.message_id for m in items], boxes)
+            )
             files = [m.file for m in items if m.file is not None]
-            kept = set()
-            if files:
-                # the files leave the sweep's register in the transaction that records them
-                kept = {
-                    r[0]
-                    for r in conn.execute(
-                        "DELETE FROM relay_body_files WHERE name = ANY(%s) RETURNING name",
-                        (files,),
-                    )
-                }
             objects = [m.object for m in items if m.object is not None]
-            kept_objects = set()
-            if objects:
-                # and so do the large objects
-                kept_objects = {
-                    int(r[0])
-                    for r in conn.execute(
-                        "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])"
-                        " RETURNING object",
-                        (objects,),
-                    )
-                }
-            new: list[tuple[NewMessage, StoredMessage]] = []
+            # the bodies leave the sweep's registers in the transaction that records them
+            unregister_files = (
+                conn.execute(
+                    "DELETE FROM relay_body_files WHERE name = ANY(%s) RETURNING name", (files,)
+                )
+                if files
+                else None
+            )
+            unregister_objects = (
+                conn.execute(
+                    "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])"
+                    " RETURNING object",
+                    (objects,),
+                )
+                if objects
+                else None
+            )
+            # the first fetch sends what is queued and waits for it: the first round trip
+            existing: dict[tuple[str, str], StoredMessage] = {}
+            used = dict.fromkeys(boxes, 0)
+            for row in look_up.fetchall():
+                if row[1] is None:  # a mailbox's total
+                    used[row[0]] = int(row[3])
+                else:
+                    existing[(row[0], row[1])] = stored_message(row)
+            kept = {r[0] for r in unregister_files.fetchall()} if unregister_files else set()
+            kept_objects = (
+                {int(r[0]) for r in unregister_objects.fetchall()} if unregister_objects else set()
+            )
+            new: list[NewMessage] = []
             for w, m in zip(batch, items, strict=True):
                 found = existing.get((m.mailbox, m.message_id))
                 try:
@@ -365,67 +400,43 @@ class PostgresStorage(SqlStorage):
                 if fresh:
                     used[m.mailbox] += m.size
                     existing[(m.mailbox, m.message_id)] = record
-                    new.append((m, record))
-            if files:
-                # files of refused or replayed uploads: back in the register, for the caller
-                # to delete (or the sweep, if the caller dies first)
-                refused = [
-                    m.file
-                    for w, m in zip(batch, items, strict=True)
-                    if m.file is not None and m.file in kept and not (w.result and w.result[1])
-                ]
-                if refused:
-                    conn.execute(
-                        "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
-                        (refused, int(time.time())),
-                    )
-            if objects:
-                refused_objects = [
-                    m.object
-                    for w, m in zip(batch, items, strict=True)
-                    if m.object is not None
-                    and m.object in kept_objects
-                    and not (w.result and w.result[1])
-                ]
-                if refused_objects:
-                    conn.execute(
-                        "INSERT INTO relay_body_objects SELECT unnest(%s::bigint[]::oid[]), %s",
-                        (refused_objects, int(time.time())),
-                    )
+                    new.append(m)
+            # files and objects of refused or replayed uploads: back in their register, for
+            # the caller to delete (or the sweep, if the caller dies first)
+            refused = [
+                (m.file, m.object)
+                for w, m in zip(batch, items, strict=True)
+                if (m.file in kept or m.object in kept_objects) and not (w.result and w.result[1])
+            ]
+            refused_files = [f for f, _ in refused if f is not None]
+            refused_objects = [o for _, o in refused if o is not None]
+            if refused_files:
+                conn.execute(
+                    "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
+                    (refused_files, int(time.time())),
+                )
+            if refused_objects:
+                conn.execute(
+                    "INSERT INTO relay_body_objects SELECT unnest(%s::bigint[]::oid[]), %s",
+                    (refused_objects, int(time.time())),
+                )
             if new:
                 conn.execute(
-                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
-                    " received_at, state, state_at, body, file, object)"
-                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
-                    " %s::bytea[], %s::bigint[], %s::text[], %s::bigint[], %s::bytea[],"
-                    " %s::text[], %s::bigint[]::oid[])",
+                    _INSERT_MESSAGES,
                     (
-                        [m.mailbox for m, _ in new],
-                        [m.message_id for m, _ in new],
-                        [m.sender for m, _ in new],
-                        [m.size for m, _ in new],
-                        [m.digest for m, _ in new],
-                        [m.now for m, _ in new],
-                        [WAITING] * len(new),
-                        [m.now for m, _ in new],
-                        [m.body for m, _ in new],
-                        [m.file for m, _ in new],
-                        [m.object for m, _ in new],
+                        [m.mailbox for m in new],
+                        [m.message_id for m in new],
+                        [m.sender for m in new],
+                        [m.size for m in new],
+                        [m.digest for m in new],
+                        [m.now for m in new],
+                        [m.body for m in new],
+                        [m.file for m in new],
+                        [m.object for m in new],
                     ),
                 )
-                grown: dict[str, list[int]] = {}
-                for m, _ in new:
-                    grown.setdefault(m.mailbox, [0, 0])
-                    grown[m.mailbox][0] += m.size
-                    grown[m.mailbox][1] += 1
-                conn.execute(
-                    "INSERT INTO relay_mailbox_usage"
-                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
-                    " ON CONFLICT (mailbox) DO UPDATE"
-                    " SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
-                    " count = relay_mailbox_usage.count + EXCLUDED.count",
-                    (list(grown), [g[0] for g in grown.values()], [g[1] for g in grown.values()]),
-                )
+        # (leaving the transaction queued the COMMIT; leaving the pipeline sent it and waited
+        # for its answer, raising if any statement of the batch failed)
 
     # -- body files (shared folder) ----------------------------------------------------------
     def _register_files(self, names: Sequence[str], since: int) -> None:

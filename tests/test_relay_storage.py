@@ -261,6 +261,45 @@ def test_postgres_batch_reads_ids_and_totals_only_once_it_holds_the_mailbox_lock
     assert [m.sender for m in pg_storage.waiting(BOX_A, 10)] == ["ms1" + "o" * 52]
 
 
+def test_postgres_expiry_and_acknowledgement_retire_many_and_keep_the_totals(pg_storage):
+    """One sweep retires several envelopes of several mailboxes at once (in-row bodies and
+    large objects): each is marked, its object unlinked, and each mailbox's total reduced by
+    what left it, no more."""
+    big = b"L" * (INLINE_MAX + 1)
+    mids = {}
+    for box, sizes in ((BOX_A, (100, 200, len(big))), (BOX_B, (300, len(big), 50))):
+        for size in sizes:
+            mid = message_id()
+            _upload(pg_storage, big if size == len(big) else b"x" * size, mailbox=box, mid=mid)
+            mids[(box, size)] = mid
+    with psycopg.connect(pg_storage.url, autocommit=True) as conn:  # type: ignore[attr-defined]
+        objects = [
+            r[0] for r in conn.execute("SELECT object FROM relay_messages WHERE object IS NOT NULL")
+        ]
+        assert len(objects) == 2
+        assert pg_storage.acknowledge(BOX_A, mids[(BOX_A, 100)], int(time.time()))
+        assert not pg_storage.acknowledge(BOX_A, mids[(BOX_A, 100)], int(time.time()))
+        # all but BOX_B's 50 bytes are old
+        conn.execute(
+            "UPDATE relay_messages SET received_at = 0 WHERE message_id <> %s",
+            (mids[(BOX_B, 50)],),
+        )
+        assert pg_storage.expire(1, int(time.time())) == 4
+        assert pg_storage.expire(1, int(time.time())) == 0
+        left = conn.execute(
+            "SELECT count(*) FROM pg_largeobject_metadata WHERE oid = ANY(%s::bigint[]::oid[])",
+            (objects,),
+        ).fetchone()
+    assert left == (0,)
+    assert pg_storage.usage(BOX_A) == 0 and pg_storage.usage(BOX_B) == 50
+    assert pg_storage.stats() == (1, 50)
+    states = {m.message_id: m.state for m in pg_storage.uploads(SENDER, list(mids.values()))}
+    assert states == {
+        mid: ("waiting" if size == 50 else "collected" if size == 100 else "expired")
+        for (_, size), mid in mids.items()
+    }
+
+
 def test_postgres_nonces_are_single_use_even_within_one_batch(pg_storage):
     jobs = [lambda: pg_storage.remember_nonce(SENDER, "n" * 22, 2**40) for _ in range(8)]
     threads, results, errors = _in_parallel(jobs)

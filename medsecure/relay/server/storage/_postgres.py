@@ -119,6 +119,16 @@ _LOOK_UP = (
     " UNION ALL SELECT mailbox, NULL, NULL, bytes, NULL, NULL, NULL, NULL"
     " FROM relay_mailbox_usage WHERE mailbox = ANY(%s::text[])"
 )
+#: Waiting records retired (collected or expired: their body gone), and their sizes taken off
+#: their mailboxes' totals, in one statement.
+_RETIRE = (
+    "WITH gone AS (UPDATE relay_messages m SET state = %s, state_at = %s, object = NULL,"
+    " body = NULL, file = NULL FROM unnest(%s::text[], %s::text[]) AS r(mailbox, message_id)"
+    " WHERE m.mailbox = r.mailbox AND m.message_id = r.message_id RETURNING m.mailbox, m.size)"
+    " UPDATE relay_mailbox_usage u SET bytes = u.bytes - g.bytes, count = u.count - g.n"
+    " FROM (SELECT mailbox, SUM(size) AS bytes, COUNT(*) AS n FROM gone GROUP BY mailbox) g"
+    " WHERE u.mailbox = g.mailbox"
+)
 #: The new records, and what they add to their mailboxes' totals, in one statement. The
 #: bodies are sent in binary (as text, bytea is hex: twice the bytes, escaped one by one). A new
 #: record is 'waiting' (WAITING).
@@ -616,24 +626,17 @@ class PostgresStorage(SqlStorage):
     def _retire(
         self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int
     ) -> list[str]:
-        """Retire waiting messages; returns the body files to delete once committed (they are
-        registered for deletion in this transaction)."""
-        files = []
-        for mailbox, message_id, oid, name, size in rows:
-            if oid is not None:
-                conn.execute("SELECT lo_unlink(%s)", (oid,))
-            if name is not None:
-                files.append(str(name))
-            conn.execute(
-                "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL,"
-                " body = NULL, file = NULL WHERE mailbox = %s AND message_id = %s",
-                (state, now, mailbox, message_id),
-            )
-            conn.execute(
-                "UPDATE relay_mailbox_usage SET bytes = bytes - %s, count = count - 1"
-                " WHERE mailbox = %s",
-                (size, mailbox),
-            )
+        """Retire waiting messages (rows the caller locked) in a constant number of statements,
+        however many: their large objects unlinked, their records marked and their mailboxes'
+        totals reduced (one statement), their body files registered for deletion; returns the
+        files to delete once committed."""
+        if not rows:
+            return []
+        oids = [int(r[2]) for r in rows if r[2] is not None]
+        files = [str(r[3]) for r in rows if r[3] is not None]
+        if oids:
+            conn.execute("SELECT lo_unlink(o) FROM unnest(%s::bigint[]::oid[]) o", (oids,))
+        conn.execute(_RETIRE, (state, now, [r[0] for r in rows], [r[1] for r in rows]))
         if files:
             conn.execute(
                 "INSERT INTO relay_body_files SELECT unnest(%s::text[]), 0"
@@ -644,8 +647,9 @@ class PostgresStorage(SqlStorage):
 
     def _retire_locked(self, select: str, args: Sequence[Any], state: str, now: int) -> int:
         """Retire the waiting messages ``select`` locks (rows of mailbox, message id, object,
-        file, size) in one transaction, then delete their body files; how many."""
-        with _guard(), self.pool.connection() as conn, conn.transaction():
+        file, size) in one transaction, then delete their body files; how many. Two round
+        trips (pipeline mode): the locking read, then the rest with the ``COMMIT``."""
+        with _guard(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             rows = conn.execute(select, args).fetchall()
             files = self._retire(conn, rows, state, now)
         self._unlink_files(files)

@@ -217,6 +217,89 @@ def test_postgres_batch_refusals_touch_only_their_own_upload(pg_storage):
     ]
 
 
+def test_postgres_batch_reads_ids_and_totals_only_once_it_holds_the_mailbox_lock(pg_storage):
+    """The look-up a batch's decisions rest on (ids, totals) must see every transaction that
+    held the mailbox's lock before the batch took it: another instance that records a message
+    and fills the mailbox while this batch waits for the lock decides this batch's answers (a
+    conflict, the quota), whichever way the batch's statements are sent."""
+    from medsecure.relay.server.storage._postgres import _lock_key
+
+    mid = message_id()
+    holder = psycopg.connect(pg_storage.url)  # type: ignore[attr-defined]
+    try:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(BOX_A),))
+        # what another instance's batch writes under the lock: a message and the mailbox's total
+        holder.execute(
+            "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest, received_at,"
+            " state, state_at) VALUES (%s, %s, %s, 3990, %s, 0, 'waiting', 0)",
+            (BOX_A, mid, "ms1" + "o" * 52, b"\0" * 32),
+        )
+        holder.execute("INSERT INTO relay_mailbox_usage VALUES (%s, 3990, 1)", (BOX_A,))
+        threads, got, failed = _in_parallel(
+            [
+                lambda: _upload(pg_storage, b"mine", mid=mid, quota=4000),
+                lambda: _upload(pg_storage, b"x" * 20, quota=4000),
+            ]
+        )
+
+        def waiting_for_the_lock() -> bool:
+            with psycopg.connect(pg_storage.url) as conn:  # type: ignore[attr-defined]
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                ).fetchone()
+            return row is not None and row[0] > 0
+
+        _until(waiting_for_the_lock, "a batch waiting for the mailbox's lock")
+        holder.commit()
+    finally:
+        holder.close()
+    for t in threads:
+        t.join(60)
+    assert got == {}
+    assert isinstance(failed[0], Conflict) and isinstance(failed[1], QuotaExceeded)
+    assert pg_storage.usage(BOX_A) == 3990
+    assert [m.sender for m in pg_storage.waiting(BOX_A, 10)] == ["ms1" + "o" * 52]
+
+
+def test_postgres_expiry_and_acknowledgement_retire_many_and_keep_the_totals(pg_storage):
+    """One sweep retires several envelopes of several mailboxes at once (in-row bodies and
+    large objects): each is marked, its object unlinked, and each mailbox's total reduced by
+    what left it, no more."""
+    big = b"L" * (INLINE_MAX + 1)
+    mids = {}
+    for box, sizes in ((BOX_A, (100, 200, len(big))), (BOX_B, (300, len(big), 50))):
+        for size in sizes:
+            mid = message_id()
+            _upload(pg_storage, big if size == len(big) else b"x" * size, mailbox=box, mid=mid)
+            mids[(box, size)] = mid
+    with psycopg.connect(pg_storage.url, autocommit=True) as conn:  # type: ignore[attr-defined]
+        objects = [
+            r[0] for r in conn.execute("SELECT object FROM relay_messages WHERE object IS NOT NULL")
+        ]
+        assert len(objects) == 2
+        assert pg_storage.acknowledge(BOX_A, mids[(BOX_A, 100)], int(time.time()))
+        assert not pg_storage.acknowledge(BOX_A, mids[(BOX_A, 100)], int(time.time()))
+        # all but BOX_B's 50 bytes are old
+        conn.execute(
+            "UPDATE relay_messages SET received_at = 0 WHERE message_id <> %s",
+            (mids[(BOX_B, 50)],),
+        )
+        assert pg_storage.expire(1, int(time.time())) == 4
+        assert pg_storage.expire(1, int(time.time())) == 0
+        left = conn.execute(
+            "SELECT count(*) FROM pg_largeobject_metadata WHERE oid = ANY(%s::bigint[]::oid[])",
+            (objects,),
+        ).fetchone()
+    assert left == (0,)
+    assert pg_storage.usage(BOX_A) == 0 and pg_storage.usage(BOX_B) == 50
+    assert pg_storage.stats() == (1, 50)
+    states = {m.message_id: m.state for m in pg_storage.uploads(SENDER, list(mids.values()))}
+    assert states == {
+        mid: ("waiting" if size == 50 else "collected" if size == 100 else "expired")
+        for (_, size), mid in mids.items()
+    }
+
+
 def test_postgres_nonces_are_single_use_even_within_one_batch(pg_storage):
     jobs = [lambda: pg_storage.remember_nonce(SENDER, "n" * 22, 2**40) for _ in range(8)]
     threads, results, errors = _in_parallel(jobs)

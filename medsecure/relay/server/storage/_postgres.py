@@ -26,7 +26,10 @@ Choices (docs/relay.md has the measurements and the reasoning):
 * **Work queues** (the retention sweep, the body sweeps) claim rows with ``FOR UPDATE SKIP
   LOCKED``, so several instances sweep at once without waiting on each other. No state lives in
   an instance: rate limits are per instance (documented), nonces are in the database (stored
-  with ``synchronous_commit`` off, on a small pool of their own: one round trip each).
+  with ``synchronous_commit`` off, on a small pool of their own, grouped: one statement for
+  the nonces of the requests that arrive while the previous insert is on its way).
+* A group-commit batch, an acknowledgement or a sweep's retirement is a constant number of
+  statements in two round trips (psycopg's pipeline mode), however many envelopes it holds.
 * Concurrent uploads to one mailbox serialise on a transaction-scoped advisory lock for the quota
   check (a batch takes the locks of its mailboxes in one global order, so batches of several
   instances cannot deadlock); the primary key (mailbox, message id) makes a message unique
@@ -106,6 +109,44 @@ CREATE INDEX IF NOT EXISTS relay_key_identifiers_seen
 #: then fails at its commit and is retried by its client).
 ORPHAN_AGE = 86400
 _SCHEMA_LOCK = 0x6D65647365637572  # "medsecur": one instance creates the schema at a time
+
+# The statements of a group-commit batch (constant strings: psycopg prepares each one on a
+# connection after a few uses, so the server plans them once).
+_LOCK_MAILBOXES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k"
+#: The batch's ids that exist (full records) and its mailboxes' totals (rows whose message id
+#: is NULL: the mailbox, then the bytes waiting in it in the size column).
+_LOOK_UP = (
+    "SELECT mailbox, message_id, sender, size, digest, received_at, state, state_at"
+    " FROM relay_messages WHERE (mailbox, message_id) IN"
+    " (SELECT * FROM unnest(%s::text[], %s::text[]))"
+    " UNION ALL SELECT mailbox, NULL, NULL, bytes, NULL, NULL, NULL, NULL"
+    " FROM relay_mailbox_usage WHERE mailbox = ANY(%s::text[])"
+)
+#: Waiting records retired (collected or expired: their body gone), and their sizes taken off
+#: their mailboxes' totals, in one statement.
+_RETIRE = (
+    "WITH gone AS (UPDATE relay_messages m SET state = %s, state_at = %s, object = NULL,"
+    " body = NULL, file = NULL FROM unnest(%s::text[], %s::text[]) AS r(mailbox, message_id)"
+    " WHERE m.mailbox = r.mailbox AND m.message_id = r.message_id RETURNING m.mailbox, m.size)"
+    " UPDATE relay_mailbox_usage u SET bytes = u.bytes - g.bytes, count = u.count - g.n"
+    " FROM (SELECT mailbox, SUM(size) AS bytes, COUNT(*) AS n FROM gone GROUP BY mailbox) g"
+    " WHERE u.mailbox = g.mailbox"
+)
+#: The new records, and what they add to their mailboxes' totals, in one statement. The
+#: bodies are sent in binary (as text, bytea is hex: twice the bytes, escaped one by one). A new
+#: record is 'waiting' (WAITING).
+_INSERT_MESSAGES = (
+    "WITH added AS (INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
+    " received_at, state, state_at, body, file, object)"
+    " SELECT m, i, s, z, d, t, 'waiting', t, b, f, o FROM unnest(%s::text[],"
+    " %s::text[], %s::text[], %s::bigint[], %b::bytea[], %s::bigint[], %b::bytea[],"
+    " %s::text[], %s::bigint[]::oid[]) AS n(m, i, s, z, d, t, b, f, o)"
+    " RETURNING mailbox, size)"
+    " INSERT INTO relay_mailbox_usage (mailbox, bytes, count)"
+    " SELECT mailbox, SUM(size), COUNT(*) FROM added GROUP BY mailbox"
+    " ON CONFLICT (mailbox) DO UPDATE SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
+    " count = relay_mailbox_usage.count + EXCLUDED.count"
+)
 
 
 def _lock_key(mailbox: str) -> int:
@@ -301,54 +342,61 @@ class PostgresStorage(SqlStorage):
     def _run_batch(
         self, batch: list[Any], execute: Callable[[psycopg.Connection[Any]], None]
     ) -> None:
-        """One transaction for a batch of new envelopes, in a constant number of statements
-        (not a few per envelope): the mailboxes' quota locks, in one global order (so batches
-        of several instances cannot deadlock), one look-up of the ids and totals, one insert,
-        one update of the totals, one COMMIT (synchronous_commit on)."""
+        """One transaction for a batch of new envelopes, in two round trips to the database
+        whatever the batch holds (psycopg's pipeline mode: statements are sent without waiting
+        for each answer).
+
+        1. ``BEGIN``; the mailboxes' quota locks, in one global order (so batches of several
+           instances cannot deadlock); one look-up of the ids and the mailboxes' totals (and,
+           for large bodies, their leaving the sweep's registers). The look-up is a statement
+           of its own after the locks' statement: PostgreSQL (read committed) gives each
+           statement a snapshot taken when it starts, so it sees every transaction that held a
+           lock before this one took it. The pipeline only spares the wait between them.
+        2. The decisions are made here (:func:`admit`); then one insert of the new records
+           that also adds them to their mailboxes' totals (a data-modifying CTE), and
+           ``COMMIT`` (``synchronous_commit`` on): the pipeline's end waits for its answer.
+        """
         items: list[NewMessage] = [w.fn for w in batch]
-        with _guard(), self.pool.connection() as conn, conn.transaction():
+        with _guard(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             keys = sorted({_lock_key(m.mailbox) for m in items})
             # a function scan yields the array in order: the locks are taken in that order
-            conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) k", (keys,))
+            conn.execute(_LOCK_MAILBOXES, (keys,))
             boxes = sorted({m.mailbox for m in items})
-            existing = {
-                (r[0], r[1]): stored_message(r)
-                for r in conn.execute(
-                    "SELECT mailbox, message_id, sender, size, digest, received_at, state,"
-                    " state_at FROM relay_messages WHERE (mailbox, message_id) IN"
-                    " (SELECT * FROM unnest(%s::text[], %s::text[]))",
-                    ([m.mailbox for m in items], [m.message_id for m in items]),
-                )
-            }
-            used = dict.fromkeys(boxes, 0)
-            for mailbox, total in conn.execute(
-                "SELECT mailbox, bytes FROM relay_mailbox_usage WHERE mailbox = ANY(%s)", (boxes,)
-            ):
-                used[mailbox] = int(total)
+            look_up = conn.execute(
+                _LOOK_UP, ([m.mailbox for m in items], [m.message_id for m in items], boxes)
+            )
             files = [m.file for m in items if m.file is not None]
-            kept = set()
-            if files:
-                # the files leave the sweep's register in the transaction that records them
-                kept = {
-                    r[0]
-                    for r in conn.execute(
-                        "DELETE FROM relay_body_files WHERE name = ANY(%s) RETURNING name",
-                        (files,),
-                    )
-                }
             objects = [m.object for m in items if m.object is not None]
-            kept_objects = set()
-            if objects:
-                # and so do the large objects
-                kept_objects = {
-                    int(r[0])
-                    for r in conn.execute(
-                        "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])"
-                        " RETURNING object",
-                        (objects,),
-                    )
-                }
-            new: list[tuple[NewMessage, StoredMessage]] = []
+            # the bodies leave the sweep's registers in the transaction that records them
+            unregister_files = (
+                conn.execute(
+                    "DELETE FROM relay_body_files WHERE name = ANY(%s) RETURNING name", (files,)
+                )
+                if files
+                else None
+            )
+            unregister_objects = (
+                conn.execute(
+                    "DELETE FROM relay_body_objects WHERE object = ANY(%s::bigint[]::oid[])"
+                    " RETURNING object",
+                    (objects,),
+                )
+                if objects
+                else None
+            )
+            # the first fetch sends what is queued and waits for it: the first round trip
+            existing: dict[tuple[str, str], StoredMessage] = {}
+            used = dict.fromkeys(boxes, 0)
+            for row in look_up.fetchall():
+                if row[1] is None:  # a mailbox's total
+                    used[row[0]] = int(row[3])
+                else:
+                    existing[(row[0], row[1])] = stored_message(row)
+            kept = {r[0] for r in unregister_files.fetchall()} if unregister_files else set()
+            kept_objects = (
+                {int(r[0]) for r in unregister_objects.fetchall()} if unregister_objects else set()
+            )
+            new: list[NewMessage] = []
             for w, m in zip(batch, items, strict=True):
                 found = existing.get((m.mailbox, m.message_id))
                 try:
@@ -365,67 +413,43 @@ class PostgresStorage(SqlStorage):
                 if fresh:
                     used[m.mailbox] += m.size
                     existing[(m.mailbox, m.message_id)] = record
-                    new.append((m, record))
-            if files:
-                # files of refused or replayed uploads: back in the register, for the caller
-                # to delete (or the sweep, if the caller dies first)
-                refused = [
-                    m.file
-                    for w, m in zip(batch, items, strict=True)
-                    if m.file is not None and m.file in kept and not (w.result and w.result[1])
-                ]
-                if refused:
-                    conn.execute(
-                        "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
-                        (refused, int(time.time())),
-                    )
-            if objects:
-                refused_objects = [
-                    m.object
-                    for w, m in zip(batch, items, strict=True)
-                    if m.object is not None
-                    and m.object in kept_objects
-                    and not (w.result and w.result[1])
-                ]
-                if refused_objects:
-                    conn.execute(
-                        "INSERT INTO relay_body_objects SELECT unnest(%s::bigint[]::oid[]), %s",
-                        (refused_objects, int(time.time())),
-                    )
+                    new.append(m)
+            # files and objects of refused or replayed uploads: back in their register, for
+            # the caller to delete (or the sweep, if the caller dies first)
+            refused = [
+                (m.file, m.object)
+                for w, m in zip(batch, items, strict=True)
+                if (m.file in kept or m.object in kept_objects) and not (w.result and w.result[1])
+            ]
+            refused_files = [f for f, _ in refused if f is not None]
+            refused_objects = [o for _, o in refused if o is not None]
+            if refused_files:
+                conn.execute(
+                    "INSERT INTO relay_body_files SELECT unnest(%s::text[]), %s",
+                    (refused_files, int(time.time())),
+                )
+            if refused_objects:
+                conn.execute(
+                    "INSERT INTO relay_body_objects SELECT unnest(%s::bigint[]::oid[]), %s",
+                    (refused_objects, int(time.time())),
+                )
             if new:
                 conn.execute(
-                    "INSERT INTO relay_messages (mailbox, message_id, sender, size, digest,"
-                    " received_at, state, state_at, body, file, object)"
-                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[],"
-                    " %s::bytea[], %s::bigint[], %s::text[], %s::bigint[], %s::bytea[],"
-                    " %s::text[], %s::bigint[]::oid[])",
+                    _INSERT_MESSAGES,
                     (
-                        [m.mailbox for m, _ in new],
-                        [m.message_id for m, _ in new],
-                        [m.sender for m, _ in new],
-                        [m.size for m, _ in new],
-                        [m.digest for m, _ in new],
-                        [m.now for m, _ in new],
-                        [WAITING] * len(new),
-                        [m.now for m, _ in new],
-                        [m.body for m, _ in new],
-                        [m.file for m, _ in new],
-                        [m.object for m, _ in new],
+                        [m.mailbox for m in new],
+                        [m.message_id for m in new],
+                        [m.sender for m in new],
+                        [m.size for m in new],
+                        [m.digest for m in new],
+                        [m.now for m in new],
+                        [m.body for m in new],
+                        [m.file for m in new],
+                        [m.object for m in new],
                     ),
                 )
-                grown: dict[str, list[int]] = {}
-                for m, _ in new:
-                    grown.setdefault(m.mailbox, [0, 0])
-                    grown[m.mailbox][0] += m.size
-                    grown[m.mailbox][1] += 1
-                conn.execute(
-                    "INSERT INTO relay_mailbox_usage"
-                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
-                    " ON CONFLICT (mailbox) DO UPDATE"
-                    " SET bytes = relay_mailbox_usage.bytes + EXCLUDED.bytes,"
-                    " count = relay_mailbox_usage.count + EXCLUDED.count",
-                    (list(grown), [g[0] for g in grown.values()], [g[1] for g in grown.values()]),
-                )
+        # (leaving the transaction queued the COMMIT; leaving the pipeline sent it and waited
+        # for its answer, raising if any statement of the batch failed)
 
     # -- body files (shared folder) ----------------------------------------------------------
     def _register_files(self, names: Sequence[str], since: int) -> None:
@@ -605,24 +629,17 @@ class PostgresStorage(SqlStorage):
     def _retire(
         self, conn: psycopg.Connection[Any], rows: list[Any], state: str, now: int
     ) -> list[str]:
-        """Retire waiting messages; returns the body files to delete once committed (they are
-        registered for deletion in this transaction)."""
-        files = []
-        for mailbox, message_id, oid, name, size in rows:
-            if oid is not None:
-                conn.execute("SELECT lo_unlink(%s)", (oid,))
-            if name is not None:
-                files.append(str(name))
-            conn.execute(
-                "UPDATE relay_messages SET state = %s, state_at = %s, object = NULL,"
-                " body = NULL, file = NULL WHERE mailbox = %s AND message_id = %s",
-                (state, now, mailbox, message_id),
-            )
-            conn.execute(
-                "UPDATE relay_mailbox_usage SET bytes = bytes - %s, count = count - 1"
-                " WHERE mailbox = %s",
-                (size, mailbox),
-            )
+        """Retire waiting messages (rows the caller locked) in a constant number of statements,
+        however many: their large objects unlinked, their records marked and their mailboxes'
+        totals reduced (one statement), their body files registered for deletion; returns the
+        files to delete once committed."""
+        if not rows:
+            return []
+        oids = [int(r[2]) for r in rows if r[2] is not None]
+        files = [str(r[3]) for r in rows if r[3] is not None]
+        if oids:
+            conn.execute("SELECT lo_unlink(o) FROM unnest(%s::bigint[]::oid[]) o", (oids,))
+        conn.execute(_RETIRE, (state, now, [r[0] for r in rows], [r[1] for r in rows]))
         if files:
             conn.execute(
                 "INSERT INTO relay_body_files SELECT unnest(%s::text[]), 0"
@@ -633,8 +650,9 @@ class PostgresStorage(SqlStorage):
 
     def _retire_locked(self, select: str, args: Sequence[Any], state: str, now: int) -> int:
         """Retire the waiting messages ``select`` locks (rows of mailbox, message id, object,
-        file, size) in one transaction, then delete their body files; how many."""
-        with _guard(), self.pool.connection() as conn, conn.transaction():
+        file, size) in one transaction, then delete their body files; how many. Two round
+        trips (pipeline mode): the locking read, then the rest with the ``COMMIT``."""
+        with _guard(), self.pool.connection() as conn, conn.pipeline(), conn.transaction():
             rows = conn.execute(select, args).fetchall()
             files = self._retire(conn, rows, state, now)
         self._unlink_files(files)

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from pgkit import wait
 from relaykit import RelayServer, message_id
 
 import medsecure as m
@@ -56,18 +57,36 @@ class Gated:
         return self.f.read(n)
 
 
+class GatedUpload:
+    """One envelope delivered from a thread through a :class:`Gated` file: the constructor
+    returns once part of the body was sent and the upload waits; :meth:`resume` lets it finish
+    and returns what the delivery raised."""
+
+    def __init__(
+        self, sender: RelayTransport, box: Endpoint, path: Path, size: int, stop_at: int
+    ) -> None:
+        self.gated = Gated(path, stop_at)
+        self.message_id = message_id()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(sender, box, size))
+        self.thread.start()
+        assert self.gated.reached.wait(60)
+
+    def _run(self, sender: RelayTransport, box: Endpoint, size: int) -> None:
+        try:
+            sender.deliver(box, self.gated, message_id=self.message_id, size=size)  # type: ignore[arg-type]
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def resume(self) -> list[BaseException]:
+        self.gated.go.set()
+        self.thread.join(180)
+        assert not self.thread.is_alive()
+        return self.errors
+
+
 def _tmp_bytes(data: Path) -> int:
     return sum(e.stat().st_size for e in os.scandir(data / "tmp"))
-
-
-def _wait_for(predicate, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + 60
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 def test_kill_9_during_an_upload(tmp_path, alice):
@@ -78,27 +97,16 @@ def test_kill_9_during_an_upload(tmp_path, alice):
         sender = RelayTransport(alice, srv.url, **PATIENT)
         receiver = RelayTransport(bob, srv.url, **PATIENT)
         receiver.list()
-        gated = Gated(tmp_path / "env.msec", stop_at=8 << 20)
-        mid = message_id()
-        errors: list[BaseException] = []
-
-        def upload() -> None:
-            try:
-                sender.deliver(_box(bob, srv.url), gated, message_id=mid, size=len(data))  # type: ignore[arg-type]
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=upload)
-        worker.start()
-        assert gated.reached.wait(60)
-        _wait_for(lambda: _tmp_bytes(tmp_path / "data") > 0, "the relay received part of the body")
+        upload = GatedUpload(
+            sender, _box(bob, srv.url), tmp_path / "env.msec", len(data), stop_at=8 << 20
+        )
+        mid = upload.message_id
+        wait(lambda: _tmp_bytes(tmp_path / "data") > 0, "the relay received part of the body")
         srv.kill()
         srv.start()
         assert receiver.list() == []  # the partial envelope is never listed
         assert _tmp_bytes(tmp_path / "data") == 0  # and its remains are gone
-        gated.go.set()
-        worker.join(180)
-        assert not worker.is_alive() and errors == []
+        assert upload.resume() == []
         (item,) = receiver.list()
         assert item.message_id == mid and item.size == len(data)
         assert receiver.fetch(item).read() == data

@@ -14,17 +14,12 @@ import psycopg
 import pytest
 from pgkit import fresh_database, wait
 from relaykit import RelayServer, RoundRobinProxy, cli, free_port, message_id
-from test_relay_crash import PATIENT, Gated, _payload, deliver_all, drain
+from test_relay_crash import PATIENT, GatedUpload, _box, _payload, deliver_all, drain
 
 import medsecure as m
-from medsecure.models import Endpoint
 from medsecure.transports import RelayTransport
 
 FAST = ("--rate", "10000", "--burst", "100000")
-
-
-def _box(identity: m.Identity, url: str) -> Endpoint:
-    return Endpoint(kind="relay", url=url, mailbox=identity.fingerprint)
 
 
 def _large_objects(url: str) -> int:
@@ -74,28 +69,16 @@ def test_kill_9_during_an_upload_leaves_no_partial_body(pg, tmp_path, alice):
         receiver = RelayTransport(bob, srv.url, **PATIENT)
         receiver.list()
         objects_before = _large_objects(url)
-        gated = Gated(tmp_path / "env.msec", stop_at=6 << 20)
-        mid = message_id()
-        errors: list[BaseException] = []
-
-        def upload() -> None:
-            try:
-                sender.deliver(_box(bob, srv.url), gated, message_id=mid, size=len(data))  # type: ignore[arg-type]
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=upload)
-        worker.start()
-        assert gated.reached.wait(60)
+        upload = GatedUpload(
+            sender, _box(bob, srv.url), tmp_path / "env.msec", len(data), stop_at=6 << 20
+        )
         wait(lambda: _writing(url), "the relay is writing the body into a large object")
         srv.kill()
         # the partial body is in a registered large object, listed nowhere
         assert _registered_objects(url) == 1 and _large_objects(url) == objects_before + 1
         srv.start()
         assert receiver.list() == []
-        gated.go.set()
-        worker.join(180)
-        assert errors == []
+        assert upload.resume() == []
         (item,) = receiver.list()
         assert receiver.fetch(item).read() == data
         # the finished body is recorded (no longer registered); the dead one waits for the sweep
@@ -195,19 +178,9 @@ def test_kill_9_during_an_upload_to_the_shared_folder(pg, tmp_path, alice):
         sender = RelayTransport(alice, srv.url, **PATIENT)
         receiver = RelayTransport(bob, srv.url, **PATIENT)
         receiver.list()
-        gated = Gated(tmp_path / "env.msec", stop_at=6 << 20)
-        mid = message_id()
-        errors: list[BaseException] = []
-
-        def upload() -> None:
-            try:
-                sender.deliver(_box(bob, srv.url), gated, message_id=mid, size=len(data))  # type: ignore[arg-type]
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=upload)
-        worker.start()
-        assert gated.reached.wait(60)
+        upload = GatedUpload(
+            sender, _box(bob, srv.url), tmp_path / "env.msec", len(data), stop_at=6 << 20
+        )
         wait(
             lambda: sum(e.stat().st_size for e in os.scandir(folder / "tmp")) > 0,
             "the relay is writing the body into the shared folder",
@@ -217,9 +190,7 @@ def test_kill_9_during_an_upload_to_the_shared_folder(pg, tmp_path, alice):
         assert len(_files(folder)) == 1 and _registered(url) == 1
         srv.start()
         assert receiver.list() == []
-        gated.go.set()
-        worker.join(180)
-        assert errors == []
+        assert upload.resume() == []
         (item,) = receiver.list()
         assert receiver.fetch(item).read() == data
         # the finished body is in objects/, the dead one still in tmp/ until the sweep

@@ -9,12 +9,14 @@ import hashlib
 import io
 import json
 import ssl
+import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import httpx
 import pytest
+from pgkit import fresh_database
 from relaykit import DRIVERS, RelayServer, cli, message_id
 
 import medsecure as m
@@ -293,6 +295,81 @@ def test_wrong_signature_stale_time_replayed_nonce_and_bad_digest_are_refused(se
     # a GET carrying a digest of something it does not send
     r = httpx.get(box, headers=sign_request(alice, "GET", box, hashlib.sha256(b"x").digest()))
     assert r.status_code == 400 and _slug(r) == "digest-mismatch"
+
+
+def _listed(identity: m.Identity, base: str) -> list[str]:
+    box = f"{base}/v1/mailboxes/{identity.fingerprint}/messages"
+    r = httpx.get(box, headers=sign_request(identity, "GET", box, EMPTY_DIGEST))
+    assert r.status_code == 200, r.text
+    return [x["message_id"] for x in r.json()["messages"]]
+
+
+def test_a_replayed_upload_is_refused_and_takes_none_of_its_senders_tokens(
+    request, tmp_path, alice, bob
+):
+    """On PostgreSQL a small upload's nonce is recorded with its envelope, after the digest and
+    the rate (docs/relay.md); on either backend a replay is refused, kept nowhere, and never
+    spends the rate tokens of the sender it impersonates."""
+    for backend in ("sqlite", "postgres"):
+        where = (
+            {"data": tmp_path / backend}
+            if backend == "sqlite"
+            else {"database": fresh_database(request.getfixturevalue("pg"), "replays")}
+        )
+        # three tokens, hardly refilled: the publication takes one, the upload one
+        with RelayServer(
+            tmp_path / f"{backend}.log", args=("--rate", "0.001", "--burst", "3"), **where
+        ) as srv:
+            _publish(alice, srv.url)
+            _publish(bob, srv.url)
+            up = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages/{message_id()}"
+            body = m.seal(b"resultats", sender=alice, recipients=[bob.public])
+            headers = sign_request(alice, "PUT", up, hashlib.sha256(body).digest())
+            assert httpx.put(up, headers=headers, content=body).status_code == 201
+            for _ in range(5):
+                r = httpx.put(up, headers=headers, content=body)  # byte for byte
+                assert r.status_code == 401 and _slug(r) == "nonce-replayed", backend
+                r = httpx.put(up, headers=headers, content=body[::-1])  # another body
+                assert r.status_code in (400, 401), backend
+                assert _slug(r) in ("digest-mismatch", "nonce-replayed"), backend
+            # the last token is still alice's: her next upload is accepted, the one after it
+            # is rate-limited
+            second = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages/{message_id()}"
+            headers = sign_request(alice, "PUT", second, hashlib.sha256(body).digest())
+            assert httpx.put(second, headers=headers, content=body).status_code == 201, backend
+            third = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages/{message_id()}"
+            headers = sign_request(alice, "PUT", third, hashlib.sha256(body).digest())
+            r = httpx.put(third, headers=headers, content=body)
+            assert r.status_code == 429 and _slug(r) == "rate-limited", backend
+            assert sorted(_listed(bob, srv.url)) == sorted(
+                [up.rsplit("/", 1)[1], second.rsplit("/", 1)[1]]
+            )
+
+
+def test_one_request_replayed_at_once_is_accepted_once(server, alice, bob):
+    """The same signed upload sent 12 times at once (one group commit, or several): one copy
+    accepted, every other refused as a replay."""
+    _publish(alice, server.url)
+    _publish(bob, server.url)
+    mid = message_id()
+    up = f"{server.url}/v1/mailboxes/{bob.fingerprint}/messages/{mid}"
+    body = m.seal(b"compte rendu", sender=alice, recipients=[bob.public])
+    headers = sign_request(alice, "PUT", up, hashlib.sha256(body).digest())
+    barrier = threading.Barrier(12)
+    answers: list[tuple[int, str]] = []
+
+    def send() -> None:
+        barrier.wait()
+        r = httpx.put(up, headers=headers, content=body, timeout=30)
+        answers.append((r.status_code, "" if r.status_code == 201 else _slug(r)))
+
+    threads = [threading.Thread(target=send) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == [(201, "")] + [(401, "nonce-replayed")] * 11
+    assert _listed(bob, server.url).count(mid) == 1
 
 
 def test_only_the_owner_lists_reads_or_acknowledges_a_mailbox(server, alice, bob, carol):

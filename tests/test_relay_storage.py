@@ -14,14 +14,21 @@ from relaykit import message_id
 
 from medsecure import StorageError
 from medsecure.relay.server.storage import SQLiteStorage
-from medsecure.relay.server.storage._base import INLINE_MAX, Conflict, QuotaExceeded
+from medsecure.relay.server.storage._base import (
+    INLINE_MAX,
+    Conflict,
+    NonceReplayed,
+    QuotaExceeded,
+)
 
 BOX_A = "ms1" + "a" * 52
 BOX_B = "ms1" + "b" * 52
 SENDER = "ms1" + "s" * 52
 
 
-def _upload(storage, body: bytes, *, mailbox=BOX_A, mid=None, sender=SENDER, quota=1 << 30):
+def _upload(
+    storage, body: bytes, *, mailbox=BOX_A, mid=None, sender=SENDER, quota=1 << 30, nonce=None
+):
     pending = storage.begin_upload(len(body))
     pending.write(body)
     return storage.commit_upload(
@@ -33,6 +40,7 @@ def _upload(storage, body: bytes, *, mailbox=BOX_A, mid=None, sender=SENDER, quo
         size=len(body),
         now=int(time.time()),
         quota=quota,
+        nonce=nonce,
     )
 
 
@@ -320,6 +328,83 @@ def any_storage(request, tmp_path):
         storage.close()
     else:
         yield request.getfixturevalue("pg_storage")
+
+
+def _waiting(storage, mailbox=BOX_A) -> list[str]:
+    return sorted(m.message_id for m in storage.waiting(mailbox, 1000))
+
+
+def test_a_nonce_given_with_an_upload_is_single_use_on_every_backend(any_storage):
+    """commit_upload(nonce=...): recorded with the envelope on PostgreSQL (one transaction),
+    first on its own elsewhere; either way shared with remember_nonce, single use, and a
+    replay keeps nothing."""
+    s = any_storage
+    later = int(time.time()) + 120
+    first = message_id()
+    _upload(s, b"a" * 100, mid=first, nonce=(SENDER, "n1" * 11, later))
+    # the same nonce again (another id, or the same upload byte for byte): refused, nothing kept
+    with pytest.raises(NonceReplayed):
+        _upload(s, b"b" * 100, nonce=(SENDER, "n1" * 11, later))
+    with pytest.raises(NonceReplayed):
+        _upload(s, b"a" * 100, mid=first, nonce=(SENDER, "n1" * 11, later))
+    # one table for both ways of recording a nonce
+    assert s.remember_nonce(SENDER, "n1" * 11, later) is False
+    assert s.remember_nonce(SENDER, "n2" * 11, later) is True
+    with pytest.raises(NonceReplayed):
+        _upload(s, b"c" * 100, nonce=(SENDER, "n2" * 11, later))
+    # a nonce is the caller's: the same value under another key is another nonce
+    _upload(s, b"d" * 100, sender="ms1" + "t" * 52, nonce=("ms1" + "t" * 52, "n1" * 11, later))
+    # a refused upload's nonce is spent all the same
+    with pytest.raises(Conflict):
+        _upload(s, b"e" * 100, mid=first, nonce=(SENDER, "n3" * 11, later))
+    assert s.remember_nonce(SENDER, "n3" * 11, later) is False
+    # eight uploads carrying one nonce at once: one recorded
+    mids = [message_id() for _ in range(8)]
+    jobs = [
+        (lambda mid=mid: _upload(s, b"f" * 100, mid=mid, nonce=(SENDER, "n4" * 11, later)))
+        for mid in mids
+    ]
+    threads, results, errors = _in_parallel(jobs)
+    for t in threads:
+        t.join(60)
+    assert len(results) == 1 and all(isinstance(e, NonceReplayed) for e in errors.values())
+    assert len(errors) == 7
+    kept = [m for m in mids if m in _waiting(s)]
+    assert len(kept) == 1
+    assert len(_waiting(s)) == 3  # first, the other key's, and the one of the eight
+
+
+def test_postgres_a_replayed_nonce_in_a_batch_touches_only_its_own_upload(pg_storage):
+    """Uploads queued behind a held mailbox lock share one batch: the nonce replays in it are
+    refused, the others recorded."""
+    from medsecure.relay.server.storage._postgres import _lock_key
+
+    later = int(time.time()) + 120
+    assert pg_storage.remember_nonce(SENDER, "old" * 7 + "x", later)
+    holder = psycopg.connect(pg_storage.url)  # type: ignore[attr-defined]
+    holder.execute("BEGIN")
+    holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(BOX_A),))
+    try:
+        # the first upload takes the lead and waits for the lock; the others queue behind it
+        opener = _in_parallel([lambda: _upload(pg_storage, b"0" * 10, mailbox=BOX_A)])
+        _until(lambda: pg_storage.commits._leading, "a batch holding the lead")
+        nonces = ["old" * 7 + "x", "new" * 7 + "x", "new" * 7 + "x", "own" * 7 + "x"]
+        jobs = [
+            (lambda n=n: _upload(pg_storage, n.encode(), mailbox=BOX_B, nonce=(SENDER, n, later)))
+            for n in nonces
+        ]
+        threads, results, errors = _in_parallel(jobs)
+        _until(lambda: len(pg_storage.commits._queue) == 4, "four uploads queued")
+        holder.execute("COMMIT")
+        for t in [*opener[0], *threads]:
+            t.join(60)
+    finally:
+        holder.close()
+    assert opener[2] == {}
+    assert sorted(type(e).__name__ for e in errors.values()) == ["NonceReplayed"] * 2
+    assert 0 in errors  # the nonce recorded before
+    assert sorted(results) in ([1, 3], [2, 3])  # one of the two carrying the same nonce
+    assert len(_waiting(pg_storage, BOX_B)) == 2
 
 
 FP = ["ms1" + c * 52 for c in "abcdef"]

@@ -48,6 +48,7 @@ from .storage._base import (
     COLLECTED,
     INLINE_MAX,
     Conflict,
+    NonceReplayed,
     QuotaExceeded,
     Storage,
     StoredMessage,
@@ -226,9 +227,14 @@ class _State:
         headers: Any,
         now: float,
         offered: KeyBundle | None = None,
+        *,
+        admit: bool = True,
     ) -> VerifiedRequest:
         """Authenticate a request (blocking; in a worker thread): both signatures, the created
-        window, the nonce, then the caller's rate. Raises Problem."""
+        window, the nonce, then the caller's rate. Raises Problem.
+
+        With ``admit=False`` only the signatures and the window are checked: the caller records
+        the nonce (:meth:`nonce_of`) and takes the rate (:meth:`take_rate`) itself, later."""
         cfg = self.config
 
         def resolve(keyid: str) -> PublicIdentity | None:
@@ -254,13 +260,21 @@ class _State:
                 )
         except AuthError as exc:
             raise Problem(exc.slug, exc.detail) from None
-        expires = verified.created + cfg.signature_window + 1
-        if not self.storage.remember_nonce(verified.fingerprint, verified.nonce, expires):
-            raise Problem("nonce-replayed")
-        wait = self.limiter.take(verified.fingerprint, time.monotonic())
+        if admit:
+            if not self.storage.remember_nonce(*self.nonce_of(verified)):
+                raise Problem("nonce-replayed")
+            self.take_rate(verified.fingerprint)
+        return verified
+
+    def nonce_of(self, verified: VerifiedRequest) -> tuple[str, str, int]:
+        """(key id, nonce, expiry) to record: kept until the signature's window has passed."""
+        expires = verified.created + self.config.signature_window + 1
+        return verified.fingerprint, verified.nonce, expires
+
+    def take_rate(self, fingerprint: str) -> None:
+        wait = self.limiter.take(fingerprint, time.monotonic())
         if wait > 0:
             raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
-        return verified
 
 
 @functools.lru_cache(maxsize=4096)
@@ -577,7 +591,14 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
     """An upload of at most INLINE_MAX bytes: its body is read first (bounded, as uvicorn itself
     buffers that much of a request), then one worker thread authenticates the request and
     commits the envelope, in the order of the general path: authentication (signatures,
-    window, nonce, rate), then the request's own checks, then the digest, then the commit."""
+    window, nonce, rate), then the request's own checks, then the digest, then the commit.
+
+    On a backend that records nonces in its commits (PostgreSQL: one transaction a batch
+    instead of two), the nonce is recorded with the envelope: signatures and window, the
+    request's own checks, the digest, the rate, then the commit, which refuses a replayed
+    nonce (``nonce-replayed``, the rate's token given back, nothing kept). A replay is
+    refused either way, and never takes its sender's tokens: a replay with another body fails
+    at the digest, before the rate."""
     cfg = st.config
     chunks: list[bytes] = []
     received = 0
@@ -591,8 +612,10 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
     path = request.path_params
     now = time.time()
 
+    in_commit = st.storage.nonces_in_commits
+
     def work() -> tuple[VerifiedRequest, StoredMessage, bool]:
-        verified = st.check(method, url, headers, now)
+        verified = st.check(method, url, headers, now, admit=not in_commit)
         request.state.caller = verified.fingerprint
         mailbox, message_id = _message_path_of(path)
         if not _sender_allowed_now(st, verified.fingerprint):
@@ -607,6 +630,8 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
             raise Problem("bad-request", "the body is shorter than its Content-Length")
         if not StreamDigest.of([body]).matches(verified.digest):
             raise Problem("digest-mismatch")
+        if in_commit:
+            st.take_rate(verified.fingerprint)
         pending = st.storage.begin_upload(length)
         pending.write(body)
         try:
@@ -619,7 +644,11 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
                 size=length,
                 now=int(now),
                 quota=cfg.mailbox_quota_bytes,
+                nonce=st.nonce_of(verified) if in_commit else None,
             )
+        except NonceReplayed:
+            st.limiter.give_back(verified.fingerprint)
+            raise Problem("nonce-replayed") from None
         except Conflict:
             raise Problem("message-id-conflict") from None
         except QuotaExceeded:

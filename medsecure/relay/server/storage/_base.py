@@ -46,6 +46,7 @@ __all__ = [
     "GroupCommit",
     "INLINE_MAX",
     "NewMessage",
+    "NonceReplayed",
     "SqlStorage",
     "admit",
     "open_file_body",
@@ -115,6 +116,9 @@ class NewMessage:
     body: bytes | None = None
     file: str | None = None
     object: int | None = None
+    #: (key id, nonce, expiry) of the request, for a backend that records it in the commit's
+    #: transaction (:attr:`Storage.nonces_in_commits`)
+    nonce: tuple[str, str, int] | None = None
 
     def stored(self) -> StoredMessage:
         """The record of this envelope once accepted (waiting since now)."""
@@ -136,6 +140,10 @@ class Conflict(Exception):
 
 class QuotaExceeded(Exception):
     """Accepting the envelope would exceed the mailbox quota."""
+
+
+class NonceReplayed(Exception):
+    """The request's nonce was already recorded: the upload is a replay (nothing was kept)."""
 
 
 class Upload(abc.ABC):
@@ -335,6 +343,11 @@ class Storage(abc.ABC):
         ``limit``."""
 
     # -- replay protection -----------------------------------------------------------------
+    #: True for a backend that records a small upload's nonce in the transaction that records
+    #: its envelope (``commit_upload(nonce=...)``), sparing a transaction of its own: the app
+    #: then checks that nonce at the commit rather than before the body's checks.
+    nonces_in_commits: ClassVar[bool] = False
+
     @abc.abstractmethod
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
         """Record a nonce; False if it was already recorded (a replay)."""
@@ -370,10 +383,19 @@ class Storage(abc.ABC):
         size: int,
         now: int,
         quota: int,
+        nonce: tuple[str, str, int] | None = None,
     ) -> tuple[StoredMessage, bool]:
         """Make the (complete, verified) body durable and visible. Returns the record and
         whether it is new; an identical replay returns the original record (and discards the
-        upload). Raises :class:`Conflict` or :class:`QuotaExceeded` (the upload is discarded)."""
+        upload). Raises :class:`Conflict` or :class:`QuotaExceeded` (the upload is discarded).
+
+        ``nonce`` (key id, nonce, expiry), if given, is recorded with the envelope, and an
+        upload whose nonce was already recorded raises :class:`NonceReplayed` and keeps
+        nothing. A backend that does not record nonces in its commits
+        (:attr:`nonces_in_commits` false) records it first, on its own."""
+        if nonce is not None and not self.nonces_in_commits and not self.remember_nonce(*nonce):
+            upload.abort()
+            raise NonceReplayed
         file: str | None = None
         oid: int | None = None
         inline = bytes(upload.buffer) if isinstance(upload, BufferedUpload) else None
@@ -385,7 +407,7 @@ class Storage(abc.ABC):
                 upload.abort()
                 raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
         message = NewMessage(
-            mailbox, message_id, sender, digest, size, now, quota, inline, file, oid
+            mailbox, message_id, sender, digest, size, now, quota, inline, file, oid, nonce
         )
         try:
             stored, new = self._record(upload, message)

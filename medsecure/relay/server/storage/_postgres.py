@@ -60,6 +60,7 @@ from ._base import (
     FileUpload,
     GroupCommit,
     NewMessage,
+    NonceReplayed,
     QuotaExceeded,
     SqlStorage,
     StoredMessage,
@@ -330,7 +331,7 @@ class PostgresStorage(SqlStorage):
                     (WAITING,),
                 )
         self.commits: GroupCommit[psycopg.Connection[Any]] = GroupCommit(
-            self._run_batch, refusals=(Conflict, QuotaExceeded, _Outlived)
+            self._run_batch, refusals=(Conflict, QuotaExceeded, NonceReplayed, _Outlived)
         )
         self.nonces: GroupCommit[Any] = GroupCommit(self._run_nonces)
 
@@ -365,6 +366,20 @@ class PostgresStorage(SqlStorage):
             look_up = conn.execute(
                 _LOOK_UP, ([m.mailbox for m in items], [m.message_id for m in items], boxes)
             )
+            # the small uploads' nonces, recorded in this transaction (nonces_in_commits), in
+            # one global order: two transactions inserting the same replayed nonces cannot
+            # wait for each other in a cycle
+            nonces = sorted(m.nonce for m in items if m.nonce is not None)
+            remember = (
+                conn.execute(
+                    "INSERT INTO relay_nonces"
+                    " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                    " ON CONFLICT DO NOTHING RETURNING keyid, nonce",
+                    ([n[0] for n in nonces], [n[1] for n in nonces], [n[2] for n in nonces]),
+                )
+                if nonces
+                else None
+            )
             files = [m.file for m in items if m.file is not None]
             objects = [m.object for m in items if m.object is not None]
             # the bodies leave the sweep's registers in the transaction that records them
@@ -396,17 +411,23 @@ class PostgresStorage(SqlStorage):
             kept_objects = (
                 {int(r[0]) for r in unregister_objects.fetchall()} if unregister_objects else set()
             )
+            fresh_nonces = {(r[0], r[1]) for r in remember.fetchall()} if remember else set()
             new: list[NewMessage] = []
             for w, m in zip(batch, items, strict=True):
                 found = existing.get((m.mailbox, m.message_id))
                 try:
+                    if m.nonce is not None:
+                        # a nonce seen before, or twice in this batch: the later is a replay
+                        if (m.nonce[0], m.nonce[1]) not in fresh_nonces:
+                            raise NonceReplayed
+                        fresh_nonces.discard((m.nonce[0], m.nonce[1]))
                     if found is None and (
                         (m.file is not None and m.file not in kept)
                         or (m.object is not None and m.object not in kept_objects)
                     ):
                         raise _Outlived  # swept as an orphan: the client retries
                     w.result = admit(m, found, functools.partial(used.__getitem__, m.mailbox))
-                except (Conflict, QuotaExceeded, _Outlived) as exc:
+                except (Conflict, QuotaExceeded, NonceReplayed, _Outlived) as exc:
                     w.error = exc
                     continue
                 record, fresh = w.result
@@ -571,6 +592,8 @@ class PostgresStorage(SqlStorage):
     def _ids_in(self, ids: Sequence[str]) -> tuple[str, Sequence[Any]]:
         return "= ANY(%s)", [list(ids)]
 
+    nonces_in_commits = True
+
     def remember_nonce(self, keyid: str, nonce: str, expires: int) -> bool:
         # grouped like the commits: the requests that arrive while one insert is on its way
         # share the next one (one round trip for many)
@@ -579,6 +602,7 @@ class PostgresStorage(SqlStorage):
 
     def _run_nonces(self, batch: list[Any], execute: Callable[[Any], None]) -> None:
         items: list[tuple[str, str, int]] = [w.fn for w in batch]
+        ordered = sorted(items)  # in the commits' order (see _run_batch)
         with _guard(), self.nonce_pool.connection() as conn:
             inserted = {
                 (r[0], r[1])
@@ -586,7 +610,7 @@ class PostgresStorage(SqlStorage):
                     "INSERT INTO relay_nonces"
                     " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
                     " ON CONFLICT DO NOTHING RETURNING keyid, nonce",
-                    ([i[0] for i in items], [i[1] for i in items], [i[2] for i in items]),
+                    ([i[0] for i in ordered], [i[1] for i in ordered], [i[2] for i in ordered]),
                 )
             }
         seen: set[tuple[str, str]] = set()

@@ -25,9 +25,10 @@ Choices (docs/relay.md has the measurements and the reasoning):
   results), so a slow reader holds no transaction open.
 * **Work queues** (the retention sweep, the body sweeps) claim rows with ``FOR UPDATE SKIP
   LOCKED``, so several instances sweep at once without waiting on each other. No state lives in
-  an instance: rate limits are per instance (documented), nonces are in the database (stored
-  with ``synchronous_commit`` off, on a small pool of their own, grouped: one statement for
-  the nonces of the requests that arrive while the previous insert is on its way).
+  an instance: rate limits are per instance (documented), nonces are in the database: a small
+  upload's in the transaction of its batch (``nonces_in_commits``), the others with
+  ``synchronous_commit`` off, on a small pool of their own, grouped (one statement for the
+  nonces of the requests that arrive while the previous insert is on its way).
 * A group-commit batch, an acknowledgement or a sweep's retirement is a constant number of
   statements in two round trips (psycopg's pipeline mode), however many envelopes it holds.
 * Concurrent uploads to one mailbox serialise on a transaction-scoped advisory lock for the quota

@@ -1,7 +1,7 @@
 """Relay benchmarks: the real server (uvicorn subprocess) on each backend, against a baseline.
 
     python bench/bench_relay.py [--messages 2000] [--clients 16] [--runs 3] [--big-mib 1024]
-                                [--lag-mib 256] [--no-postgres]
+                                [--big-runs 5] [--lag-mib 256] [--no-postgres]
 
 What is measured, and what each figure includes:
 
@@ -27,7 +27,10 @@ What is measured, and what each figure includes:
   through the relay while a ticker task measures the event loop's worst lag (target < 50 ms).
 
 Small-envelope phases run ``--runs`` times, interleaved (baseline, relay, relay, … again), and
-each ratio is taken against the baseline run just before it; medians and ranges are printed.
+each ratio is taken against the baseline run just before it; medians and ranges are printed,
+with the CPU a message of the server, of PostgreSQL's processes and of the clients, all on the
+same 2 cores. The large-envelope phase runs ``--big-runs`` times, each server once a run in an
+order rotated from run to run; each ratio is taken against the baseline of the same run.
 Figures depend on the machine: run it when the machine is quiet and say what ``uptime`` said.
 """
 
@@ -230,9 +233,31 @@ def commits(url: str) -> tuple[float, float]:
 
 BATCHES: dict[str, list[float]] = {}
 CLIENT_CPU: list[float] = []
+#: CPU of the PostgreSQL cluster's processes (postmaster and backends) per message, by server URL
+PG_CPU: dict[str, list[float]] = {}
 
 
-def prepared(srv: RelayServer, parties: Parties, messages: int, body: bytes) -> Result:
+def cluster_cpu(data: Path) -> float:
+    """User + system CPU time so far of a PostgreSQL cluster: its postmaster and every process
+    the postmaster started (backends, WAL writer, checkpointer...)."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(pid) == postmaster or int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def prepared(
+    srv: RelayServer, parties: Parties, messages: int, body: bytes, cluster: Path | None = None
+) -> Result:
     """Requests signed before the timed phase (one nonce each), then sent by plain httpx
     clients: the same bytes for the baseline and the relay. Also returns the server process's
     CPU time per message in the timed phase (ms; a figure the machine's load disturbs less)."""
@@ -269,8 +294,11 @@ def prepared(srv: RelayServer, parties: Parties, messages: int, body: bytes) -> 
         before = cpu_seconds(srv.proc.pid)
         b0, w0 = commits(url)
         mine = cpu_seconds(os.getpid())
+        pg0 = cluster_cpu(cluster) if cluster is not None else 0.0
         rate, p50, p99, _ = _threads(clients, work)
         cpu = (cpu_seconds(srv.proc.pid) - before) * 1000 / (per * clients)
+        if cluster is not None:
+            PG_CPU.setdefault(url, []).append((cluster_cpu(cluster) - pg0) * 1000 / (per * clients))
         CLIENT_CPU.append((cpu_seconds(os.getpid()) - mine) * 1000 / (per * clients))
         b1, w1 = commits(url)
         if b1 > b0:
@@ -452,6 +480,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--big-runs", type=int, default=5, help="runs of the large-envelope phase")
     ap.add_argument("--lag-mib", type=int, default=256)
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-live", action="store_true", help="skip the live-signing figures")
@@ -495,7 +524,13 @@ def main() -> None:
             for _ in range(args.runs):
                 base = None
                 for name in small:
-                    res = prepared(servers[name], parties, args.messages, body)
+                    res = prepared(
+                        servers[name],
+                        parties,
+                        args.messages,
+                        body,
+                        pg.data if pg is not None and name.startswith("postgres") else None,
+                    )
                     got[name].append(res)
                     if name == "baseline":
                         base = res[0]
@@ -525,7 +560,24 @@ def main() -> None:
                         f"  ratio {spread(ratios[name], '{:.2f}')} (target >= 0.67);"
                         f" uploads per fsync {spread(BATCHES.get(servers[name].url, [0]), '{:.1f}')}"
                     )
+                if servers[name].url in PG_CPU:
+                    line += (
+                        f"; PostgreSQL's processes {spread(PG_CPU[servers[name].url], '{:.2f}')}"
+                        " ms/msg"
+                    )
                 print(line)
+            # Where the 2 cores go: the clients, the server, PostgreSQL (medians, ms a message)
+            # and the rate they would allow if the cores did nothing else.
+            client = statistics.median(CLIENT_CPU)
+            print(f"  CPU a message (ms, medians; clients {client:.2f}) and the 2 cores' bound:")
+            for name in small:
+                server = statistics.median(r[3] for r in got[name])
+                cluster = statistics.median(PG_CPU.get(servers[name].url, [0.0]))
+                total = client + server + cluster
+                print(
+                    f"    {name:10} server {server:.2f} + PostgreSQL {cluster:.2f} + clients "
+                    f"{client:.2f} = {total:.2f} -> at most {2000 / total:.0f} msg/s"
+                )
             if not args.no_live:
                 for name in small:
                     if name == "baseline":
@@ -569,18 +621,25 @@ def main() -> None:
                 with big.open("rb") as fh:
                     digest = hashlib.file_digest(fh, "sha256").digest()
                 print(
-                    f"\none {args.big_mib} MiB envelope up and down, {args.runs} runs (MB/s: "
+                    f"\none {args.big_mib} MiB envelope up and down, {args.big_runs} runs (MB/s: "
                     "the same httpx upload and download, the same signed headers; 'deliver' is "
                     "RelayTransport.deliver end to end, with its digest pass over the file)"
                 )
                 figures: dict[str, list[tuple[float, float, float, float]]] = {
                     n: [] for n in servers
                 }
-                for _ in range(args.runs):
-                    for name, srv in servers.items():
-                        figures[name].append(one_big(srv, big, digest, baseline=name == "baseline"))
-                b_up = statistics.median(f[0] for f in figures["baseline"])
-                b_down = statistics.median(f[1] for f in figures["baseline"])
+                # The disk's speed here changes several times over within minutes: each run
+                # measures every server once, in an order rotated from run to run (no server
+                # always follows another's write-back), and each relay's figure is divided by
+                # the baseline's of the same run.
+                names = list(servers)
+                for run in range(args.big_runs):
+                    order = names[run % len(names) :] + names[: run % len(names)]
+                    for name in order:
+                        figures[name].append(
+                            one_big(servers[name], big, digest, baseline=name == "baseline")
+                        )
+                base = figures["baseline"]
                 for name, fig in figures.items():
                     up, down = [f[0] for f in fig], [f[1] for f in fig]
                     line = (
@@ -588,9 +647,11 @@ def main() -> None:
                         f"  server RSS +{max(f[2] for f in fig):.0f} MiB (bound 64)"
                     )
                     if name != "baseline":
+                        ups = [f[0] / b[0] for f, b in zip(fig, base, strict=True)]
+                        downs = [f[1] / b[1] for f, b in zip(fig, base, strict=True)]
                         line += (
-                            f"  ratios up {statistics.median(up) / b_up:.2f}"
-                            f" down {statistics.median(down) / b_down:.2f} (target >= 0.67)"
+                            f"  same-run ratios up {spread(ups, '{:.2f}')}"
+                            f" down {spread(downs, '{:.2f}')} (target >= 0.67)"
                             f"  deliver {spread([f[3] for f in fig])}"
                         )
                     print(line)

@@ -19,6 +19,7 @@ from medsecure.relay.server.storage._base import (
     Conflict,
     NonceReplayed,
     QuotaExceeded,
+    RateLimited,
 )
 
 BOX_A = "ms1" + "a" * 52
@@ -27,7 +28,15 @@ SENDER = "ms1" + "s" * 52
 
 
 def _upload(
-    storage, body: bytes, *, mailbox=BOX_A, mid=None, sender=SENDER, quota=1 << 30, nonce=None
+    storage,
+    body: bytes,
+    *,
+    mailbox=BOX_A,
+    mid=None,
+    sender=SENDER,
+    quota=1 << 30,
+    nonce=None,
+    charge=None,
 ):
     pending = storage.begin_upload(len(body))
     pending.write(body)
@@ -41,6 +50,7 @@ def _upload(
         now=int(time.time()),
         quota=quota,
         nonce=nonce,
+        charge=charge,
     )
 
 
@@ -372,6 +382,33 @@ def test_a_nonce_given_with_an_upload_is_single_use_on_every_backend(any_storage
     kept = [m for m in mids if m in _waiting(s)]
     assert len(kept) == 1
     assert len(_waiting(s)) == 3  # first, the other key's, and the one of the eight
+
+
+def test_an_uploads_rate_is_charged_only_once_its_nonce_is_fresh(any_storage):
+    """commit_upload(charge=...): called once the nonce is known fresh, never for a replay; a
+    charge that finds the rate spent refuses the upload (RateLimited), keeps nothing and
+    spends the nonce."""
+    s = any_storage
+    later = int(time.time()) + 120
+    charged: list[int] = []
+
+    def charge(wait: float):
+        def take() -> float:
+            charged.append(1)
+            return wait
+
+        return take
+
+    _upload(s, b"a" * 100, nonce=(SENDER, "r1" * 11, later), charge=charge(0.0))
+    assert charged == [1]
+    with pytest.raises(NonceReplayed):
+        _upload(s, b"a" * 100, nonce=(SENDER, "r1" * 11, later), charge=charge(0.0))
+    assert charged == [1]  # the replay took no token
+    with pytest.raises(RateLimited) as refused:
+        _upload(s, b"b" * 100, nonce=(SENDER, "r2" * 11, later), charge=charge(2.5))
+    assert refused.value.wait == 2.5 and charged == [1, 1]
+    assert len(_waiting(s)) == 1
+    assert s.remember_nonce(SENDER, "r2" * 11, later) is False  # spent all the same
 
 
 def test_postgres_a_replayed_nonce_in_a_batch_touches_only_its_own_upload(pg_storage):

@@ -268,6 +268,10 @@ def test_replays_held_in_a_slow_commit_spend_none_of_their_senders_tokens(  # ty
         assert [(a.status_code, a.json()["type"].rsplit(":", 1)[1]) for a in answers] == [
             (401, "nonce-replayed")
         ]
+        # alice's tokens are all spent now; a replay byte for byte is still told it is a
+        # replay, not 429 (which would tell whoever replays how busy she is)
+        r = httpx.put(up, headers=headers, content=body)
+        assert r.status_code == 401 and r.json()["type"].endswith(":nonce-replayed")
         # the same request sent chunked takes the large uploads' path (the nonce checked first,
         # in the statements of the nonce pool): the one table of nonces refuses it as well
         r = httpx.put(up, headers=headers, content=iter([body]))

@@ -208,3 +208,74 @@ def test_a_fragment_cannot_add_a_query_the_signature_does_not_cover(relay: Relay
         for t in json.loads(body)["bundles"]
     ]
     assert found == [asked.fingerprint]
+
+
+def _advisory_waits(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_replays_held_in_a_slow_commit_spend_none_of_their_senders_tokens(  # type: ignore[no-untyped-def]
+    pg, tmp_path: Path
+) -> None:
+    """Someone who captured alice's small upload replays it while the relay's commits are slow
+    (here: the recipient's mailbox lock held by another transaction, as a busy mailbox or a
+    slow disk would). On PostgreSQL a small upload's nonce is checked in its commit: the replay
+    must not hold one of alice's rate tokens while it waits there, or replays kept in flight
+    would take her tokens and refuse her own requests (429)."""
+    import threading
+
+    import psycopg
+
+    from medsecure.relay.server.storage._postgres import _lock_key
+
+    url = fresh_database(pg, "replay_tokens")
+    # three tokens, hardly refilled: alice's publication takes one, her upload one
+    with RelayServer(
+        tmp_path / "server.log", database=url, args=("--rate", "0.001", "--burst", "3")
+    ) as srv:
+        alice, bob = m.Identity.generate(), m.Identity.generate()
+        _publish(alice, srv.url)
+        _publish(bob, srv.url)
+        up = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages/{message_id()}"
+        body = m.seal(b"resultats", sender=alice, recipients=[bob.public])
+        headers = sign_request(alice, "PUT", up, hashlib.sha256(body).digest())
+        assert httpx.put(up, headers=headers, content=body).status_code == 201
+        holder = psycopg.connect(url)
+        holder.execute("BEGIN")
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(bob.fingerprint),))
+        answers: list[httpx.Response] = []
+        replay = threading.Thread(
+            target=lambda: answers.append(httpx.put(up, headers=headers, content=body, timeout=60))
+        )
+        try:
+            replay.start()
+            # the replay refused at once, or waiting in its commit for the lock
+            wait(lambda: answers or _advisory_waits(url) == 1, "the replay refused or waiting")
+            # alice's last token is hers: she lists her mailbox
+            own = f"{srv.url}/v1/mailboxes/{alice.fingerprint}/messages"
+            r = httpx.get(own, headers=sign_request(alice, "GET", own, EMPTY_DIGEST))
+            assert r.status_code == 200, r.text
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+            replay.join(60)
+        assert [(a.status_code, a.json()["type"].rsplit(":", 1)[1]) for a in answers] == [
+            (401, "nonce-replayed")
+        ]
+        # alice's tokens are all spent now; a replay byte for byte is still told it is a
+        # replay, not 429 (which would tell whoever replays how busy she is)
+        r = httpx.put(up, headers=headers, content=body)
+        assert r.status_code == 401 and r.json()["type"].endswith(":nonce-replayed")
+        # the same request sent chunked takes the large uploads' path (the nonce checked first,
+        # in the statements of the nonce pool): the one table of nonces refuses it as well
+        r = httpx.put(up, headers=headers, content=iter([body]))
+        assert r.status_code == 401 and r.json()["type"].endswith(":nonce-replayed")
+        own = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages"
+        r = httpx.get(own, headers=sign_request(bob, "GET", own, EMPTY_DIGEST))
+        assert [x["message_id"] for x in r.json()["messages"]] == [up.rsplit("/", 1)[1]]

@@ -19,6 +19,7 @@ from medsecure.relay.server.storage._base import (
     Conflict,
     NonceReplayed,
     QuotaExceeded,
+    RateLimited,
 )
 
 BOX_A = "ms1" + "a" * 52
@@ -27,7 +28,15 @@ SENDER = "ms1" + "s" * 52
 
 
 def _upload(
-    storage, body: bytes, *, mailbox=BOX_A, mid=None, sender=SENDER, quota=1 << 30, nonce=None
+    storage,
+    body: bytes,
+    *,
+    mailbox=BOX_A,
+    mid=None,
+    sender=SENDER,
+    quota=1 << 30,
+    nonce=None,
+    charge=None,
 ):
     pending = storage.begin_upload(len(body))
     pending.write(body)
@@ -41,6 +50,7 @@ def _upload(
         now=int(time.time()),
         quota=quota,
         nonce=nonce,
+        charge=charge,
     )
 
 
@@ -374,6 +384,33 @@ def test_a_nonce_given_with_an_upload_is_single_use_on_every_backend(any_storage
     assert len(_waiting(s)) == 3  # first, the other key's, and the one of the eight
 
 
+def test_an_uploads_rate_is_charged_only_once_its_nonce_is_fresh(any_storage):
+    """commit_upload(charge=...): called once the nonce is known fresh, never for a replay; a
+    charge that finds the rate spent refuses the upload (RateLimited), keeps nothing and
+    spends the nonce."""
+    s = any_storage
+    later = int(time.time()) + 120
+    charged: list[int] = []
+
+    def charge(wait: float):
+        def take() -> float:
+            charged.append(1)
+            return wait
+
+        return take
+
+    _upload(s, b"a" * 100, nonce=(SENDER, "r1" * 11, later), charge=charge(0.0))
+    assert charged == [1]
+    with pytest.raises(NonceReplayed):
+        _upload(s, b"a" * 100, nonce=(SENDER, "r1" * 11, later), charge=charge(0.0))
+    assert charged == [1]  # the replay took no token
+    with pytest.raises(RateLimited) as refused:
+        _upload(s, b"b" * 100, nonce=(SENDER, "r2" * 11, later), charge=charge(2.5))
+    assert refused.value.wait == 2.5 and charged == [1, 1]
+    assert len(_waiting(s)) == 1
+    assert s.remember_nonce(SENDER, "r2" * 11, later) is False  # spent all the same
+
+
 def test_postgres_a_replayed_nonce_in_a_batch_touches_only_its_own_upload(pg_storage):
     """Uploads queued behind a held mailbox lock share one batch: the nonce replays in it are
     refused, the others recorded."""
@@ -405,6 +442,68 @@ def test_postgres_a_replayed_nonce_in_a_batch_touches_only_its_own_upload(pg_sto
     assert 0 in errors  # the nonce recorded before
     assert sorted(results) in ([1, 3], [2, 3])  # one of the two carrying the same nonce
     assert len(_waiting(pg_storage, BOX_B)) == 2
+
+
+def test_postgres_two_instances_replaying_nonces_in_opposite_orders_do_not_deadlock(pg_storage):
+    """Two instances' batches carry the same two nonces, arrived in opposite orders, while a
+    third transaction holds one of them: each batch inserts them in one global order, so one
+    waits for the other instead of both waiting for each other (a deadlock would fail both
+    batches, other senders' uploads with them)."""
+    from medsecure.relay.server.storage._postgres import PostgresStorage, _lock_key
+
+    box_c = "ms1" + "c" * 52
+    later = int(time.time()) + 120
+    first, second = (
+        "b" * 22,
+        "a" * 22,
+    )  # arrive in this order at one instance, reversed at the other
+    other = PostgresStorage(pg_storage.url)  # type: ignore[attr-defined]
+    lock = psycopg.connect(pg_storage.url)  # type: ignore[attr-defined]
+    nonce = psycopg.connect(pg_storage.url)  # type: ignore[attr-defined]
+
+    def waits(kind: str) -> int:
+        row = lock.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = %s AND NOT granted", (kind,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    lock.execute("BEGIN")
+    lock.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(BOX_A),))
+    nonce.execute("BEGIN")
+    nonce.execute("INSERT INTO relay_nonces VALUES (%s, %s, %s)", (SENDER, first, later))
+    threads = []
+    outcome: dict[tuple[int, str], object] = {}
+    try:
+        for s, box, order in (
+            (pg_storage, BOX_B, (first, second)),
+            (other, box_c, (second, first)),
+        ):
+            # an upload takes the lead and waits for BOX_A's lock; two queue behind it, in order
+            threads += _in_parallel([lambda s=s: _upload(s, b"0" * 10, mailbox=BOX_A)])[0]
+            _until(lambda s=s: s.commits._leading, "a batch holding the lead")
+            for queued, n in enumerate(order, 1):
+
+                def job(s=s, box=box, n=n):
+                    try:
+                        outcome[(id(s), n)] = _upload(
+                            s, n.encode(), mailbox=box, nonce=(SENDER, n, later)
+                        )[1]
+                    except Exception as exc:
+                        outcome[(id(s), n)] = type(exc).__name__
+
+                threads += _in_parallel([job])[0]
+                _until(lambda s=s, k=queued: len(s.commits._queue) == k, "queued")
+        lock.execute("COMMIT")  # the openers commit; then each instance's batch of two
+        _until(lambda: waits("transactionid") == 2, "both batches waiting on a nonce")
+        nonce.execute("ROLLBACK")
+        for t in threads:
+            t.join(60)
+    finally:
+        lock.close()
+        nonce.close()
+        other.close()
+    assert sorted(map(str, outcome.values())) == ["NonceReplayed", "NonceReplayed", "True", "True"]
+    assert len(_waiting(pg_storage, BOX_B)) + len(_waiting(pg_storage, box_c)) == 2
 
 
 FP = ["ms1" + c * 52 for c in "abcdef"]

@@ -50,6 +50,7 @@ from .storage._base import (
     Conflict,
     NonceReplayed,
     QuotaExceeded,
+    RateLimited,
     Storage,
     StoredMessage,
 )
@@ -234,7 +235,7 @@ class _State:
         window, the nonce, then the caller's rate. Raises Problem.
 
         With ``admit=False`` only the signatures and the window are checked: the caller records
-        the nonce (:meth:`nonce_of`) and takes the rate (:meth:`take_rate`) itself, later."""
+        the nonce (:meth:`nonce_of`) and takes the rate itself, later (after the nonce)."""
         cfg = self.config
 
         def resolve(keyid: str) -> PublicIdentity | None:
@@ -272,9 +273,14 @@ class _State:
         return verified.fingerprint, verified.nonce, expires
 
     def take_rate(self, fingerprint: str) -> None:
-        wait = self.limiter.take(fingerprint, time.monotonic())
+        wait = _rate_wait(self, fingerprint)
         if wait > 0:
             raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
+
+
+def _rate_wait(st: _State, fingerprint: str) -> float:
+    """Take one of the caller's rate tokens: 0, or the seconds to wait if there was none."""
+    return st.limiter.take(fingerprint, time.monotonic())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -595,10 +601,10 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
 
     On a backend that records nonces in its commits (PostgreSQL: one transaction a batch
     instead of two), the nonce is recorded with the envelope: signatures and window, the
-    request's own checks, the digest, the rate, then the commit, which refuses a replayed
-    nonce (``nonce-replayed``, the rate's token given back, nothing kept). A replay is
-    refused either way, and never takes its sender's tokens: a replay with another body fails
-    at the digest, before the rate."""
+    request's own checks, the digest, then the commit, which refuses a replayed nonce
+    (``nonce-replayed``, nothing kept) and only then takes the rate. A replay is refused
+    either way, and never takes its sender's tokens, not even while its commit waits: a
+    replay with another body fails at the digest, one byte for byte at its nonce."""
     cfg = st.config
     chunks: list[bytes] = []
     received = 0
@@ -630,8 +636,6 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
             raise Problem("bad-request", "the body is shorter than its Content-Length")
         if not StreamDigest.of([body]).matches(verified.digest):
             raise Problem("digest-mismatch")
-        if in_commit:
-            st.take_rate(verified.fingerprint)
         pending = st.storage.begin_upload(length)
         pending.write(body)
         try:
@@ -645,10 +649,14 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
                 now=int(now),
                 quota=cfg.mailbox_quota_bytes,
                 nonce=st.nonce_of(verified) if in_commit else None,
+                charge=(
+                    functools.partial(_rate_wait, st, verified.fingerprint) if in_commit else None
+                ),
             )
         except NonceReplayed:
-            st.limiter.give_back(verified.fingerprint)
             raise Problem("nonce-replayed") from None
+        except RateLimited as exc:
+            raise Problem("rate-limited", headers={"Retry-After": retry_after(exc.wait)}) from None
         except Conflict:
             raise Problem("message-id-conflict") from None
         except QuotaExceeded:

@@ -39,14 +39,6 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
         return wait
 
-    def give_back(self, key: str) -> None:
-        """Return a token taken for a request that was then refused as a replay (never more
-        than the bucket holds)."""
-        with self._lock:
-            found = self._buckets.get(key)
-            if found is not None:
-                self._buckets[key] = (min(float(self.burst), found[0] + 1.0), found[1])
-
 
 def retry_after(wait: float) -> str:
     """A Retry-After value (whole seconds, at least 1)."""

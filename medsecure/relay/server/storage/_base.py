@@ -21,7 +21,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
@@ -47,6 +47,7 @@ __all__ = [
     "INLINE_MAX",
     "NewMessage",
     "NonceReplayed",
+    "RateLimited",
     "SqlStorage",
     "admit",
     "open_file_body",
@@ -119,6 +120,9 @@ class NewMessage:
     #: (key id, nonce, expiry) of the request, for a backend that records it in the commit's
     #: transaction (:attr:`Storage.nonces_in_commits`)
     nonce: tuple[str, str, int] | None = None
+    #: takes the caller's rate token once its nonce is known to be fresh: the seconds to wait
+    #: (0 if taken; see :meth:`Storage.commit_upload`)
+    charge: Callable[[], float] | None = field(default=None, compare=False)
 
     def stored(self) -> StoredMessage:
         """The record of this envelope once accepted (waiting since now)."""
@@ -144,6 +148,14 @@ class QuotaExceeded(Exception):
 
 class NonceReplayed(Exception):
     """The request's nonce was already recorded: the upload is a replay (nothing was kept)."""
+
+
+class RateLimited(Exception):
+    """The caller's rate is spent (its nonce was fresh, and is spent): retry after ``wait`` s."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__(wait)
+        self.wait = wait
 
 
 class Upload(abc.ABC):
@@ -384,6 +396,7 @@ class Storage(abc.ABC):
         now: int,
         quota: int,
         nonce: tuple[str, str, int] | None = None,
+        charge: Callable[[], float] | None = None,
     ) -> tuple[StoredMessage, bool]:
         """Make the (complete, verified) body durable and visible. Returns the record and
         whether it is new; an identical replay returns the original record (and discards the
@@ -392,10 +405,20 @@ class Storage(abc.ABC):
         ``nonce`` (key id, nonce, expiry), if given, is recorded with the envelope, and an
         upload whose nonce was already recorded raises :class:`NonceReplayed` and keeps
         nothing. A backend that does not record nonces in its commits
-        (:attr:`nonces_in_commits` false) records it first, on its own."""
-        if nonce is not None and not self.nonces_in_commits and not self.remember_nonce(*nonce):
-            upload.abort()
-            raise NonceReplayed
+        (:attr:`nonces_in_commits` false) records it first, on its own.
+
+        ``charge``, if given, is called once the nonce is known to be fresh, before the
+        envelope's own checks: it takes the caller's rate token and returns the seconds to wait
+        if there was none (then :class:`RateLimited`, nothing kept, the nonce spent). A replay
+        is refused before it: it never holds its sender's tokens, however long its commit
+        waits."""
+        if not self.nonces_in_commits:
+            if nonce is not None and not self.remember_nonce(*nonce):
+                upload.abort()
+                raise NonceReplayed
+            if charge is not None and (wait := charge()) > 0:
+                upload.abort()
+                raise RateLimited(wait)
         file: str | None = None
         oid: int | None = None
         inline = bytes(upload.buffer) if isinstance(upload, BufferedUpload) else None
@@ -407,7 +430,7 @@ class Storage(abc.ABC):
                 upload.abort()
                 raise StorageError(f"cannot store an envelope: {exc.strerror}") from exc
         message = NewMessage(
-            mailbox, message_id, sender, digest, size, now, quota, inline, file, oid, nonce
+            mailbox, message_id, sender, digest, size, now, quota, inline, file, oid, nonce, charge
         )
         try:
             stored, new = self._record(upload, message)

@@ -63,6 +63,7 @@ from ._base import (
     NewMessage,
     NonceReplayed,
     QuotaExceeded,
+    RateLimited,
     SqlStorage,
     StoredMessage,
     Upload,
@@ -332,7 +333,8 @@ class PostgresStorage(SqlStorage):
                     (WAITING,),
                 )
         self.commits: GroupCommit[psycopg.Connection[Any]] = GroupCommit(
-            self._run_batch, refusals=(Conflict, QuotaExceeded, NonceReplayed, _Outlived)
+            self._run_batch,
+            refusals=(Conflict, QuotaExceeded, NonceReplayed, RateLimited, _Outlived),
         )
         self.nonces: GroupCommit[Any] = GroupCommit(self._run_nonces)
 
@@ -422,13 +424,16 @@ class PostgresStorage(SqlStorage):
                         if (m.nonce[0], m.nonce[1]) not in fresh_nonces:
                             raise NonceReplayed
                         fresh_nonces.discard((m.nonce[0], m.nonce[1]))
+                    # the rate, once the nonce is known fresh: a replay never takes a token
+                    if m.charge is not None and (wait := m.charge()) > 0:
+                        raise RateLimited(wait)
                     if found is None and (
                         (m.file is not None and m.file not in kept)
                         or (m.object is not None and m.object not in kept_objects)
                     ):
                         raise _Outlived  # swept as an orphan: the client retries
                     w.result = admit(m, found, functools.partial(used.__getitem__, m.mailbox))
-                except (Conflict, QuotaExceeded, NonceReplayed, _Outlived) as exc:
+                except (Conflict, QuotaExceeded, NonceReplayed, RateLimited, _Outlived) as exc:
                     w.error = exc
                     continue
                 record, fresh = w.result

@@ -57,6 +57,8 @@ from .storage._base import (
 
 __all__ = ["create_app"]
 
+#: Seconds a nonce is kept after its signature's window (see _State.nonce_of).
+NONCE_MARGIN = 300
 MESSAGE_ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 FINGERPRINT_RE = re.compile(r"ms1[a-z2-7]{52}")
 BUNDLE_TYPE = "application/vnd.medsecure.key-bundle+cbor"
@@ -268,8 +270,11 @@ class _State:
         return verified
 
     def nonce_of(self, verified: VerifiedRequest) -> tuple[str, str, int]:
-        """(key id, nonce, expiry) to record: kept until the signature's window has passed."""
-        expires = verified.created + self.config.signature_window + 1
+        """(key id, nonce, expiry) to record: kept until the signature's window has passed, and
+        then ``NONCE_MARGIN`` more. A replay is accepted into the window on arrival but checked
+        against the nonces at its commit, which a busy relay may reach seconds later: the
+        original's nonce must still be there then."""
+        expires = verified.created + self.config.signature_window + NONCE_MARGIN
         return verified.fingerprint, verified.nonce, expires
 
     def take_rate(self, fingerprint: str) -> None:

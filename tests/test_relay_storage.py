@@ -639,3 +639,67 @@ def test_the_group_commit_hands_the_lead_on_until_every_submitter_is_answered():
     assert errors == {} and results == {i: i * i for i in range(60)}
     assert commits.items == 60 and commits.batches >= 20
     assert not commits._leading and commits._queue == []
+
+
+def test_the_group_commit_gathers_only_under_load():
+    """With ``gather``, a leader waits once for more items only when the previous batch held
+    more than one (under load) and fewer than ``gather_until`` are queued; never under light
+    load. The wait is observed through the primitive's sleep, not timed."""
+    from medsecure.relay.server.storage._base import GroupCommit
+
+    gate = threading.Event()
+    started = threading.Event()
+    held = {"first": True}
+
+    def run_batch(batch, execute):
+        if held["first"]:
+            held["first"] = False
+            started.set()
+            gate.wait(60)  # the first batch waits: the others queue behind it
+        execute(None)
+
+    commits = GroupCommit(run_batch, gather=0.5, gather_until=4)
+    slept: list[float] = []
+    commits._sleep = slept.append  # record instead of sleeping
+
+    # light load: one at a time, batches of one, never a wait
+    held["first"] = False
+    for i in range(5):
+        assert commits.submit(lambda conn, i=i: i) == i
+    assert slept == [] and commits.batches == 5
+
+    # under load: a batch of three queues behind a held one; the leader after it gathers once
+    held["first"] = True
+    first = _in_parallel([lambda: commits.submit(lambda conn: "first")])
+    started.wait(60)
+    queued = _in_parallel([lambda i=i: commits.submit(lambda conn, i=i: i) for i in range(3)])
+    _until(lambda: len(commits._queue) == 3, "three queued behind the held batch")
+    gate.set()
+    for t in [*first[0], *queued[0]]:
+        t.join(60)
+    assert first[1] == {0: "first"} and queued[1] == {0: 0, 1: 1, 2: 2}
+    assert slept == []  # the batch after a batch of one does not wait
+    assert commits._last == 3
+    assert commits.submit(lambda conn: "next") == "next"
+    assert slept == [0.5]  # after a batch of three, the next leader gathered once
+    assert commits.submit(lambda conn: "alone") == "alone"
+    assert slept == [0.5]  # the batch before held one item: no wait
+    assert not commits._leading and commits._queue == []
+
+
+@pytest.mark.parametrize(
+    ("gather", "previous", "queued", "until", "waits"),
+    [
+        (0.0, 9, 1, 8, False),  # off
+        (0.003, 0, 1, 8, False),  # first batch
+        (0.003, 1, 1, 8, False),  # light load: the batch before held one item
+        (0.003, 2, 1, 8, True),  # under load, few queued
+        (0.003, 5, 7, 8, True),
+        (0.003, 5, 8, 8, False),  # enough queued already
+        (0.003, 5, 30, 8, False),
+    ],
+)
+def test_when_a_group_commit_leader_gathers(gather, previous, queued, until, waits):
+    from medsecure.relay.server.storage._base import should_gather
+
+    assert should_gather(gather, previous, queued, until) is waits

@@ -19,6 +19,7 @@ import contextlib
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ __all__ = [
     "StoredMessage",
     "Upload",
     "prepare_body_folders",
+    "should_gather",
     "BufferedUpload",
     "BytesReader",
     "FileReader",
@@ -205,6 +207,13 @@ class _Work:
         self.wake.acquire()
 
 
+def should_gather(gather: float, previous: int, queued: int, until: int) -> bool:
+    """Whether a group-commit leader waits ``gather`` seconds for more work before it takes
+    the ``queued`` items: only if gathering is on, the ``previous`` batch held more than one
+    item (the backend is under load) and fewer than ``until`` items wait already."""
+    return gather > 0 and previous > 1 and queued < until
+
+
 class GroupCommit(Generic[C]):
     """Group commit: work submitted from many threads runs in shared transactions.
 
@@ -215,6 +224,12 @@ class GroupCommit(Generic[C]):
     any; work submitted meanwhile queues for the next batch. Nothing waits for a timer: under
     light load a batch holds one item and costs what a plain commit costs; under load one fsync
     serves many uploads.
+
+    ``gather`` (seconds, 0 by default) is for a backend whose every transaction costs CPU of
+    its own (PostgreSQL's processes): under load — the previous batch held more than one item —
+    a leader that finds fewer than ``gather_until`` items queued waits ``gather`` once before
+    it takes them, so that the batches grow and the transactions are fewer. Under light load
+    (batches of one) nothing ever waits.
 
     ``run_batch(items, execute)`` opens a transaction, calls ``execute(conn)`` (which runs each
     item against ``conn`` and records its result or its refusal), commits durably, and raises if
@@ -229,7 +244,13 @@ class GroupCommit(Generic[C]):
         *,
         refusals: tuple[type[BaseException], ...] = (),
         max_batch: int = 256,
+        gather: float = 0.0,
+        gather_until: int = 8,
     ) -> None:
+        self._gather = gather
+        self._gather_until = gather_until
+        self._last = 0  # the items of the previous batch
+        self._sleep = time.sleep
         self._run_batch = run_batch
         self._refusals = refusals
         self._max = max_batch
@@ -256,6 +277,8 @@ class GroupCommit(Generic[C]):
         while not work.done:
             # the leader: commit what is queued (its own work first among it) until its own
             # work is done
+            if should_gather(self._gather, self._last, len(self._queue), self._gather_until):
+                self._sleep(self._gather)  # under load: let the batch grow
             with self._lock:
                 batch, self._queue = self._queue[: self._max], self._queue[self._max :]
             self._commit(batch)
@@ -289,6 +312,7 @@ class GroupCommit(Generic[C]):
                 w.error.__cause__ = exc
         self.batches += 1
         self.items += len(batch)
+        self._last = len(batch)
         for w in batch:
             w.done = True
             # The submitters that lead (this one, and an heir whose wait already ended with the

@@ -130,6 +130,18 @@ def message_id() -> str:
     return new_message_id(dt.datetime.now(dt.UTC))
 
 
+def signed_upload(sender, recipient, base: str) -> tuple[str, bytes, dict[str, str]]:
+    """A new upload from ``sender`` to ``recipient``'s mailbox on the relay at ``base``: its
+    URL, a sealed envelope and the signed headers (one nonce: sending them twice is a replay)."""
+    import hashlib
+
+    from medsecure.relay import sign_request
+
+    url = f"{base}/v1/mailboxes/{recipient.fingerprint}/messages/{message_id()}"
+    body = seal_for(sender, recipient, b"resultats")
+    return url, body, sign_request(sender, "PUT", url, hashlib.sha256(body).digest())
+
+
 class SyncDriver:
     """The sync transport behind the interface the shared tests use."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pgkit import fresh_database, wait
-from relaykit import RelayServer, message_id
+from relaykit import RelayServer, message_id, signed_upload
 
 import medsecure as m
 from medsecure.models import Endpoint
@@ -242,9 +242,7 @@ def test_replays_held_in_a_slow_commit_spend_none_of_their_senders_tokens(  # ty
         alice, bob = m.Identity.generate(), m.Identity.generate()
         _publish(alice, srv.url)
         _publish(bob, srv.url)
-        up = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages/{message_id()}"
-        body = m.seal(b"resultats", sender=alice, recipients=[bob.public])
-        headers = sign_request(alice, "PUT", up, hashlib.sha256(body).digest())
+        up, body, headers = signed_upload(alice, bob, srv.url)
         assert httpx.put(up, headers=headers, content=body).status_code == 201
         holder = psycopg.connect(url)
         holder.execute("BEGIN")

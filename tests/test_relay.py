@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pgkit import fresh_database
-from relaykit import DRIVERS, RelayServer, cli, message_id
+from relaykit import DRIVERS, RelayServer, cli, message_id, signed_upload
 
 import medsecure as m
 from medsecure import DeliveryRejected, TransportUnavailable
@@ -322,9 +322,7 @@ def test_a_replayed_upload_is_refused_and_takes_none_of_its_senders_tokens(
         ) as srv:
             _publish(alice, srv.url)
             _publish(bob, srv.url)
-            up = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages/{message_id()}"
-            body = m.seal(b"resultats", sender=alice, recipients=[bob.public])
-            headers = sign_request(alice, "PUT", up, hashlib.sha256(body).digest())
+            up, body, headers = signed_upload(alice, bob, srv.url)
             assert httpx.put(up, headers=headers, content=body).status_code == 201
             for _ in range(5):
                 r = httpx.put(up, headers=headers, content=body)  # byte for byte

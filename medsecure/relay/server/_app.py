@@ -237,7 +237,7 @@ class _State:
         window, the nonce, then the caller's rate. Raises Problem.
 
         With ``admit=False`` only the signatures and the window are checked: the caller records
-        the nonce (:meth:`nonce_of`) and takes the rate itself, later (after the nonce)."""
+        the nonce (:meth:`nonce_of`) and takes the rate (:meth:`rate_wait`) itself, later."""
         cfg = self.config
 
         def resolve(keyid: str) -> PublicIdentity | None:
@@ -266,7 +266,9 @@ class _State:
         if admit:
             if not self.storage.remember_nonce(*self.nonce_of(verified)):
                 raise Problem("nonce-replayed")
-            self.take_rate(verified.fingerprint)
+            wait = self.rate_wait(verified.fingerprint)
+            if wait > 0:
+                raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
         return verified
 
     def nonce_of(self, verified: VerifiedRequest) -> tuple[str, str, int]:
@@ -277,15 +279,9 @@ class _State:
         expires = verified.created + self.config.signature_window + NONCE_MARGIN
         return verified.fingerprint, verified.nonce, expires
 
-    def take_rate(self, fingerprint: str) -> None:
-        wait = _rate_wait(self, fingerprint)
-        if wait > 0:
-            raise Problem("rate-limited", headers={"Retry-After": retry_after(wait)})
-
-
-def _rate_wait(st: _State, fingerprint: str) -> float:
-    """Take one of the caller's rate tokens: 0, or the seconds to wait if there was none."""
-    return st.limiter.take(fingerprint, time.monotonic())
+    def rate_wait(self, fingerprint: str) -> float:
+        """Take one of the caller's rate tokens: 0, or the seconds to wait if there was none."""
+        return self.limiter.take(fingerprint, time.monotonic())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -654,9 +650,7 @@ async def _upload_small(request: Request, st: _State, length: int) -> Response:
                 now=int(now),
                 quota=cfg.mailbox_quota_bytes,
                 nonce=st.nonce_of(verified) if in_commit else None,
-                charge=(
-                    functools.partial(_rate_wait, st, verified.fingerprint) if in_commit else None
-                ),
+                charge=functools.partial(st.rate_wait, verified.fingerprint) if in_commit else None,
             )
         except NonceReplayed:
             raise Problem("nonce-replayed") from None

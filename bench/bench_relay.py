@@ -239,7 +239,8 @@ PG_CPU: dict[str, list[float]] = {}
 
 def cluster_cpu(data: Path) -> float:
     """User + system CPU time so far of a PostgreSQL cluster: its postmaster and every process
-    the postmaster started (backends, WAL writer, checkpointer...)."""
+    the postmaster started (backends, WAL writer, checkpointer...), including those that have
+    ended (autovacuum workers: the postmaster's children's time)."""
     postmaster = int((data / "postmaster.pid").read_text().split()[0])
     total = 0.0
     for pid in os.listdir("/proc"):
@@ -250,7 +251,11 @@ def cluster_cpu(data: Path) -> float:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if int(pid) == postmaster or int(fields[1]) == postmaster:
+        if int(pid) == postmaster:
+            # its own time, and that of its children that ended and were waited for
+            used = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+            total += used / os.sysconf("SC_CLK_TCK")
+        elif int(fields[1]) == postmaster:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 

@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import signal
 import ssl
 import threading
 import time
@@ -653,6 +654,80 @@ def test_relay_commands_refuse_misuse_in_one_line(tmp_path):
         assert done.returncode != 0
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("medsecure: error:"), done.stderr
+
+
+def test_relay_serve_says_in_one_line_why_it_cannot_start(tmp_path):
+    """A taken port, an unreadable TLS file, port 0: one line naming the problem, before the
+    storage is opened (newcomer pass: uvicorn's JSON log line after 'startup complete', exit 3;
+    'a file operation failed' without the file; an unrelated --public-url message)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = cli("relay", "serve", "--data", str(tmp_path / "d1"), "--port", port)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"medsecure: error: cannot listen on 127.0.0.1 port {port}: the port is already in use"
+    )
+    assert not (tmp_path / "d1").exists()  # nothing was created
+
+    missing = str(tmp_path / "nope.pem")
+    done = cli(
+        "relay", "serve", "--data", str(tmp_path / "d2"), "--tls-cert", missing,
+        "--tls-key", missing,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "medsecure: error: cannot read the TLS certificate file: no such file"
+    )
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    done = cli(
+        "relay", "serve", "--data", str(tmp_path / "d2"), "--tls-cert", str(cert),
+        "--tls-key", missing,
+    )  # fmt: skip
+    assert (
+        done.stderr.strip()
+        == "medsecure: error: cannot read the TLS private key file: no such file"
+    )
+
+    done = cli("relay", "serve", "--data", str(tmp_path / "d3"), "--port", "0")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--port" in lines[0] and "1<=x<=65535" in lines[0], done.stderr
+
+
+def test_relay_serve_without_the_postgres_extra_says_how_to_install_it(tmp_path):
+    """psycopg missing (hidden from the subprocess): the install hint, not 'unexpected
+    ModuleNotFoundError'."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "psycopg.py").write_text("raise ImportError('psycopg is not installed')\n")
+    env = {"PYTHONPATH": str(blocker)}
+    done = cli("relay", "serve", "--database", "postgresql://127.0.0.1:1/x", env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "medsecure: error: a PostgreSQL database needs the 'postgres' extra:"
+        " pip install 'medsecure[postgres]'"
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_relay_serve_stopped_by_a_signal_exits_cleanly(tmp_path, sig):
+    """SIGTERM (what a service manager sends) or Ctrl-C stops the relay gracefully: status 0, a
+    'stopped' log event, no error line (it was 143 with 'medsecure: error: stopped by SIGTERM')."""
+    srv = RelayServer(tmp_path / "relay.log", data=tmp_path / "data").start()
+    assert srv.proc is not None
+    proc = srv.proc
+    proc.send_signal(sig)
+    assert proc.wait(30) == 0
+    srv.proc = None
+    log = (tmp_path / "relay.log").read_text()
+    assert "medsecure: error" not in log and "Traceback" not in log
+    stopped = [json.loads(line) for line in log.splitlines() if '"stopped"' in line]
+    assert stopped and stopped[-1]["signals"] == [sig.name], log[-2000:]
 
 
 def test_an_unreachable_relay_is_named_in_words_not_library_classes() -> None:

@@ -55,7 +55,13 @@ def relay() -> None:
 
 @relay.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8443, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--port",
+    default=8443,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port to listen on.",
+)
 @_storage_options
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate chain (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
@@ -138,7 +144,8 @@ def serve(
     body_timeout: float,
     sweep_interval: float,
 ) -> None:
-    """Serve the relay until interrupted (structured logs on stderr)."""
+    """Serve the relay until stopped (structured logs on stderr). SIGTERM or Ctrl-C stops it
+    gracefully, giving open requests 10 s, and it exits with status 0."""
     _check_storage(data, database, bodies)
     if bool(tls_cert) != bool(tls_key):
         raise CliError("--tls-cert and --tls-key go together")

@@ -542,7 +542,8 @@ def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit() and len(value) < 10:
+    # ASCII digits only: "²" is a digit to str.isdigit but no number to float()
+    if value.isascii() and value.isdigit() and len(value) < 10:
         return float(value)
     with contextlib.suppress(TypeError, ValueError, IndexError):
         from email.utils import parsedate_to_datetime

@@ -387,6 +387,16 @@ class Client(Closing):
                 log.warning("could not read the %s mailbox: %s", t.name, exc)
                 unreachable.append((t.name, str(exc)))
                 continue
+            except MedsecureError:
+                raise  # this client's own storage failing
+            except Exception as exc:
+                # a transport's failure nobody foresaw (on an answer a hostile server crafted):
+                # that mailbox is unreadable for now, the others are still read; only the
+                # exception's type is said (its text could quote what the server sent)
+                what = f"its transport failed ({type(exc).__name__})"
+                log.error("could not read the %s mailbox: %s", t.name, what)
+                unreachable.append((t.name, what))
+                continue
             if budget is not None:
                 budget = max(0, budget - got)
                 if budget == 0:

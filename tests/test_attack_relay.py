@@ -277,3 +277,144 @@ def test_replays_held_in_a_slow_commit_spend_none_of_their_senders_tokens(  # ty
         own = f"{srv.url}/v1/mailboxes/{bob.fingerprint}/messages"
         r = httpx.get(own, headers=sign_request(bob, "GET", own, EMPTY_DIGEST))
         assert [x["message_id"] for x in r.json()["messages"]] == [up.rsplit("/", 1)[1]]
+
+
+class _ThrottlingRelay:
+    """A hostile relay on loopback: it takes key bundles, and answers every GET ``503`` with a
+    ``Retry-After`` of one byte, ``\\xb2`` (which httpx reads as ``"²"``: a digit to
+    ``str.isdigit``, not a number to ``float``)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+            def do_GET(self) -> None:
+                self.wfile.write(
+                    b"HTTP/1.1 503 Unavailable\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n"
+                )
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_a_hostile_relays_retry_after_does_not_stop_receiving_from_the_other_mailboxes(
+    tmp_path: Path,
+) -> None:
+    """A relay (hostile, or anyone answering in its name) answers the listing 503 with a
+    ``Retry-After`` that is a digit to ``str.isdigit`` but no number (``²``): that relay is
+    unreachable for now, and the message waiting in the drop folder is still received."""
+    from clientkit import entry, party
+
+    from medsecure.directory import MemoryDirectory
+    from medsecure.transports import FileTransport
+    from medsecure.trust import AuthorityPolicy, PinStore
+
+    hostile = _ThrottlingRelay()
+    authority = m.Identity.generate()
+    alice = party(tmp_path, "alice", "810000000001")
+    bob = party(tmp_path, "bob", "810000000002")
+    directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
+    trust = AuthorityPolicy([authority.public], pins=PinStore(tmp_path / "pins.sqlite"))
+    try:
+        with m.Client(
+            alice.identity,
+            directory,
+            FileTransport(alice.box),
+            alice.home,
+            trust=trust,
+            me=alice.ref,
+        ) as a:
+            a.send(m.Document(content=b"genuine"), to=bob.ref)
+        relay = RelayTransport(bob.identity, hostile.url, sleep=lambda s: None)
+        transports = [relay, FileTransport(bob.box)]
+        with m.Client(bob.identity, directory, transports, bob.home, trust=trust, me=bob.ref) as b:
+            for _ in range(2):  # and again: nothing is stuck
+                (msg,) = b.receive()
+                assert msg.documents[0].read() == b"genuine"
+            assert [name for name, _ in b.unreachable] == [relay.name]
+            with pytest.raises(m.TransportUnavailable):
+                relay.list()
+    finally:
+        hostile.close()
+
+
+class _DrippingRelay:
+    """A hostile relay on loopback: it takes key bundles, and answers every GET ``200`` with a
+    long JSON body sent one byte at a time, each well within any read timeout."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        import time
+
+        stop = self.stop = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+            def do_GET(self) -> None:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+                self.wfile.flush()
+                with contextlib.suppress(OSError):
+                    while not stop.is_set():
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_a_relay_dripping_its_answer_cannot_hold_the_client_forever(driver: str) -> None:
+    """A hostile relay answers the listing one byte at a time, each byte well within the read
+    timeout, for ever (a 1 MB answer at 20 bytes a second: 14 hours). The transport gives up
+    on an answer that takes more than four times its timeout (TransportUnavailable): one relay
+    cannot keep receive() from returning, nor from reading the other mailboxes."""
+    import time
+
+    from relaykit import DRIVERS
+
+    hostile = _DrippingRelay()
+    t = DRIVERS[driver](m.Identity.generate(), hostile.url, timeout=0.5, retries=0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(m.TransportUnavailable, match="did not arrive"):
+            t.list()
+        assert time.monotonic() - started < 30
+    finally:
+        t.close()
+        hostile.close()

@@ -149,6 +149,18 @@ def test_429_honours_retry_after(
     assert sleeps.waits == [3.0, 1.0]
 
 
+def test_a_retry_after_that_is_no_number_is_backoff_not_a_crash(
+    fhir: FhirDirectory, server: AnnuaireServer, sleeps: Sleeps
+) -> None:
+    """A hostile directory (or anyone answering in its name) sends ``Retry-After: ²``: a digit
+    to ``str.isdigit``, no number to ``float``. It used to escape lookup() as ValueError (which
+    quarantines the envelope being verified instead of retrying it); it is ignored, and the
+    ordinary backoff applies."""
+    server.inject(429, {"Retry-After": "\u00b2"})
+    assert fhir.lookup("rpps:10000005479").family_name == "MARTIN"
+    assert len(sleeps.waits) == 1
+
+
 def test_504_then_success_with_backoff(
     fhir: FhirDirectory, server: AnnuaireServer, sleeps: Sleeps
 ) -> None:

@@ -81,6 +81,8 @@ _MAX_KEY_PAGES = 50
 _CHUNK = 1 << 20
 _MAX_JSON = 8 << 20
 _SPOOL = 8 << 20
+#: An answer read whole must arrive within this many times the transport's timeout.
+_ANSWER_DEADLINES = 4
 # Refusals that retrying cannot change (the outbox moves on to the next endpoint).
 _REJECTED = {
     "bad-request",
@@ -542,7 +544,8 @@ def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit() and len(value) < 10:
+    # ASCII digits only: "²" is a digit to str.isdigit but no number to float()
+    if value.isascii() and value.isdigit() and len(value) < 10:
         return float(value)
     with contextlib.suppress(TypeError, ValueError, IndexError):
         from email.utils import parsedate_to_datetime
@@ -568,10 +571,20 @@ def _listed(answer: httpx.Response, key: str) -> list[Any]:
     return items if isinstance(items, list) else []
 
 
-def _bounded(answer: bytes) -> bytes:
-    if len(answer) > _MAX_JSON:
-        raise TransportError("the relay's answer is too large")
-    return answer
+class _Answer:
+    """An answer read whole: at most ``_MAX_JSON`` bytes, arrived by ``deadline``
+    (``time.monotonic``)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.data = bytearray()
+
+    def add(self, part: bytes) -> None:
+        self.data += part
+        if len(self.data) > _MAX_JSON:
+            raise TransportError("the relay's answer is too large")
+        if time.monotonic() > self.deadline:
+            raise TransportUnavailable("the relay's answer did not arrive in time")
 
 
 def _decoded(response: httpx.Response, content: bytes) -> httpx.Response:
@@ -670,6 +683,9 @@ class _Relay(Generic[_C, _S]):
         )
         self._own_client = client is None
         self._client: _C = client if client is not None else self._new_client(timeout)
+        # an answer read whole (a listing, a look-up, a refusal) must arrive within this: a
+        # relay sending it a byte at a time, each within the read timeout, is given up on
+        self._answer_deadline = _ANSWER_DEADLINES * timeout
         self._sleep: _S = sleep if sleep is not None else self._default_sleep()
 
     def _new_client(self, timeout: float) -> _C:
@@ -755,14 +771,15 @@ class RelayTransport(_Relay[httpx.Client, Callable[[float], None]], Transport):
             if request.stream and response.status_code in request.ok:
                 return response
             try:
-                answer = b""
-                for part in response.iter_bytes(_CHUNK):
-                    answer = _bounded(answer + part)
+                # from the answer's head on (an upload's body was sent before it)
+                answer = _Answer(time.monotonic() + self._answer_deadline)
+                for part in response.iter_bytes():
+                    answer.add(part)
             finally:
                 response.close()
         except _TRANSIENT_HTTP as exc:
             return _unreachable(exc)
-        return self._core.judge(request, response, answer)
+        return self._core.judge(request, response, bytes(answer.data))
 
     def publish(self, base: str | None = None) -> None:
         """Publish this identity's key bundle on a relay (done before the first request)."""
@@ -928,14 +945,15 @@ class AsyncRelayTransport(
             if request.stream and response.status_code in request.ok:
                 return response
             try:
-                answer = b""
-                async for part in response.aiter_bytes(_CHUNK):
-                    answer = _bounded(answer + part)
+                # from the answer's head on (an upload's body was sent before it)
+                answer = _Answer(time.monotonic() + self._answer_deadline)
+                async for part in response.aiter_bytes():
+                    answer.add(part)
             finally:
                 await response.aclose()
         except _TRANSIENT_HTTP as exc:
             return _unreachable(exc)
-        return self._core.judge(request, response, answer)
+        return self._core.judge(request, response, bytes(answer.data))
 
     async def publish(self, base: str | None = None) -> None:
         """Publish this identity's key bundle on a relay (done before the first request)."""

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 
 from ._client import Client
 from ._closing import AsyncClosing
+from ._errors import TransportError
 from ._identity import Identity
 from ._results import (
     ReceivedMessage,
@@ -195,6 +196,11 @@ class AsyncClient(AsyncClosing):
     def unreachable(self) -> tuple[tuple[str, str], ...]:
         """The mailboxes the last :meth:`receive` could not read: (transport name, reason)."""
         return self._client.unreachable
+
+    @property
+    def mailbox_errors(self) -> tuple[tuple[str, TransportError], ...]:
+        """The errors behind :attr:`unreachable` (see :attr:`Client.mailbox_errors`)."""
+        return self._client.mailbox_errors
 
     @property
     def home(self) -> Path:

@@ -145,6 +145,11 @@ class Client(Closing):
         self._closed = False
         self.unreachable: tuple[tuple[str, str], ...] = ()
         """The mailboxes the last :meth:`receive` could not read: (transport name, reason)."""
+        self.mailbox_errors: tuple[tuple[str, TransportError], ...] = ()
+        """The errors behind :attr:`unreachable`: (transport name, error). A
+        :class:`TransportUnavailable` is worth retrying later (but not its subclass
+        ``ClockSkew``: set the clock first); any other :class:`TransportError`, such as a
+        :class:`DeliveryRejected` for a wrong relay URL, needs the configuration fixed."""
         self.store = Store(self.home, busy_timeout=busy_timeout)
         self.audit = AuditLog(
             self.home / "audit",
@@ -378,14 +383,14 @@ class Client(Closing):
 
     def _take(self, limit: int | None) -> None:
         budget = limit
-        unreachable = []
+        unreachable: list[tuple[str, TransportError]] = []
         for t in self.transports:
             try:
                 got = self._inbox.take(t, budget, on_report=self._outbox.apply_report)
             except TransportError as exc:
                 # one unreachable mailbox (an IMAP outage) does not keep the others unread
                 log.warning("could not read the %s mailbox: %s", t.name, exc)
-                unreachable.append((t.name, str(exc)))
+                unreachable.append((t.name, exc))
                 continue
             except MedsecureError:
                 raise  # this client's own storage failing
@@ -401,7 +406,8 @@ class Client(Closing):
                 budget = max(0, budget - got)
                 if budget == 0:
                     break
-        self.unreachable = tuple(unreachable)
+        self.unreachable = tuple((name, str(exc)) for name, exc in unreachable)
+        self.mailbox_errors = tuple(unreachable)
 
     def _send_due_receipts(self) -> None:
         """Seal and deliver the receipts the inbox queued (never raises: a receipt that cannot

@@ -11,12 +11,13 @@ Every error medsecure raises on purpose is a :class:`MedsecureError`::
     ├── TrustError ── KeyChanged, UntrustedKey, RevokedKey
     ├── TransportError
     │   ├── DeliveryRejected (permanent) ── PatientMailboxForbidden
-    │   ├── TransportUnavailable (transient)
+    │   ├── TransportUnavailable (transient) ── ClockSkew
     │   └── MailFormatError
     └── StorageError
 
 ``MailFormatError`` and ``PatientMailboxForbidden`` belong to the mail transport: they are
-imported from :mod:`medsecure.mail` (not from the top level).
+imported from :mod:`medsecure.mail` (not from the top level); ``ClockSkew`` belongs to the relay
+transport and is imported from :mod:`medsecure.transports`.
 
 Authentication failures are opaque: an envelope that was tampered with, truncated, extended or
 wrongly signed raises one :class:`EnvelopeError` whose message never says which check failed
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 __all__ = [
     "AmbiguousPractitioner",
+    "ClockSkew",
     "ConfigError",
     "DeliveryRejected",
     "DirectoryError",
@@ -123,6 +125,12 @@ class DeliveryRejected(TransportError):
 
 class TransportUnavailable(TransportError):
     """The endpoint could not be reached now (transient failure; retry later)."""
+
+
+class ClockSkew(TransportUnavailable):
+    """The relay refused a request's signature time: this computer's clock (or the relay's) is
+    off by more than the relay's signature window. Nothing is wrong with the message (the outbox
+    keeps it queued), but retrying helps only once the clock is set right."""
 
 
 class MailFormatError(TransportError):

@@ -13,8 +13,8 @@ same ones:
 * :func:`route` — a recipient's endpoints that a configured transport accepts, by their
   ``priority`` (lower first), ties broken by the order of the transports given to the client.
 * :func:`after_attempt` — what one delivery attempt's outcome means: ``sent``; a permanent
-  refusal (:class:`~medsecure.DeliveryRejected`) moves to the next endpoint at once, or fails
-  when there is none; a transient one (:class:`~medsecure.TransportUnavailable`, or anything
+  refusal (:class:`~medsecure.DeliveryRejected`) moves to the next endpoint at once (the
+  recipient's status keeps why, :func:`skip_note`), or fails when there is none; a transient one (:class:`~medsecure.TransportUnavailable`, or anything
   unexpected from a transport) is retried later with exponential backoff and jitter, and fails
   after ``max_attempts``.
 * receipts and delivery reports fold into each recipient's status (:mod:`._receipts`).
@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ from .trust import TrustDecision, TrustPolicy
 if TYPE_CHECKING:
     from .mail import MssanteOptions
 
-__all__ = ["Attempt", "Outbox", "RetryPolicy", "after_attempt", "route"]
+__all__ = ["Attempt", "Outbox", "RetryPolicy", "after_attempt", "route", "skip_note"]
 
 log = logging.getLogger("medsecure.outbox")
 
@@ -276,6 +277,19 @@ def after_attempt(
     if attempts >= policy.max_attempts:
         return Attempt(FAILED, index, now, f"gave up after {attempts} attempts: {text}")
     return Attempt(QUEUED, index, now + policy.backoff(attempts), text)
+
+
+def skip_note(endpoint: Endpoint, error: str | None) -> str:
+    """Why ``endpoint`` was passed over, in one line: its kind, its URL if it has one (without
+    credentials, query or fragment) and the refusal."""
+    where = endpoint.kind
+    if endpoint.url:
+        parts = urllib.parse.urlsplit(endpoint.url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port is not None else ""
+        where += f" {parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
+    return f"{where}: {error or 'refused'}"
 
 
 def mssante_address(p: Practitioner) -> str:
@@ -560,6 +574,7 @@ class Outbox:
         """Attempt one queued delivery (the synchronous driver of :func:`after_attempt`)."""
         endpoints, path, size = self.plan_of(row)
         index, attempts = int(row["endpoint_index"]), int(row["attempts"])
+        skipped: list[str] = []
         while True:
             attempts += 1
             error: BaseException | None = None
@@ -583,18 +598,28 @@ class Outbox:
                     row["message_id"],
                     endpoints[index].kind,
                 )
+                skipped.append(skip_note(endpoints[index], step.error))
                 index = step.index
                 continue
-            self.record(row, step, attempts, endpoints[step.index].kind)
+            self.record(row, step, attempts, endpoints[step.index].kind, skipped)
             return
 
-    def record(self, row: sqlite3.Row, step: Attempt, attempts: int, kind: str) -> None:
-        """Store an attempt's outcome (shared by every driver)."""
+    def record(
+        self,
+        row: sqlite3.Row,
+        step: Attempt,
+        attempts: int,
+        kind: str,
+        skipped: Sequence[str] = (),
+    ) -> None:
+        """Store an attempt's outcome (shared by every driver), with the reasons endpoints were
+        ``skipped`` on the way (:func:`skip_note`), added to those already recorded."""
         message_id, recipient = row["message_id"], row["recipient"]
+        notes = [*json.loads(row["skipped"] or "[]"), *skipped]
         with self.store.transaction(durable=False) as db:
             db.execute(
                 "UPDATE deliveries SET status = ?, attempts = ?, endpoint_index = ?,"
-                " next_attempt = ?, last_error = ?, updated = ?"
+                " next_attempt = ?, last_error = ?, updated = ?, skipped = ?"
                 " WHERE message_id = ? AND recipient = ? AND status = ?",
                 (
                     step.status,
@@ -603,6 +628,7 @@ class Outbox:
                     step.next_attempt,
                     step.error,
                     self.clock(),
+                    json.dumps(notes) if notes else None,
                     message_id,
                     recipient,
                     QUEUED,
@@ -616,6 +642,7 @@ class Outbox:
             attempt=attempts,
             result=step.status,
             answer=step.error,
+            skipped=list(skipped) or None,
         )
         if step.status == FAILED:
             log.warning("message %s to %s failed: %s", message_id, recipient, step.error)
@@ -682,6 +709,7 @@ class Outbox:
                     receipts=folded.on_time,
                     late_receipts=folded.late,
                     reason=folded.reason,
+                    skipped=tuple(json.loads(r["skipped"] or "[]")),
                 )
             )
         return out

@@ -49,6 +49,11 @@ class RecipientStatus:
     and never rewriting the final status."""
     reason: str | None = None
     """The recipient's reason code for a rejection."""
+    skipped: tuple[str, ...] = ()
+    """Why endpoints were passed over for the next one, oldest first: each one line naming the
+    endpoint and its refusal (``relay https://relay.example/wrong: the relay answered 404 …``),
+    never anything the message holds. A message ``sent`` over a fallback endpoint says here
+    what was wrong with the ones before it."""
 
 
 @dataclass(frozen=True)

@@ -201,11 +201,18 @@ ENDED_BY_V4 = """
 ALTER TABLE deliveries ADD COLUMN ended_by TEXT;
 """
 
+# Version 5: why endpoints were skipped for the next one (a JSON list of one-line reasons, one
+# per refusal: a wrong relay URL...), kept when a later endpoint takes the message.
+SKIPPED_V5 = """
+ALTER TABLE deliveries ADD COLUMN skipped TEXT;
+"""
+
 MIGRATIONS = (
     _script(SCHEMA_V1),
     _script(INBOX_V2),
     _script(PAYLOAD_V3),
     _script(ENDED_BY_V4),
+    _script(SKIPPED_V5),
 )
 
 

@@ -23,7 +23,7 @@ from medsecure.relay._digest import EMPTY_DIGEST, format_digest, parse_digest
 from medsecure.relay._problems import PROBLEMS, parse_problem, problem_body
 from medsecure.relay._signing import AuthError
 from medsecure.relay.server._limits import RateLimiter
-from medsecure.transports import AsyncRelayTransport, RelayTransport
+from medsecure.transports import AsyncRelayTransport, ClockSkew, RelayTransport
 
 URL = "http://127.0.0.1:9/v1/mailboxes/ms1x/messages"
 MID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
@@ -238,6 +238,11 @@ def test_retries_reuse_the_message_id_and_honour_retry_after(run, alice):
         (403, "sender-not-allowed", DeliveryRejected),
         (507, "mailbox-quota-exceeded", TransportUnavailable),
         (401, "signature-expired", TransportUnavailable),
+        (401, "signature-expired", ClockSkew),
+        (401, "unauthenticated", DeliveryRejected),
+        (401, "signature-invalid", DeliveryRejected),
+        (404, "not-found", DeliveryRejected),
+        (405, "method-not-allowed", DeliveryRejected),
         (503, "unavailable", TransportUnavailable),
     ],
 )
@@ -245,6 +250,16 @@ def test_refusals_map_to_the_error_tree(run, status, slug, error, alice):
     answers = [(status, {}, _problem(slug))] * 3
     with pytest.raises(error, match=slug):
         RUNNERS[run](alice, answers, retries=2)
+
+
+@pytest.mark.parametrize("run", sorted(RUNNERS))
+@pytest.mark.parametrize("status", [404, 405, 410])
+def test_a_refusal_without_a_problem_body_is_not_retried(run, status, alice):
+    """A server that is not a medsecure relay (or a proxy) answers in its own words: a 4xx is
+    still a refusal retrying cannot change; 404 and 405 point at the URL."""
+    with pytest.raises(DeliveryRejected, match=str(status)) as caught:
+        RUNNERS[run](alice, [(status, {}, b"<html>no</html>")] * 3, retries=2)
+    assert ("relay URL" in str(caught.value)) == (status != 410)
 
 
 @pytest.mark.parametrize("run", sorted(RUNNERS))

@@ -232,6 +232,7 @@ SUBPACKAGES = {
         "AsyncMockTransport",
         "AsyncRelayTransport",
         "AsyncTransport",
+        "ClockSkew",
         "Delivery",
         "DeliveryReport",
         "FileTransport",

@@ -81,7 +81,21 @@ def _status_dict(s: medsecure.RecipientStatus) -> dict[str, Any]:
         "endpoint": s.endpoint,
         "attempts": s.attempts,
         "error": s.error,
+        "skipped": list(s.skipped),
     }
+
+
+def _skipped(s: medsecure.RecipientStatus) -> str:
+    """Why endpoints were passed over for the one that took the message (empty if none was)."""
+    return "skipped " + "; ".join(s.skipped) if s.skipped else ""
+
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def _shown(name: str) -> str:
+    """A transport's name as printed: without credentials a URL in it might carry."""
+    return _CREDENTIALS.sub("", name)
 
 
 @contextlib.contextmanager
@@ -391,7 +405,11 @@ def send_cmd(
     else:
         click.echo(f"message {result.message_id}")
         for s in result.recipients:
-            click.echo(f"  {s.recipient}: {s.status}" + (f" ({s.error})" if s.error else ""))
+            notes = [n for n in (s.error, _skipped(s)) if n]
+            via = f" via {s.endpoint}" if s.skipped else ""
+            click.echo(
+                f"  {s.recipient}: {s.status}{via}" + (f" ({'; '.join(notes)})" if notes else "")
+            )
     if any(s.status == "failed" for s in result.recipients):
         raise CliError("delivery failed for some recipients (see the outbox)")
 
@@ -494,6 +512,7 @@ def receive(output: str | None, limit: int | None, home: str | None, as_json: bo
             listing.append(entry)
         quarantined = len(client.quarantine())
         unreachable = client.unreachable
+        errors = client.mailbox_errors
     if as_json:
         click.echo(
             json.dumps(
@@ -516,9 +535,24 @@ def receive(output: str | None, limit: int | None, home: str | None, as_json: bo
             err=True,
         )
     if unreachable:
-        name, why = unreachable[0]
+        from medsecure.transports import ClockSkew
+
         more = f" (and {len(unreachable) - 1} other mailbox(es))" if len(unreachable) > 1 else ""
-        raise TemporaryFailure(f"could not read the {name} mailbox: {why}{more}; try again later")
+        # a wrong URL, a refused signature or a clock to set right: retrying alone cannot help
+        lasting = [
+            (name, exc)
+            for name, exc in errors
+            if isinstance(exc, ClockSkew) or not isinstance(exc, medsecure.TransportUnavailable)
+        ]
+        if lasting:
+            name, exc = lasting[0]
+            raise CliError(
+                f"could not read the {_shown(name)} mailbox: {exc}{more} (not a temporary failure)"
+            )
+        name, why = unreachable[0]
+        raise TemporaryFailure(
+            f"could not read the {_shown(name)} mailbox: {why}{more}; try again later"
+        )
 
 
 @cli.command()
@@ -546,9 +580,10 @@ def outbox(home: str | None, as_json: bool) -> None:
     for e in entries:
         click.echo(f"{e.message_id}  {e.created:%Y-%m-%d %H:%M}  {e.size} bytes")
         for s in e.recipients:
+            notes = [n for n in (s.error, _skipped(s)) if n]
             click.echo(
                 f"  {s.recipient}: {s.status} via {s.endpoint}, {s.attempts} attempt(s)"
-                + (f" — {s.error}" if s.error else "")
+                + (f" — {'; '.join(notes)}" if notes else "")
             )
 
 

@@ -1,5 +1,5 @@
 """Transports move opaque envelope bytes: drop folders (:class:`FileTransport`), relays
-(:class:`RelayTransport`, :class:`AsyncRelayTransport`), mail (:class:`MailTransport`: SMTP, IMAP
+(:class:`RelayTransport`, :class:`AsyncRelayTransport`; their :class:`ClockSkew` error), mail (:class:`MailTransport`: SMTP, IMAP
 or Maildir, the end-to-end and MSSanté profiles, DSN and MDN reports) and, for tests of the
 software that embeds medsecure, :class:`MockTransport`.
 
@@ -9,6 +9,7 @@ software that embeds medsecure, :class:`MockTransport`.
 import importlib as _importlib
 import typing as _typing
 
+from .._errors import ClockSkew
 from ._base import AsyncTransport, DeliveryReport, Incoming, Transport, UnsupportedItem
 from ._file import FileTransport
 from ._mock import AsyncMockTransport, Delivery, MockTransport
@@ -21,6 +22,7 @@ __all__ = [
     "AsyncMockTransport",
     "AsyncRelayTransport",
     "AsyncTransport",
+    "ClockSkew",
     "Delivery",
     "DeliveryReport",
     "FileTransport",

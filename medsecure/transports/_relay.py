@@ -14,7 +14,11 @@ again if the relay answers ``unknown-key``.
 * Timeouts, connection failures, 5xx and 429 are retried with exponential backoff and jitter,
   honouring ``Retry-After``; each attempt is signed anew (new nonce) but names the same message.
   When the attempts are spent the error is :class:`TransportUnavailable` (the outbox retries
-  later); a refusal that retrying cannot change is :class:`DeliveryRejected`.
+  later); a refusal that retrying cannot change is :class:`DeliveryRejected`, raised at once:
+  among them a configuration to fix (a 404 or 405 on the relay's own routes means the URL's
+  path is wrong; ``https://`` to a server that answers in plain HTTP). A signature time outside
+  the relay's window is :class:`ClockSkew` (nothing is wrong with the message: set the clock).
+  Answers are classified by the problem's stable ``type``, then the status, never by its text.
 * ``fetch`` returns a reader that resumes an interrupted download with ``Range`` and
   ``If-Range`` (the relay's ETag is the body's digest, so a resumed body is the same body).
 * ``acknowledge`` names the message id (``DELETE``), so repeating it never removes another
@@ -40,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import tempfile
 import time
 import urllib.parse
@@ -53,6 +58,7 @@ import httpx
 
 from .._closing import AsyncClosing
 from .._errors import (
+    ClockSkew,
     DeliveryRejected,
     IdentityError,
     StorageError,
@@ -93,6 +99,7 @@ _REJECTED = {
     "length-required",
     "envelope-too-large",
     "signature-invalid",
+    "unauthenticated",
     "not-found",
     "method-not-allowed",
     "unsupported-media-type",
@@ -124,7 +131,8 @@ class _Verdict:
 class _Request:
     """One signed request an operation makes: to the relay at ``base``, with a body of ``size``
     bytes whose digest is ``digest`` (``size`` None: no body); ``ok`` are the answers that end
-    it; with ``stream`` a good answer is handed over unread (a download)."""
+    it; with ``stream`` a good answer is handed over unread (a download). A 404 means the relay
+    has no such route (a wrong URL) unless ``resource`` (then: no such envelope)."""
 
     method: str
     url: str
@@ -134,6 +142,7 @@ class _Request:
     size: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
     stream: bool = False
+    resource: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,12 +339,22 @@ class _Core:
         self, request: _Request, response: httpx.Response, answer: bytes
     ) -> httpx.Response | _Verdict:
         """A read answer: itself if it is one of the request's good answers, else the verdict."""
-        verdict = self.classify(response.status_code, response.headers, answer, request.ok)
+        verdict = self.classify(
+            response.status_code, response.headers, answer, request.ok, resource=request.resource
+        )
         return _decoded(response, answer) if verdict.action == "ok" else verdict
 
     def classify(
-        self, status: int, headers: httpx.Headers, body: bytes, ok: tuple[int, ...]
+        self,
+        status: int,
+        headers: httpx.Headers,
+        body: bytes,
+        ok: tuple[int, ...],
+        *,
+        resource: bool = False,
     ) -> _Verdict:
+        """What an answer means (by the problem's ``type``, then the status). ``resource``: a
+        404 means the thing asked for is gone, not that the relay has no such route."""
         if status in ok:
             return _Verdict("ok")
         slug = parse_problem(body) if body else None
@@ -355,7 +374,28 @@ class _Core:
             return _Verdict("retry", 0.0, TransportUnavailable(what))
         if slug == "signature-expired":
             return _Verdict(
-                "fail", error=TransportUnavailable(f"{what}: is this computer's clock right?")
+                "fail",
+                error=ClockSkew(
+                    f"{what}: the request's time is outside the relay's window;"
+                    " check this computer's clock"
+                ),
+            )
+        if status == 405 or (status == 404 and not resource):
+            # every route of the protocol exists on a relay: it has none under this URL
+            return _Verdict(
+                "fail",
+                error=DeliveryRejected(
+                    f"{what}: there is no medsecure relay route there;"
+                    " check the relay URL, path included"
+                ),
+            )
+        if slug in ("unauthenticated", "signature-invalid"):
+            return _Verdict(
+                "fail",
+                error=DeliveryRejected(
+                    f"{what}: the relay does not accept the request's signature; check the"
+                    " relay URL (a proxy in front of the relay must pass requests unchanged)"
+                ),
             )
         if slug in _REJECTED or slug is None:
             return _Verdict("fail", error=DeliveryRejected(what))
@@ -496,7 +536,9 @@ class _Resume:
             extra["Range"] = f"bytes={self.pos}-"
             if self.etag:
                 extra["If-Range"] = self.etag
-        return _Request("GET", self.url, (200, 206), self.core.url, extra=extra, stream=True)
+        return _Request(
+            "GET", self.url, (200, 206), self.core.url, extra=extra, stream=True, resource=True
+        )
 
     def refusal(self, response: httpx.Response) -> TransportUnavailable | None:
         """None if the (streamed) answer to :meth:`request` continues the download (its size
@@ -598,7 +640,37 @@ def _decoded(response: httpx.Response, content: bytes) -> httpx.Response:
 
 
 def _unreachable(exc: Exception) -> _Verdict:
+    tls = _tls_failure(exc)
+    if tls is not None and tls.reason in _NOT_TLS:
+        # no retry can change it: the URL's scheme or the relay's configuration is wrong
+        return _Verdict(
+            "fail",
+            error=DeliveryRejected(
+                "TLS mismatch: the relay does not answer TLS (a plain-HTTP server?);"
+                " check the relay URL's scheme (http:// or https://)"
+            ),
+        )
     return _Verdict("retry", None, _translate(exc))
+
+
+# OpenSSL's reasons for a server whose first answer is not a TLS record (plain HTTP): 1.1 and
+# 3.0 say WRONG_VERSION_NUMBER, 3.2+ may say RECORD_LAYER_FAILURE or PACKET_LENGTH_TOO_LONG.
+_NOT_TLS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)
+
+
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl error behind an httpx error (httpx raises ConnectError from httpcore's, itself
+    raised from the ssl module's), if there is one."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # What a network failure means, in words an operator acts on (never httpx's class names).
@@ -614,6 +686,11 @@ _FAILURES: tuple[tuple[type[Exception], str], ...] = (
 
 
 def _translate(exc: Exception) -> TransportUnavailable:
+    tls = _tls_failure(exc)
+    if isinstance(tls, ssl.SSLCertVerificationError):
+        return TransportUnavailable("TLS failure: the relay's certificate does not verify")
+    if tls is not None:
+        return TransportUnavailable("TLS failure: the handshake with the relay failed")
     what = next((text for kind, text in _FAILURES if isinstance(exc, kind)), "network failure")
     return TransportUnavailable(f"relay unreachable: {what}")
 

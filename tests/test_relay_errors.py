@@ -1,0 +1,275 @@
+"""What a misconfigured relay endpoint looks like to its user: a wrong URL path, ``https://`` to
+a plain-http relay, a clock outside the signature window. Against the real relay on loopback,
+through both transports, the client and the command line.
+
+A refusal that retrying cannot change is :class:`DeliveryRejected`, said once (no retries) in
+words naming what to fix; a clock problem is :class:`ClockSkew` (the outbox keeps the message:
+nothing is wrong with it); the command line exits 75 only for what is worth retrying later.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from relaykit import DRIVERS, RelayServer, message_id
+from test_cli_core import run
+
+import medsecure as m
+from medsecure import DeliveryRejected, TransportUnavailable
+from medsecure.models import Endpoint
+from medsecure.relay import sign_request
+from medsecure.transports import ClockSkew
+
+FAST = ("--rate", "1000", "--burst", "100000")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("relay-errors")
+    with RelayServer(root / "server.log", data=root / "data", args=FAST) as srv:
+        yield srv
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def driver(request: pytest.FixtureRequest):
+    made = []
+
+    def make(identity, url, **kw):
+        d = DRIVERS[request.param](identity, url, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _box(identity: m.Identity, url: str) -> Endpoint:
+    return Endpoint(kind="relay", url=url, mailbox=identity.fingerprint)
+
+
+# -- the transports --------------------------------------------------------------------------
+
+
+def test_a_wrong_path_is_a_configuration_error_said_at_once(server, driver):
+    """Every route of the relay answers 404 under a wrong prefix: that is not a missing
+    envelope, and not worth retrying: the relay URL is wrong."""
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    wrong = server.url + "/wrong"
+    slept: list[float] = []
+    t = driver(alice, wrong, sleep=slept.append)
+    with pytest.raises(DeliveryRejected) as caught:
+        t.deliver(_box(bob, wrong), b"x" * 10, message_id())
+    text = str(caught.value)
+    assert "404" in text and "not-found" in text
+    assert "relay URL" in text and "path" in text
+    with pytest.raises(DeliveryRejected, match="relay URL"):
+        t.list()
+    assert slept == []  # nothing retried
+
+
+def test_a_wrong_path_to_the_recipients_relay_only(server, driver):
+    """The caller's own relay is right; the recipient's endpoint names a wrong path."""
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    t = driver(alice, server.url, sleep=lambda _s: None)
+    assert t.list() == []
+    with pytest.raises(DeliveryRejected, match=r"404 \(not-found\).*relay URL"):
+        t.deliver(_box(bob, server.url + "/v2"), b"x" * 10, message_id())
+
+
+def test_https_to_a_plain_http_relay_is_a_tls_mismatch(server, driver):
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    url = server.url.replace("http://", "https://")
+    slept: list[float] = []
+    t = driver(alice, url, sleep=slept.append)
+    with pytest.raises(DeliveryRejected) as caught:
+        t.deliver(_box(bob, url), b"x" * 10, message_id())
+    text = str(caught.value)
+    assert "TLS" in text and "http://" in text
+    assert "refused" not in text and "unreachable" not in text
+    assert "Error" not in text  # words, not library class names
+    with pytest.raises(DeliveryRejected, match="TLS"):
+        t.list()
+    assert slept == []
+
+
+def test_a_clock_outside_the_window_says_check_the_clock(server, driver, monkeypatch):
+    """The relay refuses the signature's time: nothing is wrong with the message (the outbox
+    keeps it: TransportUnavailable), but only setting the clock right helps."""
+    import medsecure.transports._relay as relay_module
+
+    def ahead(*args, **kw):
+        return sign_request(*args, created=int(time.time()) + 3600, **kw)
+
+    monkeypatch.setattr(relay_module, "sign_request", ahead)
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    slept: list[float] = []
+    t = driver(alice, server.url, sleep=slept.append)
+    with pytest.raises(ClockSkew) as caught:
+        t.deliver(_box(bob, server.url), b"x" * 10, message_id())
+    assert isinstance(caught.value, TransportUnavailable)
+    assert "clock" in str(caught.value) and "signature-expired" in str(caught.value)
+    assert slept == []
+
+
+def test_a_missing_envelope_is_still_not_found(server):
+    """A 404 on a download means the envelope is gone (acknowledged elsewhere), not that the
+    relay URL is wrong."""
+    from medsecure.transports import Incoming, RelayTransport
+
+    alice = m.Identity.generate()
+    with RelayTransport(alice, server.url, sleep=lambda _s: None) as t:
+        gone = Incoming(handle=message_id(), message_id="x", size=3)
+        with pytest.raises(DeliveryRejected) as caught:
+            t.fetch(gone).read()
+    assert "not-found" in str(caught.value) and "relay URL" not in str(caught.value)
+
+
+# -- the client: the outbox records why an endpoint was skipped ------------------------------
+
+
+def test_the_outbox_records_why_the_relay_endpoint_was_skipped(server, tmp_path):
+    """A refused relay endpoint is skipped for the next one (the drop folder), and the
+    recipient's status says why (never what the message held)."""
+    from clientkit import entry, party
+
+    from medsecure.directory import MemoryDirectory
+    from medsecure.transports import FileTransport, RelayTransport
+    from medsecure.trust import AuthorityPolicy
+
+    authority = m.Identity.generate()
+    alice = party(tmp_path, "alice", "810000000019")
+    bob = party(tmp_path, "bob", "810000005479")
+    wrong = server.url + "/wrong"
+    endpoints = (_box(bob.identity, wrong), Endpoint(kind="drop", path=str(bob.box), priority=1))
+    directory = MemoryDirectory(
+        [entry(authority, alice), entry(authority, bob, endpoints=endpoints)]
+    )
+    relay = RelayTransport(alice.identity, wrong, sleep=lambda _s: None)
+    with (
+        relay,
+        m.Client(
+            alice.identity,
+            directory,
+            [relay, FileTransport(alice.box)],
+            alice.home,
+            trust=AuthorityPolicy([authority.public]),
+            me=alice.idnps,
+        ) as c,
+    ):
+        doc = m.Document(content=b"compte rendu", media_type="text/plain")
+        result = c.send([doc], to=[bob.ref])
+        (status,) = result.recipients
+        assert (status.status, status.endpoint, status.error) == ("sent", "drop", None)
+        (why,) = status.skipped
+        assert why.startswith(f"relay {wrong}: ") and "404 (not-found)" in why
+        assert "compte rendu" not in why
+        (out,) = c.outbox()
+        assert out.recipients[0].skipped == (why,)
+        assert c.status(result.message_id)[0].skipped == (why,)
+    assert any(FileTransport(bob.box).list())
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def _error_line(proc) -> str:
+    """The error ``receive`` ends with (after its count of messages read, on stderr too)."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+    *_, line = proc.stderr.strip().splitlines()
+    assert line.startswith("medsecure: error: ")
+    return line
+
+
+def _init(cwd: Path, home: str, me: str, relay: str) -> dict[str, str]:
+    proc = run(
+        ["init", "--home", home, "--me", me, "--unsafe-tofu", "--json", "--relay", relay], cwd
+    )
+    assert proc.returncode == 0, proc.stderr
+    info: dict[str, str] = json.loads(proc.stdout)
+    return info
+
+
+def _exchange_directories(cwd: Path) -> None:
+    for me, other in (("martin", "petit"), ("petit", "martin")):
+        proc = run(
+            [
+                "directory",
+                "import",
+                "--directory",
+                f"{me}/directory.json",
+                f"{other}/directory.json",
+            ],
+            cwd,
+        )
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_with_a_wrong_relay_path(server, tmp_path):
+    """The newcomer's report: ``init --relay http://127.0.0.1:PORT/wrong`` on both homes."""
+    wrong = server.url + "/wrong"
+    _init(tmp_path, "martin", "rpps:10000005479", wrong)
+    _init(tmp_path, "petit", "rpps:10000000019", wrong)
+    _exchange_directories(tmp_path)
+    (tmp_path / "cr.pdf").write_bytes(b"%PDF-1.7\n% compte rendu (fictitious)\n")
+
+    # send falls back to the drop folder, and says why the relay was skipped
+    proc = run(["send", "cr.pdf", "--to", "rpps:10000000019", "--home", "martin"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "sent via drop" in proc.stdout
+    assert f"relay {wrong}" in proc.stdout and "404 (not-found)" in proc.stdout
+    proc = run(
+        ["send", "cr.pdf", "--to", "rpps:10000000019", "--home", "martin", "--json"], tmp_path
+    )
+    (status,) = json.loads(proc.stdout)["recipients"]
+    assert (status["endpoint"], status["status"], status["error"]) == ("drop", "sent", None)
+    (why,) = status["skipped"]
+    assert why.startswith(f"relay {wrong}: ") and "relay URL" in why
+
+    listing = run(["outbox", "--home", "martin"], tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert f"skipped relay {wrong}" in listing.stdout
+    (entry, _) = json.loads(run(["outbox", "--home", "martin", "--json"], tmp_path).stdout)
+    assert entry["recipients"][0]["skipped"] == [why]
+
+    # receive: the drop folder is read; the relay is a configuration error, not "try again
+    # later"
+    proc = run(["receive", "--home", "petit"], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    count, line = proc.stderr.strip().splitlines()
+    assert count == "2 message(s)" and line.startswith("medsecure: error: ")
+    assert wrong in line and "404 (not-found)" in line and "relay URL" in line
+    assert "try again later" not in line
+
+
+def test_cli_receive_over_https_from_a_plain_http_relay(server, tmp_path):
+    url = server.url.replace("http://", "https://")
+    _init(tmp_path, "petit", "rpps:10000000019", url)
+    proc = run(["receive", "--home", "petit"], tmp_path)
+    line = _error_line(proc)
+    assert proc.returncode == 1
+    assert "TLS" in line and url in line
+    assert "connection refused" not in line and "try again later" not in line
+
+
+def test_cli_receive_with_the_clock_off(server, tmp_path, monkeypatch, capsys):
+    """In-process (the clock is moved by replacing the transport's signing)."""
+    import medsecure.transports._relay as relay_module
+    from medsecure.cli import main
+
+    _init(tmp_path, "petit", "rpps:10000000019", server.url)
+
+    def ahead(*args, **kw):
+        return sign_request(*args, created=int(time.time()) + 3600, **kw)
+
+    monkeypatch.setattr(relay_module, "sign_request", ahead)
+    monkeypatch.setenv("MEDSECURE_PASSPHRASE", "pw")
+    code = main(["receive", "--home", str(tmp_path / "petit")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1, err
+    line = err[-1]
+    assert line.startswith("medsecure: error: ") and "check this computer's clock" in line
+    assert "try again later" not in line

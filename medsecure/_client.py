@@ -398,7 +398,7 @@ class Client(Closing):
                 # a transport's failure nobody foresaw (on an answer a hostile server crafted):
                 # that mailbox is unreadable for now, the others are still read; only the
                 # exception's type is said (its text could quote what the server sent)
-                what = f"its transport failed ({type(exc).__name__})"
+                what = TransportUnavailable(f"its transport failed ({type(exc).__name__})")
                 log.error("could not read the %s mailbox: %s", t.name, what)
                 unreachable.append((t.name, what))
                 continue

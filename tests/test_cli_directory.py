@@ -194,6 +194,18 @@ def test_fhir_lookup_from_the_cli(work: Path) -> None:
         assert "1 practitioner(s)" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "url", ["https://\u2026/fhir/v2", "https://a_b..c/fhir", "https://example.fr:abc/fhir"]
+)
+def test_fhir_url_that_cannot_be_used(work: Path, url: str) -> None:
+    for argv in (
+        ["directory", "lookup", "rpps:10000005479", "--fhir", url],
+        ["directory", "search", "--name", "martin", "--fhir", url],
+    ):
+        line = one_error_line(run(argv, work))
+        assert "unexpected" not in line and "FHIR base URL" in line, line
+
+
 def test_directory_cli_errors(work: Path) -> None:
     assert "exactly one of" in one_error_line(
         run(["directory", "lookup", "rpps:10000005479"], work)

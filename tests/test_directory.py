@@ -394,3 +394,32 @@ def test_chain_resolves_an_address_only_when_every_source_answers() -> None:
     # merging by IDNPS never brings an address lookup to the entry of another practitioner
     practice.up = True
     assert chain.lookup("mallory@medecin.mssante.fr").idnps == mallory.idnps
+
+
+def test_merge_records_which_keys_each_endpoint_came_with() -> None:
+    from medsecure import Identity
+    from medsecure.directory import merge_practitioners
+    from medsecure.models import Endpoint, KeyEntry, Practitioner
+
+    bob, mallory = Identity.generate().public, Identity.generate().public
+    shared = Endpoint(kind="drop", path="/srv/shared")
+    mine = Practitioner(
+        idnps="810000005479",
+        keys=(KeyEntry(public=bob),),
+        endpoints=(Endpoint(kind="drop", path="/srv/bob"), shared),
+    )
+    theirs = Practitioner(
+        idnps="810000005479",
+        keys=(KeyEntry(public=mallory),),
+        endpoints=(Endpoint(kind="drop", path="/srv/mallory"), shared),
+    )
+    keyless = Practitioner(idnps="810000005479", endpoints=(Endpoint(kind="drop", path="/tmp/x"),))
+    merged = merge_practitioners([theirs, mine, keyless])
+    assert [(e.path, e.keys) for e in merged.endpoints] == [
+        ("/srv/mallory", (mallory.fingerprint,)),
+        ("/srv/shared", (mallory.fingerprint, bob.fingerprint)),  # one place, both keys
+        ("/srv/bob", (bob.fingerprint,)),
+        ("/tmp/x", ()),  # came with no key
+    ]
+    # the same keys everywhere: nothing to record, nothing changes
+    assert merge_practitioners([mine, mine]).endpoints == mine.endpoints

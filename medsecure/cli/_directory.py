@@ -272,7 +272,8 @@ def _merge(new: Practitioner, existing: Practitioner | None) -> Practitioner:
                 }
             )
         statements.setdefault(k.fingerprint, []).extend(k.statements)
-    merged = merge_practitioners([new.model_copy(update={"keys": ()}), existing])
+    # with their keys, so that each entry's endpoints remember the keys they came with
+    merged = merge_practitioners([new, existing])
     keys = tuple(
         k.model_copy(update={"statements": tuple(dict.fromkeys(statements[fp]))})
         for fp, k in by_fp.items()

@@ -27,7 +27,7 @@ def authority() -> m.Identity:
 @pytest.fixture
 def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     return alice, bob, directory
 
@@ -115,14 +115,14 @@ def test_nothing_but_routing_data_is_visible(
 
 def test_recipient_forms_and_multi_recipient(tmp_path: Path, authority: m.Identity) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
-    carol = party(tmp_path, "carol", "810000000027")
+    bob = party(tmp_path, "bob", "810000000017")
+    carol = party(tmp_path, "carol", "810000000025")
     directory = MemoryDirectory([entry(authority, p) for p in (alice, bob, carol)])
     with client(alice, directory, authority) as ca:
         carol_entry = directory.lookup(carol.ref)
         r = ca.send(
             m.Document(content=b"hello"),
-            to=["rpps:10000000019", carol_entry, "bob@medecin.mssante.fr"],
+            to=["rpps:10000000017", carol_entry, "bob@medecin.mssante.fr"],
         )
         assert [s.recipient for s in r.recipients] == [bob.idnps, carol.idnps]  # deduplicated
     for p in (bob, carol):
@@ -164,7 +164,7 @@ def test_client_needs_a_trust_policy(world: tuple[Party, Party, MemoryDirectory]
         alice.identity, directory, FileTransport(alice.box), alice.home, trust=UnsafeAcceptAll()
     )
     with pytest.raises(ValueError, match="who it sends as"):
-        c.send(m.Document(content=b"x"), to="rpps:10000000019")
+        c.send(m.Document(content=b"x"), to="rpps:10000000017")
     c.close()
 
 
@@ -214,7 +214,7 @@ def test_permanent_failures_fall_through_then_dead_letter(
     tmp_path: Path, authority: m.Identity
 ) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     eps = (
         Endpoint(kind="relay", url="https://relay.invalid/", mailbox="bob"),
         Endpoint(kind="drop", path=str(bob.box)),
@@ -273,7 +273,7 @@ def test_permanent_failures_fall_through_then_dead_letter(
 
 def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     eps = (
         Endpoint(kind="drop", path=str(bob.box)),
         Endpoint(kind="mail", address="bob@medecin.mssante.fr"),
@@ -664,8 +664,8 @@ def test_imported_entry_with_a_refused_key_brings_no_endpoint(
     from medsecure.directory import FileDirectory
 
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
-    mallory = party(tmp_path, "mallory", "810000000027")
+    bob = party(tmp_path, "bob", "810000000017")
+    mallory = party(tmp_path, "mallory", "810000000025")
     path = tmp_path / "directory.json"
     with FileDirectory(path) as d:
         d.add_many(
@@ -697,8 +697,8 @@ def test_chained_entry_with_a_refused_key_brings_no_endpoint(
     from medsecure.directory import ChainDirectory, FileDirectory
 
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
-    mallory = party(tmp_path, "mallory", "810000000027")
+    bob = party(tmp_path, "bob", "810000000017")
+    mallory = party(tmp_path, "mallory", "810000000025")
     path = tmp_path / "directory.json"
     with FileDirectory(path) as d:
         d.add_many(

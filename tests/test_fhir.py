@@ -97,7 +97,7 @@ def test_adeli_only_professional(fhir: FhirDirectory) -> None:
 def test_lookup_by_mailbox(fhir: FhirDirectory) -> None:
     assert fhir.lookup("sophie.martin@medecin.mssante.fr").idnps == "810000005479"
     # a mailbox carried by a PractitionerRole only
-    assert fhir.lookup("luc.petit@chu-nancy.mssante.fr").idnps == "810000000019"
+    assert fhir.lookup("luc.petit@chu-nancy.mssante.fr").idnps == "810000000017"
     with pytest.raises(AmbiguousPractitioner):
         fhir.lookup("cabinet.dupont@medecin.mssante.fr")
     with pytest.raises(PractitionerNotFound):
@@ -396,7 +396,7 @@ def test_every_kind_of_call_uses_declared_parameters_only(
     assert fhir.lookup("rpps:10000005479").organizations[0].name == "CHU de Nancy"
     assert fhir.lookup("sophie.martin@medecin.mssante.fr").idnps == "810000005479"
     petit = fhir.lookup("luc.petit@chu-nancy.mssante.fr")  # through PractitionerRole
-    assert petit.idnps == "810000000019" and petit.organizations[0].city == "Nancy"
+    assert petit.idnps == "810000000017" and petit.organizations[0].city == "Nancy"
     found = fhir.lookup_many(["adeli:751004587", "luc.petit@chu-nancy.mssante.fr"])
     assert found["idnps:0751004587"].organizations[0].city == "Paris"
     assert [p.idnps for p in fhir.search(name="martin", city="nancy")] == ["810000005479"]

@@ -33,7 +33,7 @@ def main() -> None:
         log = AuditLog(root / "a", identity=me, actor_id="810000005479", checkpoint_every=10**9)
         fields = {
             "message_id": "01M8RD0VPNHXKFEJHA93WF8EY1",
-            "counterparty": "810000000019",
+            "counterparty": "810000000017",
             "result": "sent",
             "endpoint": "drop",
             "attempt": 1,

@@ -30,7 +30,7 @@ def setup(root: Path) -> tuple[m.Client, m.Client, m.Identity, m.Identity]:
     authority = m.Identity.generate()
     now = dt.datetime.now(dt.UTC)
     ids = {"alice": m.Identity.generate(), "bob": m.Identity.generate()}
-    idnps = {"alice": "810000005479", "bob": "810000000019"}
+    idnps = {"alice": "810000005479", "bob": "810000000017"}
     entries = []
     for who, ident in ids.items():
         box = FileTransport.prepare(root / f"box-{who}")
@@ -86,7 +86,7 @@ def small(root: Path, n: int) -> None:
     with FsyncCounter() as fs:
         t = time.perf_counter()
         for i in range(n):
-            alice.send(m.Document(content=payload, filename=f"r{i}.txt"), to="rpps:10000000019")
+            alice.send(m.Document(content=payload, filename=f"r{i}.txt"), to="rpps:10000000017")
         t_send = time.perf_counter() - t
     fsyncs = fs.count
     t = time.perf_counter()
@@ -150,7 +150,7 @@ def large(root: Path, mib: int, repeat: int = 2) -> None:
         timed("unseal", bare_unseal)
         for p in ("bare.msec", "bare.out"):
             (root / p).unlink()
-        timed("send", lambda: alice.send(m.Document.from_path(src), to="rpps:10000000019"))
+        timed("send", lambda: alice.send(m.Document.from_path(src), to="rpps:10000000017"))
         got: list[m.ReceivedMessage] = []
         timed("receive", lambda: got.extend(bob.receive()))
         timed("save", lambda: got[0].documents[0].save(root / "saved.bin"))

@@ -421,7 +421,7 @@ async def loop_lag(url: str, root: Path, path: Path) -> tuple[float, float]:
     AsyncRelayTransport) sends the document at ``path`` through the relay."""
     authority = m.Identity.generate()
     alice = party(root, "alice", "810000005479")
-    bob = party(root, "bob", "810000000019")
+    bob = party(root, "bob", "810000000017")
 
     def box(p: object) -> tuple[Endpoint, ...]:
         return (Endpoint(kind="relay", url=url, mailbox=p.identity.fingerprint),)  # type: ignore[attr-defined]

@@ -50,7 +50,7 @@ def main() -> int:
             return identity, entry, box
 
         martin_id, martin, martin_box = practitioner("810000005479", "MARTIN", "Sophie")
-        petit_id, petit, petit_box = practitioner("810000000019", "PETIT", "Luc")
+        petit_id, petit, petit_box = practitioner("810000000017", "PETIT", "Luc")
         directory = MemoryDirectory([martin, petit])
         policy = AuthorityPolicy([authority.public])
 
@@ -75,7 +75,7 @@ def main() -> int:
                         code="11488-4", label="Consult note", system="http://loinc.org"
                     ),
                 ),
-                to="rpps:10000000019",
+                to="rpps:10000000017",
                 subject="Compte rendu",
             )
             print(f"Dr Martin sent {result.message_id}: {[s.status for s in result.recipients]}")

@@ -68,7 +68,7 @@ def demo() -> int:
         m.init_home(
             root / "b",
             passphrase="demo",
-            me="rpps:10000000019",
+            me="rpps:10000000017",
             family_name="PETIT",
             trust={"mode": "unsafe-tofu"},
         )
@@ -76,7 +76,7 @@ def demo() -> int:
             FileDirectory(root / "a" / "directory.json"),
             FileDirectory(root / "b" / "directory.json"),
         )
-        da.add(db.lookup("rpps:10000000019"))
+        da.add(db.lookup("rpps:10000000017"))
         db.add(da.lookup("rpps:10000005479"))
         with m.client_from_home(root / "a", passphrase="demo") as a:
             a.send(
@@ -84,7 +84,7 @@ def demo() -> int:
                     m.Document(content=b"%PDF-1.7 bilan", filename="bilan.pdf"),
                     m.Document(content=b"MSH|^~\\&|LAB", filename="resultats.hl7"),
                 ],
-                to="rpps:10000000019",
+                to="rpps:10000000017",
                 subject="Bilan",
                 body="Bonjour",
             )

@@ -1,6 +1,6 @@
 """Send every PDF of a folder to a practitioner, with the client configured from a home.
 
-    python examples/send_folder.py FOLDER --to rpps:10000000019 [--home HOME]
+    python examples/send_folder.py FOLDER --to rpps:10000000017 [--home HOME]
 
 With no arguments it builds a throw-away setup (two homes made with ``medsecure.init_home``,
 three PDFs) and sends them, so the tests can run it as it is.
@@ -40,21 +40,21 @@ def demo() -> int:
         m.init_home(
             root / "recipient",
             passphrase="demo",
-            me="rpps:10000000019",
+            me="rpps:10000000017",
             family_name="PETIT",
             trust={"mode": "unsafe-tofu"},
         )
         # exchange directory entries (in real life: a shared directory, or the Annuaire + keys)
         sender_dir = FileDirectory(root / "sender" / "directory.json")
         recipient_dir = FileDirectory(root / "recipient" / "directory.json")
-        sender_dir.add(recipient_dir.lookup("rpps:10000000019"))
+        sender_dir.add(recipient_dir.lookup("rpps:10000000017"))
         recipient_dir.add(sender_dir.lookup("rpps:10000005479"))
         folder = root / "to-send"
         folder.mkdir()
         for i in range(3):
             (folder / f"resultat-{i + 1}.pdf").write_bytes(b"%PDF-1.7\n" + os.urandom(1000))
         with m.client_from_home(root / "sender", passphrase="demo") as client:
-            results = send_folder(client, folder, "rpps:10000000019")
+            results = send_folder(client, folder, "rpps:10000000017")
         with m.client_from_home(root / "recipient", passphrase="demo") as inbox:
             received = inbox.receive()
             print(f"recipient got {len(received)} message(s)")

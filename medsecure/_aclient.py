@@ -2,7 +2,7 @@
 
     async with medsecure.AsyncClient.from_home("martin", passphrase=…) as client:
         # or AsyncClient(identity, directory, transport, home, trust=policy, me="rpps:…")
-        result = await client.send(Document.from_path("cr.pdf"), to="rpps:10000000019")
+        result = await client.send(Document.from_path("cr.pdf"), to="rpps:10000000017")
         for message in await client.receive():
             ...
             await client.ack(message)

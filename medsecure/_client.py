@@ -2,7 +2,7 @@
 
     client = medsecure.Client(identity, directory, FileTransport(box), "~/.medsecure",
                               trust=AuthorityPolicy([authority]), me="rpps:10000005479")
-    result = client.send(Document.from_path("cr.pdf"), to="rpps:10000000019", subject="CR")
+    result = client.send(Document.from_path("cr.pdf"), to="rpps:10000000017", subject="CR")
     for message in client.receive():
         ...
         message.ack()

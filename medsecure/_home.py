@@ -91,6 +91,8 @@ def _directory(home: Path, cfg: dict[str, Any]) -> Directory:
         if "file" in s:
             built.append(FileDirectory(_resolve(home, s["file"])))
         elif "fhir" in s:
+            if not isinstance(s["fhir"], str):
+                raise ConfigError("'fhir' is the FHIR base URL (a string)")
             key = os.environ.get(s.get("api_key_env", "ESANTE_API_KEY"))
             fhir = FhirDirectory(s["fhir"], api_key=key)
             built.append(

@@ -34,7 +34,7 @@ import logging
 import random
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +89,25 @@ def route(practitioner: Practitioner, transports: Sequence[Transport]) -> list[E
             f"(its endpoints: {', '.join(kinds)})"
         )
     return [e for _, _, _, e in sorted(usable, key=lambda x: x[:3])]
+
+
+def vouched_endpoints(practitioner: Practitioner, trusted: Iterable[str]) -> Practitioner:
+    """``practitioner`` with only the endpoints that came with a key in ``trusted``
+    (fingerprints the trust policy accepted), see :attr:`Endpoint.keys`; an endpoint that does
+    not say (its entry was never merged with another's) goes with the entry's keys. The
+    endpoints kept no longer carry ``keys`` (the outbox stores and matches them as transports
+    name them). Raises TransportError when the practitioner had endpoints and none is vouched."""
+    accepted = set(trusted)
+    kept = tuple(
+        e.model_copy(update={"keys": None})
+        for e in practitioner.endpoints
+        if e.keys is None or accepted.intersection(e.keys)
+    )
+    if practitioner.endpoints and not kept:
+        raise TransportError(
+            f"no endpoint of {practitioner.idnps} came with a key the trust policy accepts"
+        )
+    return practitioner.model_copy(update={"endpoints": kept})
 
 
 def plain_document(item: Any) -> Document:
@@ -197,11 +216,14 @@ def make_plan(
                 routes.append((p.idnps, tuple(route(only, transports))))
                 plain.append(p)
                 continue
-            for decision in trust.decisions(p):
+            decisions = trust.decisions(p)
+            for decision in decisions:
                 on_trust(decision)
                 if decision.key not in keys:
                     keys.append(decision.key)
-            routes.append((p.idnps, tuple(route(p, transports))))
+            # an endpoint that came with a refused key is never used (Endpoint.keys)
+            vouched = vouched_endpoints(p, (d.key.fingerprint for d in decisions))
+            routes.append((p.idnps, tuple(route(vouched, transports))))
     except TrustError as exc:
         audit.append(
             "trust-refused",

@@ -19,8 +19,10 @@
 * **MSSanté** addresses: mailboxes of the national secure health messaging space, in
   ``*.mssante.fr`` domains (``prenom.nom@medecin.mssante.fr``, ``<INS>@patient.mssante.fr``).
 
-Check digits are *reported* (``checksum_ok``), never enforced: several official fictitious
-examples fail them. Malformed input raises ``ValueError`` naming what is wrong.
+Check digits are *reported* (``checksum_ok``), never enforced here: several official fictitious
+examples fail them, and what a directory serves is not this module's to reject. The ``medsecure``
+command refuses an RPPS number a person types whose Luhn check digit fails (docs/directory.md).
+Malformed input raises ``ValueError`` naming what is wrong.
 """
 
 from __future__ import annotations

@@ -153,6 +153,12 @@ class Endpoint(_Model):
     """Drop folder (``drop``)."""
     priority: int = 0
     """Lower is tried first (see the client's transport selection)."""
+    keys: tuple[str, ...] | None = None
+    """Fingerprints of the keys of the directory entry that listed this endpoint, set when entries
+    with different keys are merged (``merge_practitioners``); ``None`` for an entry never merged
+    with another's, whose endpoints go with its own keys. An endpoint is only as trustworthy as
+    the key it came with: a send uses it only if the trust policy accepts one of these keys
+    (``()``: it came with no key, so it is not used while the practitioner has keys)."""
 
     @model_validator(mode="after")
     def _complete(self) -> Endpoint:

@@ -42,7 +42,7 @@ def main() -> None:
             i += 1
             r = c.send(
                 m.Document(content=f"document {i}".encode() * 50, filename=f"d{i}.txt"),
-                to="rpps:10000000019",
+                to="rpps:10000000017",
             )
             print(r.message_id, flush=True)
     elif role == "flush":

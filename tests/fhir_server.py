@@ -294,7 +294,7 @@ def sample_data(extra_bernards: int = 0) -> list[dict[str, Any]]:
             rpps="10000000002",
             telecom=[mss("cabinet.dupont@medecin.mssante.fr", "CAB")],
         ),
-        practitioner("p-roleonly", "810000000019", "PETIT", "Luc", rpps="10000000019"),
+        practitioner("p-roleonly", "810000000017", "PETIT", "Luc", rpps="10000000017"),
         role("r-roleonly", "p-roleonly", "o-chu", telecom=[mss("luc.petit@chu-nancy.mssante.fr")]),
     ]
     for i in range(extra_bernards):

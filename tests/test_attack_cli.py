@@ -31,7 +31,7 @@ def test_a_sender_reusing_a_message_id_never_overwrites_a_saved_message(
             "--directory",
             "alice/directory.json",  # the directory both homes use
             "--idnps",
-            "rpps:10000000027",
+            "rpps:10000000025",
             "--family",
             "MALLORY",
             "--key",
@@ -42,7 +42,7 @@ def test_a_sender_reusing_a_message_id_never_overwrites_a_saved_message(
     assert added.returncode == 0, added.stderr
     doc = tmp_path / "cr.txt"
     doc.write_text("from alice")
-    sent = run(["send", str(doc), "--to", "rpps:10000000019", "--home", "alice", "--json"], homes)
+    sent = run(["send", str(doc), "--to", "rpps:10000000017", "--home", "alice", "--json"], homes)
     assert sent.returncode == 0, sent.stderr
     mid = json.loads(sent.stdout)["message_id"]
     (waiting,) = [p for p in homes.rglob(f"{mid}.msec") if p.parent.name == "new"]
@@ -54,7 +54,7 @@ def test_a_sender_reusing_a_message_id_never_overwrites_a_saved_message(
     bob = m.PublicIdentity.from_key_file(homes / "bob" / "identity.key")
     data = b"from mallory"
     forged = fields(
-        "810000000027",
+        "810000000025",
         {
             2: mid,
             9: [{"id": "d1", "media_type": "text/plain", "size": len(data), "filename": "cr.txt"}],

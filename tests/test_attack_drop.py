@@ -18,7 +18,7 @@ from medsecure.envelope._message import new_message_id
 @pytest.fixture
 def world(tmp_path: Path) -> tuple[m.Identity, Party, MemoryDirectory]:
     authority = m.Identity.generate()
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     return authority, bob, MemoryDirectory([entry(authority, bob)])
 
 
@@ -82,7 +82,7 @@ def test_a_local_senders_envelope_is_still_linked_not_copied(tmp_path: Path) -> 
     else can write it, so the other links give nobody power over the copy."""
     authority = m.Identity.generate()
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     with client(alice, directory, authority) as ca:
         ca.send(m.Document(content=b"x" * 4096), to=bob.ref)

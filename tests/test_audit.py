@@ -26,7 +26,7 @@ def me() -> m.Identity:
 def fill(folder: Path, me: m.Identity, n: int, **kw: object) -> AuditLog:
     log = AuditLog(folder, identity=me, actor_id="810000005479", **kw)  # type: ignore[arg-type]
     for i in range(n):
-        log.append("send", message_id=f"01M{i:023d}", counterparty="810000000019", result="queued")
+        log.append("send", message_id=f"01M{i:023d}", counterparty="810000000017", result="queued")
     return log
 
 
@@ -133,7 +133,7 @@ log = AuditLog(sys.argv[1], identity=ident, checkpoint_every=50)
 i = 0
 while True:
     i += 1
-    log.append("delivery", message_id="01M%023d" % i, counterparty="810000000019", result="sent")
+    log.append("delivery", message_id="01M%023d" % i, counterparty="810000000017", result="sent")
     if i == 20:
         print("ready", flush=True)
 """

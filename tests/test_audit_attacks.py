@@ -219,7 +219,7 @@ def test_record_forged_while_the_writer_runs(folder: Path, me: m.Identity) -> No
     forged = forge(lines(path)[-1], {"action": "ack", "actor": me.fingerprint, "ts": "x"})
     with path.open("ab") as fh:
         fh.write(forged)
-    log.append("send", message_id="01M", counterparty="810000000019", result="queued")
+    log.append("send", message_id="01M", counterparty="810000000017", result="queued")
     log.close()
     report = verify(folder, public=me.public)
     assert not report.ok and report.first_broken == seq_of(forged), report
@@ -332,7 +332,7 @@ def test_unsigned_records_removed_while_the_writer_runs(folder: Path, me: m.Iden
     (path,) = files(folder)
     ls = lines(path)
     path.write_bytes(b"".join(ls[:-2]))  # the writer's last two records, not yet signed
-    log.append("send", message_id="01M", counterparty="810000000019", result="queued")
+    log.append("send", message_id="01M", counterparty="810000000017", result="queued")
     log.close()
     report = verify(folder, public=me.public)
     assert not report.ok and report.first_broken == seq_of(ls[-2]), report

@@ -37,7 +37,7 @@ def base(tmp_path: Path, me: m.Identity) -> Path:
     home = tmp_path / "base"
     log = AuditLog(home / "audit", identity=me, max_bytes=2048, checkpoint_every=10**6)
     for i in range(60):
-        log.append("deliver", message_id=f"01M{i:023d}", counterparty="810000000019")
+        log.append("deliver", message_id=f"01M{i:023d}", counterparty="810000000017")
     del log  # abandoned, not closed: no final checkpoint
     assert len(list((home / "audit").glob("audit-*.jsonl"))) > 4
     return home

@@ -46,7 +46,7 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "--home",
                 "bob",
                 "--me",
-                "rpps:10000000019",
+                "rpps:10000000017",
                 "--family",
                 "PETIT",
                 "--given",
@@ -83,7 +83,7 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
             str(doc),
             str(photo),
             "--to",
-            "rpps:10000000019",
+            "rpps:10000000017",
             "--subject",
             "Suivi",
             "--home",
@@ -128,7 +128,7 @@ def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "x.txt"
     doc.write_text("hello")
     line = one_error_line(
-        run(["send", str(doc), "--to", "rpps:10000000027", "--home", "alice"], homes)
+        run(["send", str(doc), "--to", "rpps:10000000025", "--home", "alice"], homes)
     )
     assert "--to: no practitioner matches" in line
     line = one_error_line(
@@ -137,7 +137,7 @@ def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
                 "send",
                 str(tmp_path / "IRM_DUPONT_Jean.pdf"),
                 "--to",
-                "rpps:10000000019",
+                "rpps:10000000017",
                 "--home",
                 "alice",
             ],
@@ -159,7 +159,7 @@ def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
 def test_module_level_send_uses_medsecure_home(homes: Path, tmp_path: Path) -> None:
     script = (
         "import medsecure\n"
-        "r = medsecure.send(medsecure.Document(content=b'via the default client', filename='n.txt'), to='rpps:10000000019', subject='default')\n"
+        "r = medsecure.send(medsecure.Document(content=b'via the default client', filename='n.txt'), to='rpps:10000000017', subject='default')\n"
         "print(r.message_id, r.all_sent)\n"
     )
     env = {**os.environ, "MEDSECURE_HOME": str(homes / "alice"), "MEDSECURE_PASSPHRASE": "pw"}
@@ -211,7 +211,7 @@ def test_status_and_audit_commands(homes: Path, tmp_path: Path) -> None:
             "send",
             str(doc),
             "--to",
-            "rpps:10000000019",
+            "rpps:10000000017",
             "--receipt",
             "delivered",
             "--receipt",
@@ -325,7 +325,7 @@ def test_received_message_json_is_replaced_not_followed(homes: Path, tmp_path: P
     it points to is never written."""
     doc = tmp_path / "d.txt"
     doc.write_text("bilan")
-    proc = run(["send", str(doc), "--to", "rpps:10000000019", "--home", "alice", "--json"], homes)
+    proc = run(["send", str(doc), "--to", "rpps:10000000017", "--home", "alice", "--json"], homes)
     mid = json.loads(proc.stdout)["message_id"]
     out = tmp_path / "in"
     (out / mid).mkdir(parents=True)
@@ -362,7 +362,7 @@ def test_audit_verify_never_says_record_none(homes: Path, tmp_path: Path) -> Non
     doc = tmp_path / "d.txt"
     doc.write_text("x")
     assert (
-        run(["send", str(doc), "--to", "rpps:10000000019", "--home", "bob"], homes).returncode == 0
+        run(["send", str(doc), "--to", "rpps:10000000017", "--home", "bob"], homes).returncode == 0
     )
     copy = tmp_path / "bob"
     shutil.copytree(homes / "bob", copy)

@@ -194,6 +194,18 @@ def test_fhir_lookup_from_the_cli(work: Path) -> None:
         assert "1 practitioner(s)" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "url", ["https://\u2026/fhir/v2", "https://a_b..c/fhir", "https://example.fr:abc/fhir"]
+)
+def test_fhir_url_that_cannot_be_used(work: Path, url: str) -> None:
+    for argv in (
+        ["directory", "lookup", "rpps:10000005479", "--fhir", url],
+        ["directory", "search", "--name", "martin", "--fhir", url],
+    ):
+        line = one_error_line(run(argv, work))
+        assert "unexpected" not in line and "FHIR base URL" in line, line
+
+
 def test_directory_cli_errors(work: Path) -> None:
     assert "exactly one of" in one_error_line(
         run(["directory", "lookup", "rpps:10000005479"], work)
@@ -202,7 +214,7 @@ def test_directory_cli_errors(work: Path) -> None:
         run(["directory", "lookup", "rpps:1", "--directory", "practice.json"], work)
     )
     assert "no practitioner matches" in one_error_line(
-        run(["directory", "lookup", "rpps:10000000019", "--directory", "practice.json"], work)
+        run(["directory", "lookup", "rpps:10000000017", "--directory", "practice.json"], work)
     )
     (work / "broken.json").write_text("{oops")
     assert "not valid JSON" in one_error_line(
@@ -236,12 +248,12 @@ def _entry(work: Path, directory: str, ref: str) -> dict[str, object]:
 
 
 def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -> None:
-    add = ["directory", "add", "--directory", "keys.json", "--idnps", "rpps:10000000019"]
+    add = ["directory", "add", "--directory", "keys.json", "--idnps", "rpps:10000000017"]
     assert run([*add, "--family", "PETIT", "--key", "bob.pub"], work).returncode == 0
     # the same key again: still one key entry
     assert run([*add, "--key", "bob.pub"], work).returncode == 0
     assert run([*add, "--key", "bob.key"], work).returncode == 0  # via bob.key.pub beside it
-    entry = _entry(work, "keys.json", "rpps:10000000019")
+    entry = _entry(work, "keys.json", "rpps:10000000017")
     assert len(entry["keys"]) == 1  # type: ignore[arg-type]
     # a revocation for the key already there, given alone: attached to it, never dropped
     assert (
@@ -252,7 +264,7 @@ def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -
                 "--issuer",
                 "bob.key",
                 "--idnps",
-                "rpps:10000000019",
+                "rpps:10000000017",
                 "--key",
                 "bob.pub",
                 "--reason",
@@ -266,18 +278,18 @@ def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -
     )
     proc = run([*add, "--statement", "bob.revocation"], work)
     assert proc.returncode == 0, proc.stderr
-    (key,) = _entry(work, "keys.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    (key,) = _entry(work, "keys.json", "rpps:10000000017")["keys"]  # type: ignore[misc]
     assert len(key["statements"]) == 1
     assert "1 statement(s)" in proc.stderr
     # adding it again, with its key, changes nothing
     assert run([*add, "--statement", "bob.revocation", "--key", "bob.pub"], work).returncode == 0
-    (key,) = _entry(work, "keys.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    (key,) = _entry(work, "keys.json", "rpps:10000000017")["keys"]  # type: ignore[misc]
     assert len(key["statements"]) == 1
     # a key already listed, re-added with a statement: still one key entry, with the statement
-    other = ["directory", "add", "--directory", "other.json", "--idnps", "rpps:10000000019"]
+    other = ["directory", "add", "--directory", "other.json", "--idnps", "rpps:10000000017"]
     assert run([*other, "--key", "bob.pub"], work).returncode == 0
     assert run([*other, "--key", "bob.pub", "--statement", "bob.revocation"], work).returncode == 0
-    (key,) = _entry(work, "other.json", "rpps:10000000019")["keys"]  # type: ignore[misc]
+    (key,) = _entry(work, "other.json", "rpps:10000000017")["keys"]  # type: ignore[misc]
     assert len(key["statements"]) == 1
     # a statement about a key the entry does not list, or about someone else: refused, loudly
     line = one_error_line(
@@ -295,7 +307,7 @@ def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -
             work,
         )
     )
-    assert "--statement" in line and "810000000019" in line
+    assert "--statement" in line and "810000000017" in line
     assert (
         run(
             [
@@ -304,7 +316,7 @@ def test_directory_add_keeps_one_entry_per_key_and_every_statement(work: Path) -
                 "--issuer",
                 "other.key",
                 "--idnps",
-                "rpps:10000000019",
+                "rpps:10000000017",
                 "--key",
                 "other.pub",
                 "-o",

@@ -23,7 +23,7 @@ import medsecure
 from medsecure.directory import FileDirectory
 from medsecure.models import Endpoint
 
-ALICE, BOB = "rpps:10000005479", "rpps:10000000019"
+ALICE, BOB = "rpps:10000005479", "rpps:10000000017"
 DOMAIN = "medecin.mssante.fr"
 USERS = {"carol": "carol pass 1", "dave": "dave pass 1"}
 SECRET = "a-mail-password-never-shown"
@@ -399,3 +399,67 @@ def test_misuse_is_one_line_naming_the_option(
     assert line.startswith(f"medsecure: error: {flag}: ") or f"'{flag}'" in line, line
     assert SECRET not in proc.stderr + proc.stdout
     assert not (tmp_path / "h").exists()  # nothing was created
+
+
+def test_an_rpps_number_with_a_wrong_check_digit_is_refused(tmp_path: Path) -> None:
+    """rpps:10000005479 is valid (Luhn over the 11 digits); ...478 is one digit off."""
+    assert run(["keygen", "-o", "me.key"], tmp_path).returncode == 0
+    assert run(["pubkey", "me.key", "-o", "me.pub"], tmp_path).returncode == 0
+    for argv, flag in (
+        (["init", "--home", "h", "--me", "rpps:10000005478", "--unsafe-tofu"], "--me"),
+        (["init", "--home", "h", "--me", "810000005478", "--unsafe-tofu"], "--me"),
+        (["directory", "add", "--directory", "d.json", "--idnps", "rpps:10000005478"], "--idnps"),
+        (["directory", "lookup", "rpps:10000005478", "--directory", "d.json"], "REF"),
+        (
+            [
+                "trust",
+                "sign",
+                "--authority",
+                "me.key",
+                "--idnps",
+                "rpps:10000005478",
+                "--key",
+                "me.pub",
+            ],
+            "--idnps",
+        ),
+    ):
+        line = one_error_line(run(argv, tmp_path))
+        assert line == (
+            f"medsecure: error: {flag}: rpps:10000005478 is not a valid RPPS number: its last "
+            "digit is not the Luhn check digit of the others (mistyped?)"
+        ), line
+    assert not (tmp_path / "d.json").exists() and not (tmp_path / "h").exists()
+    proc = run(["init", "--home", "h", "--me", "rpps:10000005479", "--unsafe-tofu"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_rpps_in_the_docs_examples_and_tests_passes_its_check_digit() -> None:
+    """Fixtures are meant to be valid numbers; the deliberately invalid ones are listed."""
+    import re
+    import subprocess
+
+    from medsecure.identifiers import luhn_ok
+
+    deliberately_invalid = {
+        "10000005478",  # the test above
+        "10003456789",  # tests/test_identifiers.py: reported, not enforced, by the library
+        "10101201234",
+    }
+    root = Path(__file__).resolve().parent.parent
+    names = subprocess.run(
+        ["git", "ls-files", "README.md", "docs", "examples", "tests/test_cli_*.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    bad = {}
+    for name in names:
+        if not name.endswith((".md", ".py")):
+            continue
+        text = (root / name).read_text(encoding="utf-8")
+        for number in re.findall(r"(?:rpps:|\b8)([0-9]{11})\b", text):
+            if number not in deliberately_invalid and not luhn_ok(number):
+                bad.setdefault(number, name)
+    assert not bad, bad

@@ -27,7 +27,7 @@ def authority() -> m.Identity:
 @pytest.fixture
 def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     return alice, bob, directory
 
@@ -115,14 +115,14 @@ def test_nothing_but_routing_data_is_visible(
 
 def test_recipient_forms_and_multi_recipient(tmp_path: Path, authority: m.Identity) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
-    carol = party(tmp_path, "carol", "810000000027")
+    bob = party(tmp_path, "bob", "810000000017")
+    carol = party(tmp_path, "carol", "810000000025")
     directory = MemoryDirectory([entry(authority, p) for p in (alice, bob, carol)])
     with client(alice, directory, authority) as ca:
         carol_entry = directory.lookup(carol.ref)
         r = ca.send(
             m.Document(content=b"hello"),
-            to=["rpps:10000000019", carol_entry, "bob@medecin.mssante.fr"],
+            to=["rpps:10000000017", carol_entry, "bob@medecin.mssante.fr"],
         )
         assert [s.recipient for s in r.recipients] == [bob.idnps, carol.idnps]  # deduplicated
     for p in (bob, carol):
@@ -164,7 +164,7 @@ def test_client_needs_a_trust_policy(world: tuple[Party, Party, MemoryDirectory]
         alice.identity, directory, FileTransport(alice.box), alice.home, trust=UnsafeAcceptAll()
     )
     with pytest.raises(ValueError, match="who it sends as"):
-        c.send(m.Document(content=b"x"), to="rpps:10000000019")
+        c.send(m.Document(content=b"x"), to="rpps:10000000017")
     c.close()
 
 
@@ -214,7 +214,7 @@ def test_permanent_failures_fall_through_then_dead_letter(
     tmp_path: Path, authority: m.Identity
 ) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     eps = (
         Endpoint(kind="relay", url="https://relay.invalid/", mailbox="bob"),
         Endpoint(kind="drop", path=str(bob.box)),
@@ -273,7 +273,7 @@ def test_permanent_failures_fall_through_then_dead_letter(
 
 def test_transport_selection_order(tmp_path: Path, authority: m.Identity) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     eps = (
         Endpoint(kind="drop", path=str(bob.box)),
         Endpoint(kind="mail", address="bob@medecin.mssante.fr"),
@@ -602,3 +602,114 @@ def test_malformed_sender_identifier_is_quarantined(
         (q,) = cb.quarantine()
         assert "malformed" in q.reason
         assert cb.receive() == []  # and it stays handled
+
+
+# -- B8: an imported entry's endpoints are only as trustworthy as its key ----------------------
+
+
+def _tofu_client(p: Party, directory: m.directory.Directory) -> m.Client:
+    from medsecure.trust import PinStore, UnsafeTrustOnFirstUse
+
+    return m.Client(
+        p.identity,
+        directory,
+        FileTransport(p.box),
+        p.home,
+        trust=UnsafeTrustOnFirstUse(PinStore(p.box.parent / f"pins-{p.name}.sqlite")),
+        me=p.idnps,
+    )
+
+
+def _mallory_file(tmp_path: Path, bob: Party, mallory: Party) -> Path:
+    """M's directory file: an entry for *Bob's* identifier with M's key and M's drop folder."""
+    from medsecure.directory import FileDirectory
+    from medsecure.models import KeyEntry, Practitioner
+
+    path = tmp_path / "from-mallory.json"
+    forged = Practitioner(
+        idnps=bob.idnps,
+        keys=(KeyEntry(public=mallory.identity.public),),
+        endpoints=(Endpoint(kind="drop", path=str(mallory.box)),),
+    )
+    with FileDirectory(path) as d:
+        d.add(forged)
+    return path
+
+
+def _second_send(
+    alice: Party, bob: Party, mallory: Party, directory: m.directory.Directory, caplog: object
+) -> None:
+    import logging
+
+    assert isinstance(caplog, pytest.LogCaptureFixture)
+    with _tofu_client(alice, directory) as ca, caplog.at_level(logging.WARNING):
+        result = ca.send(m.Document(content=b"second", filename="b.txt"), to=bob.ref)
+        assert result.all_sent
+    assert not list(mallory.box.rglob("*.msec")), "delivered into the stranger's folder"
+    with _tofu_client(bob, directory) as cb:
+        assert [d.read() for msg in cb.receive() for d in msg.documents] == [b"second"]
+    refused = [r.getMessage() for r in caplog.records if mallory.identity.fingerprint in r.message]
+    assert refused and all("changed to" not in text for text in refused), refused
+    assert any("refused" in text and "pinned" in text for text in refused), refused
+
+
+def test_imported_entry_with_a_refused_key_brings_no_endpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sends to B (TOFU pins B's key); M's directory file lists M's key and drop folder for
+    B's identifier; A imports it with ``medsecure directory import`` and sends to B again: the
+    envelope goes to B's folder, never to M's, and the warning says M's key was refused."""
+    from test_cli_core import run
+
+    from medsecure.directory import FileDirectory
+
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000017")
+    mallory = party(tmp_path, "mallory", "810000000025")
+    path = tmp_path / "directory.json"
+    with FileDirectory(path) as d:
+        d.add_many(
+            [entry(alice.identity, alice, signed=False), entry(alice.identity, bob, signed=False)]
+        )
+    with _tofu_client(alice, FileDirectory(path)) as ca:
+        assert ca.send(m.Document(content=b"first", filename="a.txt"), to=bob.ref).all_sent
+    with _tofu_client(bob, FileDirectory(path)) as cb:
+        (first,) = cb.receive()
+        first.ack()
+    proc = run(
+        [
+            "directory",
+            "import",
+            "--directory",
+            str(path),
+            str(_mallory_file(tmp_path, bob, mallory)),
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _second_send(alice, bob, mallory, FileDirectory(path), caplog)
+
+
+def test_chained_entry_with_a_refused_key_brings_no_endpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same through ``ChainDirectory`` (no CLI): merging is where endpoints meet keys."""
+    from medsecure.directory import ChainDirectory, FileDirectory
+
+    alice = party(tmp_path, "alice", "810000005479")
+    bob = party(tmp_path, "bob", "810000000017")
+    mallory = party(tmp_path, "mallory", "810000000025")
+    path = tmp_path / "directory.json"
+    with FileDirectory(path) as d:
+        d.add_many(
+            [entry(alice.identity, alice, signed=False), entry(alice.identity, bob, signed=False)]
+        )
+    with _tofu_client(alice, FileDirectory(path)) as ca:
+        assert ca.send(m.Document(content=b"first", filename="a.txt"), to=bob.ref).all_sent
+    with _tofu_client(bob, FileDirectory(path)) as cb:
+        (first,) = cb.receive()
+        first.ack()
+    chain = ChainDirectory(
+        [FileDirectory(_mallory_file(tmp_path, bob, mallory)), FileDirectory(path)]
+    )
+    _second_send(alice, bob, mallory, chain, caplog)

@@ -95,7 +95,7 @@ def make(request: pytest.FixtureRequest, authority: m.Identity) -> Iterator[Call
 @pytest.fixture
 def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     return alice, bob, MemoryDirectory([entry(authority, alice), entry(authority, bob)])
 
 
@@ -263,7 +263,7 @@ def test_through_a_real_relay_with_receipts_and_expiry(
     from medsecure.transports import AsyncRelayTransport, RelayTransport
 
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     srv = RelayServer(
         tmp_path / "relay.log", data=tmp_path / "relay", args=("--retention-days", "3")
     )

@@ -33,7 +33,7 @@ ROUNDS = int(os.environ.get("MEDSECURE_CRASH_ROUNDS", "10"))
 def setup(work: Path) -> None:
     authority = m.Identity.generate()
     now = dt.datetime.now(dt.UTC)
-    cfg = {"authority": str(authority.public), "alice": "810000005479", "bob": "810000000019"}
+    cfg = {"authority": str(authority.public), "alice": "810000005479", "bob": "810000000017"}
     d = FileDirectory(work / "directory.json")
     for who in ("alice", "bob"):
         ident = m.Identity.generate()

@@ -80,7 +80,7 @@ def test_lookup_by_every_kind_of_ref(directory: Directory, alice: Identity) -> N
     nurse = directory.lookup("adeli:751004587")
     assert directory.lookup("0751004587") == nurse
     with pytest.raises(PractitionerNotFound):
-        directory.lookup("rpps:10000000019")
+        directory.lookup("rpps:10000000017")
     with pytest.raises(AmbiguousPractitioner):
         directory.lookup("cabinet@medecin.mssante.fr")
     with pytest.raises(ValueError):
@@ -240,7 +240,7 @@ def test_chain_merges_sources(alice: Identity) -> None:
     assert chain.lookup("rpps:10000005479") == p
     assert chain.search(name="martin")[0].idnps == "810000005479"
     with pytest.raises(PractitionerNotFound):
-        chain.lookup("rpps:10000000019")
+        chain.lookup("rpps:10000000017")
     down = Flaky(annuaire)
     down.up = False
     chain2 = ChainDirectory([keys, down])
@@ -270,9 +270,9 @@ BOB = "bob@medecin.mssante.fr"
 
 
 def bob_and_mallory() -> tuple[Practitioner, Practitioner]:
-    bob = Practitioner(idnps="810000000019", family_name="BOB", mailboxes=(Mailbox(address=BOB),))
+    bob = Practitioner(idnps="810000000017", family_name="BOB", mailboxes=(Mailbox(address=BOB),))
     mallory = Practitioner(
-        idnps="810000000027",
+        idnps="810000000025",
         family_name="MALLORY",
         mailboxes=(Mailbox(address="mallory@medecin.mssante.fr"), Mailbox(address=BOB)),
     )
@@ -290,7 +290,7 @@ def test_an_entry_listing_bobs_address_does_not_take_it_over_in_the_cache(
     inner.inner = MemoryDirectory([bob, mallory])
     with pytest.raises(AmbiguousPractitioner):
         inner.inner.lookup(BOB)  # what the uncached directory says
-    assert cache.lookup("rpps:10000000027").family_name == "MALLORY"
+    assert cache.lookup("rpps:10000000025").family_name == "MALLORY"
     with pytest.raises(AmbiguousPractitioner):  # not Mallory from the cache, nor a stale Bob
         cache.lookup(BOB)
     with pytest.raises(AmbiguousPractitioner):
@@ -300,21 +300,21 @@ def test_an_entry_listing_bobs_address_does_not_take_it_over_in_the_cache(
         cache.lookup(BOB)
     # the same in a cache that only ever saw Mallory
     cache2 = CachedDirectory(Flaky(MemoryDirectory([bob, mallory])), ttl=3600)
-    cache2.lookup("rpps:10000000027")
+    cache2.lookup("rpps:10000000025")
     with pytest.raises(AmbiguousPractitioner):
         cache2.lookup(BOB)
     # and in a new process on the first cache's file
     cache3 = CachedDirectory(inner, path=tmp_path / "cache.sqlite", ttl=3600)
     with pytest.raises(DirectoryUnavailable):
         cache3.lookup(BOB)
-    assert cache3.lookup("rpps:10000000027").family_name == "MALLORY"  # entries still served
+    assert cache3.lookup("rpps:10000000025").family_name == "MALLORY"  # entries still served
 
 
 def test_send_to_an_address_never_seals_to_another_entry_listing_it(tmp_path: Path) -> None:
     authority = Identity.generate()
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
-    mallory = party(tmp_path, "mallory", "810000000027")
+    bob = party(tmp_path, "bob", "810000000017")
+    mallory = party(tmp_path, "mallory", "810000000025")
     mallory_entry = entry(authority, mallory)
     mallory_entry = mallory_entry.model_copy(
         update={"mailboxes": (*mallory_entry.mailboxes, Mailbox(address=BOB))}
@@ -343,7 +343,7 @@ def test_an_address_the_directory_now_calls_ambiguous_is_forgotten(tmp_path: Pat
     inner.up = False  # offline afterwards: no stale Bob either
     with pytest.raises(DirectoryUnavailable):
         cache.lookup(BOB)
-    assert cache.lookup("rpps:10000000019").stale  # Bob himself, by IDNPS, still is
+    assert cache.lookup("rpps:10000000017").stale  # Bob himself, by IDNPS, still is
 
 
 def test_a_refreshed_entry_no_longer_listing_the_address_is_not_its_answer() -> None:
@@ -373,7 +373,7 @@ def test_old_cache_files_lose_their_address_rows(tmp_path: Path) -> None:
     inner = Flaky(MemoryDirectory([bob, mallory]))
     inner.up = False
     cache = CachedDirectory(inner, path=path, ttl=3600, clock=lambda: 1e12)
-    assert cache.lookup("rpps:10000000027").family_name == "MALLORY"  # kept, by IDNPS
+    assert cache.lookup("rpps:10000000025").family_name == "MALLORY"  # kept, by IDNPS
     with pytest.raises(DirectoryUnavailable):  # the version 0 row under mss:bob is gone
         cache.lookup(BOB)
 
@@ -390,7 +390,36 @@ def test_chain_resolves_an_address_only_when_every_source_answers() -> None:
         chain.lookup(BOB)
     with pytest.raises(DirectoryUnavailable):
         chain.lookup_many([BOB])
-    assert chain.lookup("rpps:10000000019").idnps == bob.idnps  # by IDNPS: merged as before
+    assert chain.lookup("rpps:10000000017").idnps == bob.idnps  # by IDNPS: merged as before
     # merging by IDNPS never brings an address lookup to the entry of another practitioner
     practice.up = True
     assert chain.lookup("mallory@medecin.mssante.fr").idnps == mallory.idnps
+
+
+def test_merge_records_which_keys_each_endpoint_came_with() -> None:
+    from medsecure import Identity
+    from medsecure.directory import merge_practitioners
+    from medsecure.models import Endpoint, KeyEntry, Practitioner
+
+    bob, mallory = Identity.generate().public, Identity.generate().public
+    shared = Endpoint(kind="drop", path="/srv/shared")
+    mine = Practitioner(
+        idnps="810000005479",
+        keys=(KeyEntry(public=bob),),
+        endpoints=(Endpoint(kind="drop", path="/srv/bob"), shared),
+    )
+    theirs = Practitioner(
+        idnps="810000005479",
+        keys=(KeyEntry(public=mallory),),
+        endpoints=(Endpoint(kind="drop", path="/srv/mallory"), shared),
+    )
+    keyless = Practitioner(idnps="810000005479", endpoints=(Endpoint(kind="drop", path="/tmp/x"),))
+    merged = merge_practitioners([theirs, mine, keyless])
+    assert [(e.path, e.keys) for e in merged.endpoints] == [
+        ("/srv/mallory", (mallory.fingerprint,)),
+        ("/srv/shared", (mallory.fingerprint, bob.fingerprint)),  # one place, both keys
+        ("/srv/bob", (bob.fingerprint,)),
+        ("/tmp/x", ()),  # came with no key
+    ]
+    # the same keys everywhere: nothing to record, nothing changes
+    assert merge_practitioners([mine, mine]).endpoints == mine.endpoints

@@ -117,16 +117,16 @@ def test_receive_to_folder_keeps_what_it_saves_private(tmp_path: Path) -> None:
     medsecure.init_home(
         b,
         passphrase="pw",
-        me="rpps:10000000019",
+        me="rpps:10000000017",
         family_name="PETIT",
         trust={"mode": "unsafe-tofu"},
     )
     da, db = FileDirectory(a / "directory.json"), FileDirectory(b / "directory.json")
-    da.add(db.lookup("rpps:10000000019"))
+    da.add(db.lookup("rpps:10000000017"))
     db.add(da.lookup("rpps:10000005479"))
     with medsecure.client_from_home(a, passphrase="pw") as client:
         client.send(
-            medsecure.Document(content=b"bilan", filename="bilan.txt"), to="rpps:10000000019"
+            medsecure.Document(content=b"bilan", filename="bilan.txt"), to="rpps:10000000017"
         )
     proc = _example("receive_to_folder.py", "out", "--home", str(b), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

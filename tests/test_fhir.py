@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from fhir_server import (
 
 from medsecure import (
     AmbiguousPractitioner,
+    ConfigError,
     DirectoryError,
     DirectoryUnavailable,
     PractitionerNotFound,
@@ -94,7 +97,7 @@ def test_adeli_only_professional(fhir: FhirDirectory) -> None:
 def test_lookup_by_mailbox(fhir: FhirDirectory) -> None:
     assert fhir.lookup("sophie.martin@medecin.mssante.fr").idnps == "810000005479"
     # a mailbox carried by a PractitionerRole only
-    assert fhir.lookup("luc.petit@chu-nancy.mssante.fr").idnps == "810000000019"
+    assert fhir.lookup("luc.petit@chu-nancy.mssante.fr").idnps == "810000000017"
     with pytest.raises(AmbiguousPractitioner):
         fhir.lookup("cabinet.dupont@medecin.mssante.fr")
     with pytest.raises(PractitionerNotFound):
@@ -289,6 +292,72 @@ def test_httpx_errors_never_escape(server: AnnuaireServer, sleeps: Sleeps) -> No
         d.lookup("rpps:10000005479")
 
 
+@pytest.mark.parametrize(
+    ("base_url", "problem"),
+    [
+        ("https://\u2026/fhir/v2", "host name"),  # the README's placeholder, pasted as is
+        ("https://a_b..c/fhir", "host name"),  # an empty label: UnicodeError at connect time
+        ("https://" + "a" * 70 + ".fr/fhir", "host name"),  # a label over 63 characters
+        ("https://xn--a.fr/fhir", "host name"),  # a broken punycode label
+        ("https://example.fr:abc/fhir", "port"),
+        ("https://example.fr:99999/fhir", "port"),
+        ("https://[::1/fhir", "not a valid URL"),
+        ("https://exa\x00mple.fr/fhir", "not a valid URL"),
+        ("ftp://example.fr/fhir", "http(s)"),
+        ("https:///fhir", "http(s)"),
+    ],
+)
+def test_malformed_base_url_is_a_config_error(base_url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)) as info:
+        FhirDirectory(base_url)
+    assert not isinstance(info.value.__cause__, ConfigError)
+
+
+def test_base_url_credentials_never_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        FhirDirectory("https://user:s3cret@a..b/fhir")
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("api_key", ["cl\u00e9", "a\nb", "a\x00b", " "])
+def test_api_key_an_http_header_cannot_carry(api_key: str) -> None:
+    with pytest.raises(ConfigError, match="ESANTE-API-KEY") as info:
+        FhirDirectory("http://127.0.0.1:1/fhir", api_key=api_key)
+    assert api_key.strip() == "" or api_key not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "http://[::1/x",  # urljoin's ValueError
+        "{base}?a=\u0000",  # httpx.InvalidURL: a control character
+        "{base}?a=\u007f",
+        "{base}?a=\ud800",  # a lone surrogate: UnicodeEncodeError
+        "{base}/\ud800",
+    ],
+)
+def test_malformed_next_link_is_a_directory_error(
+    fhir: FhirDirectory, server: AnnuaireServer, link: str
+) -> None:
+    bundle = {"resourceType": "Bundle", "entry": [], "link": [{"relation": "next", "url": ""}]}
+    bundle["link"][0]["url"] = link.format(base=server.base_url)
+    server.inject(200, {}, json.dumps(bundle).encode())
+    with pytest.raises(DirectoryError, match="next link"):
+        fhir.search(name="martin")
+    server.inject(200, {}, json.dumps(bundle).encode())
+    with pytest.raises(DirectoryError, match="next link"):
+        fhir.lookup("rpps:10000005479")
+
+
+def test_search_criteria_that_are_not_text(fhir: FhirDirectory, server: AnnuaireServer) -> None:
+    n = len(server.requests)
+    for criteria in ({"name": "\udce9"}, {"given": "a\ud800"}):
+        with pytest.raises(ValueError, match="not valid text") as info:
+            fhir.search(**criteria)
+        assert not isinstance(info.value, UnicodeError)
+    assert len(server.requests) == n
+
+
 def test_cached_fhir_directory_offline(server: AnnuaireServer, sleeps: Sleeps, tmp_path) -> None:  # type: ignore[no-untyped-def]
     now = [0.0]
     fhir = FhirDirectory(server.base_url, api_key="test-key", sleep=sleeps, max_attempts=2)
@@ -339,7 +408,7 @@ def test_every_kind_of_call_uses_declared_parameters_only(
     assert fhir.lookup("rpps:10000005479").organizations[0].name == "CHU de Nancy"
     assert fhir.lookup("sophie.martin@medecin.mssante.fr").idnps == "810000005479"
     petit = fhir.lookup("luc.petit@chu-nancy.mssante.fr")  # through PractitionerRole
-    assert petit.idnps == "810000000019" and petit.organizations[0].city == "Nancy"
+    assert petit.idnps == "810000000017" and petit.organizations[0].city == "Nancy"
     found = fhir.lookup_many(["adeli:751004587", "luc.petit@chu-nancy.mssante.fr"])
     assert found["idnps:0751004587"].organizations[0].city == "Paris"
     assert [p.idnps for p in fhir.search(name="martin", city="nancy")] == ["810000005479"]

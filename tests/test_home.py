@@ -110,7 +110,7 @@ def test_init_with_a_relay_exchanges_through_it(tmp_path: Path) -> None:
 
     with RelayServer(tmp_path / "relay.log", data=tmp_path / "relay") as srv:
         homes = {}
-        for name, ref in (("alice", "rpps:10000005479"), ("bob", "rpps:10000000019")):
+        for name, ref in (("alice", "rpps:10000005479"), ("bob", "rpps:10000000017")):
             homes[name] = tmp_path / name
             m.init_home(
                 homes[name],
@@ -132,7 +132,7 @@ def test_init_with_a_relay_exchanges_through_it(tmp_path: Path) -> None:
             shutil.rmtree(tmp_path / f"box-{name}")
         with m.client_from_home(homes["alice"], passphrase="pw") as ca:
             assert isinstance(ca.transports[0], RelayTransport)
-            r = ca.send(m.Document(content=b"via the relay"), to="rpps:10000000019")
+            r = ca.send(m.Document(content=b"via the relay"), to="rpps:10000000017")
             assert [s.endpoint for s in r.recipients] == ["relay"]
         with m.client_from_home(homes["bob"], passphrase="pw") as cb:
             (msg,) = cb.receive()
@@ -157,6 +157,6 @@ def test_with_a_network_endpoint_the_drop_folder_is_tried_last(tmp_path: Path) -
     (own,) = FileDirectory(home / "directory.json").all()
     assert [(e.kind, e.priority) for e in own.endpoints] == [("drop", 1), ("mail", 0)]
     plain = tmp_path / "p"
-    m.init_home(plain, passphrase="pw", me="rpps:10000000019", trust={"mode": "unsafe-tofu"})
+    m.init_home(plain, passphrase="pw", me="rpps:10000000017", trust={"mode": "unsafe-tofu"})
     (own,) = FileDirectory(plain / "directory.json").all()
     assert [(e.kind, e.priority) for e in own.endpoints] == [("drop", 0)]

@@ -34,8 +34,8 @@ def authority() -> m.Identity:
 @pytest.fixture
 def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
-    mallory = party(tmp_path, "mallory", "810000000027")
+    bob = party(tmp_path, "bob", "810000000017")
+    mallory = party(tmp_path, "mallory", "810000000025")
     directory = MemoryDirectory(
         [entry(authority, alice), entry(authority, bob), entry(authority, mallory)]
     )
@@ -48,7 +48,7 @@ def fields(sender: str | None, overrides: dict[int, Any] | None = None) -> dict[
         1: 1,
         2: new_message_id(now),
         3: int(now.timestamp() * 1000),
-        5: ["810000000019"],
+        5: ["810000000017"],
         9: [],
         10: [],
         11: "message",
@@ -103,7 +103,7 @@ def test_out_of_range_date_from_a_stranger_is_quarantined(
     [
         ({6: "x" * 5000}, "subject"),
         ({6: "line\r\nBcc: evil"}, "subject"),
-        ({5: ["810000000019"] * 5000}, "recipients"),
+        ({5: ["810000000017"] * 5000}, "recipients"),
         ({9: [{"id": "d", "media_type": "text/plain", "size": 1 << 60}]}, "document size"),
         ({9: [{"id": "d", "media_type": "not a type", "size": 0}]}, "media type"),
         ({9: [{"id": "d", "media_type": "text/plain", "size": 0, "filename": "a\x1bb"}]}, "file"),
@@ -142,7 +142,7 @@ def test_out_of_range_date_from_a_stranger_is_quarantined(
             {9: [{"id": "d", "media_type": "text/plain", "size": 0, "patient": "Jane Doe"}]},
             "patient",
         ),
-        ({4: "8100000000190"}, "identifier"),  # not an IDNPS: the inbox checks it
+        ({4: "8100000000170"}, "identifier"),  # not an IDNPS: the inbox checks it
         ({4: "1" + "0" * 200}, "identifier"),
         (
             {11: "receipt", 12: {"status": "delivered", "of": "x", "envelope": "y", "at": 0}},

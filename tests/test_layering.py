@@ -119,7 +119,7 @@ class Doc:
 now = dt.datetime.now(dt.UTC)
 manifest = _message.Manifest(
     message_id=_message.new_message_id(now), created=now, sender_idnps="810000005479",
-    recipients=("810000000019",), subject="s", body="b", in_reply_to=None,
+    recipients=("810000000017",), subject="s", body="b", in_reply_to=None,
     documents=({"id": "d", "media_type": "text/plain", "size": 5,
                 "patient": {"ins": {"matricule": "x"}}, "document_type": {"code": "c"}},),
 )

@@ -408,10 +408,10 @@ def world(
 ) -> Iterator[tuple[m.Client, m.Client, Party, Party, MemoryDirectory]]:
     authority = m.Identity.generate()
     dave = Party("dave", "810000005479", m.Identity.generate(), tmp_path / "home-dave")
-    carol = Party("carol", "810000000019", m.Identity.generate(), tmp_path / "home-carol")
+    carol = Party("carol", "810000000017", m.Identity.generate(), tmp_path / "home-carol")
     # erin has an MSSanté mailbox and no medsecure key
     erin = Practitioner(
-        idnps="810000000027",
+        idnps="810000000025",
         family_name="ERIN",
         mailboxes=(Mailbox(address=addr("erin"), type="PER"),),
     )
@@ -480,7 +480,7 @@ def test_a_practitioner_without_a_key_gets_an_xdm_message_and_answers_with_mdns(
         class_code=m.models.Code(code="11", label="CR", system="1.2.250.1.213.1.1.4.1"),
     )
     result = a.send(
-        [cda, pdf_document()], to="idnps:810000000027", receipts=("read",), mssante_fallback=True
+        [cda, pdf_document()], to="idnps:810000000025", receipts=("read",), mssante_fallback=True
     )
     [status] = result.recipients
     assert (status.status, status.endpoint) == ("sent", "mssante")
@@ -523,7 +523,7 @@ def test_a_practitioner_without_a_key_gets_an_xdm_message_and_answers_with_mdns(
     assert folder(fresh, "dave") == []
 
     # an MDN with the ANS error form fails a later message, with the reason
-    second = a.send([cda], to="idnps:810000000027", mssante_fallback=True)
+    second = a.send([cda], to="idnps:810000000025", mssante_fallback=True)
     error = (SAMPLES / "mssante_mdn_error.eml").read_bytes()
     error = error.replace(
         b"199509192301.23456 @chb.mssante.fr", f"{second.message_id}@{DOMAIN}".encode()
@@ -699,7 +699,7 @@ def test_mail_section_of_the_home_configuration(
     m.init_home(
         home,
         passphrase="pw",
-        me="810000000019",
+        me="810000000017",
         transports=[section],
         endpoints=[Endpoint(kind="mail", address=addr("carol"))],
         trust={"mode": "unsafe-tofu"},

@@ -50,7 +50,7 @@ def authority() -> m.Identity:
 
 def carol_entry(keys: tuple[Any, ...] = ()) -> Practitioner:
     return Practitioner(
-        idnps="810000000027",
+        idnps="810000000025",
         family_name="CAROL",
         mailboxes=(Mailbox(address="carol@medecin.mssante.fr", type="PER"),),
         keys=keys,
@@ -82,16 +82,16 @@ def test_fallback_sends_an_mssante_message_and_audits_it(
     tmp_path: Path, authority: m.Identity
 ) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob), carol_entry()])
     mock = MailMock()
     with make(alice, directory, authority, transport=mock, mssante=OPTIONS) as ca:
         doc = m.Document(content=b"%PDF-1.7 compte rendu", filename="cr.pdf")
         with pytest.raises(m.UntrustedKey, match="no end-to-end key"):
-            ca.send(doc, to="idnps:810000000027")  # not without asking
+            ca.send(doc, to="idnps:810000000025")  # not without asking
         r = ca.send(
             doc,
-            to=[bob.ref, "idnps:810000000027"],
+            to=[bob.ref, "idnps:810000000025"],
             subject="Compte rendu",
             mssante_fallback=True,
             receipts=("read",),
@@ -109,7 +109,7 @@ def test_fallback_sends_an_mssante_message_and_audits_it(
         eml = [f for f in files if f.endswith(".eml")]
         assert len(eml) == 1 and (alice.home / "outbox" / eml[0]).stat().st_mode & 0o777 == 0o600
         (rec,) = [a for a in audit_actions(alice.home) if a["action"] == "send-mssante"]
-        assert rec["result"] == "tls-only" and rec["counterparty"] == ["810000000027"]
+        assert rec["result"] == "tls-only" and rec["counterparty"] == ["810000000025"]
         # an MDN comes back: the status of Carol (only) moves to read
         mock.reports.append(
             DeliveryReport(
@@ -121,14 +121,14 @@ def test_fallback_sends_an_mssante_message_and_audits_it(
         )
         ca.receive()
         by = {s.recipient: s.status for s in ca.status(r.message_id)}
-        assert by == {"810000000019": "sent", "810000000027": "read"}
+        assert by == {"810000000017": "sent", "810000000025": "read"}
         # a failure reported later never rewrites it silently... but a DSN failure on a sent
         # delivery ends it with the reason
         mock.reports.append(
             DeliveryReport(message_id=r.message_id, recipient=None, status="failed", source="dsn")
         )
         ca.receive()  # ambiguous (no recipient named, two recipients): ignored and audited
-        assert {s.recipient: s.status for s in ca.status(r.message_id)}["810000000019"] == "sent"
+        assert {s.recipient: s.status for s in ca.status(r.message_id)}["810000000017"] == "sent"
         assert any(a["action"] == "report-ignored" for a in audit_actions(alice.home))
 
 
@@ -148,7 +148,7 @@ def test_an_untrusted_key_is_never_downgraded_to_plain_text(
         ) as ca,
         pytest.raises(m.UntrustedKey),
     ):
-        ca.send(m.Document(content=b"x"), to="idnps:810000000027")
+        ca.send(m.Document(content=b"x"), to="idnps:810000000025")
     assert mock.deliveries == []
     assert not list((alice.home / "outbox").iterdir())
 
@@ -160,5 +160,5 @@ def test_fallback_needs_options_and_a_transport(tmp_path: Path, authority: m.Ide
         make(alice, directory, authority, mssante_fallback=True)
     with make(alice, directory, authority, transport=MockTransport(), mssante=OPTIONS) as ca:
         with pytest.raises(m.TransportError, match="no configured transport"):
-            ca.send(m.Document(content=b"x"), to="idnps:810000000027", mssante_fallback=True)
+            ca.send(m.Document(content=b"x"), to="idnps:810000000025", mssante_fallback=True)
         assert ca.outbox() == []

@@ -36,7 +36,7 @@ def test_init_relay_lets_two_practitioners_exchange_through_a_relay(tmp_path: Pa
     and `directory import` of the other's directory file brings their relay mailbox."""
     with RelayServer(tmp_path / "relay.log", data=tmp_path / "relay") as relay:
         martin = _init(tmp_path, "martin", "rpps:10000005479", "--relay", relay.url)
-        _init(tmp_path, "petit", "rpps:10000000019", "--relay", relay.url)
+        _init(tmp_path, "petit", "rpps:10000000017", "--relay", relay.url)
         config = json.loads((tmp_path / "martin" / "config.json").read_text())
         assert config["transports"][0] == {"kind": "relay", "url": relay.url}
         for me, other in (("martin", "petit"), ("petit", "martin")):
@@ -63,7 +63,7 @@ def test_init_relay_lets_two_practitioners_exchange_through_a_relay(tmp_path: Pa
                 "send",
                 "cr.pdf",
                 "--to",
-                "rpps:10000000019",
+                "rpps:10000000017",
                 "--receipt",
                 "delivered",
                 "--home",
@@ -124,7 +124,7 @@ def test_a_wrong_passphrase_says_where_the_passphrase_came_from(home: Path) -> N
     """With MEDSECURE_PASSPHRASE set (as getting-started does), a wrong one must point there,
     not only at --home."""
     line = one_error_line(
-        run(["send", "cr.pdf", "--to", "rpps:10000000019", "--home", "martin"], home, "wrong")
+        run(["send", "cr.pdf", "--to", "rpps:10000000017", "--home", "martin"], home, "wrong")
     )
     assert "wrong passphrase" in line and "MEDSECURE_PASSPHRASE" in line
 
@@ -133,8 +133,8 @@ def test_a_wrong_passphrase_says_where_the_passphrase_came_from(home: Path) -> N
     ("ref", "hint"),
     [
         ("rpps:1000000019", "expected 11 digits"),  # a digit missing
-        ("rpp:10000000019", "unknown identifier scheme"),  # a typo in the scheme
-        ("10000000019", "rpps:10000000019"),  # a bare RPPS number: say how to write it
+        ("rpp:10000000017", "unknown identifier scheme"),  # a typo in the scheme
+        ("10000000017", "rpps:10000000017"),  # a bare RPPS number: say how to write it
     ],
 )
 def test_a_mistyped_recipient_names_to_and_how_to_write_it(home: Path, ref: str, hint: str) -> None:
@@ -169,7 +169,7 @@ def test_pubkey_shows_the_fingerprint_to_compare(home: Path) -> None:
 
 
 def test_receive_fails_when_the_relay_is_down(tmp_path: Path) -> None:
-    _init(tmp_path, "petit", "rpps:10000000019", "--relay", f"http://127.0.0.1:{free_port()}")
+    _init(tmp_path, "petit", "rpps:10000000017", "--relay", f"http://127.0.0.1:{free_port()}")
     proc = run(["receive", "--home", "petit"], tmp_path)
     assert proc.returncode == 75  # worth retrying later (EX_TEMPFAIL)
     assert "relay" in proc.stderr and "try again later" in proc.stderr
@@ -202,20 +202,20 @@ def test_async_client_from_home(tmp_path: Path) -> None:
     """A vendor with an asyncio application wants the home `medsecure init` made, as
     `client_from_home` gives it to synchronous code: same keys, directory, transports, trust
     and pins."""
-    for home, me in (("martin", "rpps:10000005479"), ("petit", "rpps:10000000019")):
+    for home, me in (("martin", "rpps:10000005479"), ("petit", "rpps:10000000017")):
         medsecure.init_home(tmp_path / home, passphrase=PASS, me=me, trust={"mode": "unsafe-tofu"})
     from medsecure.directory import FileDirectory
 
     m_dir = FileDirectory(tmp_path / "martin" / "directory.json")
     p_dir = FileDirectory(tmp_path / "petit" / "directory.json")
-    m_dir.add(p_dir.lookup("rpps:10000000019"))
+    m_dir.add(p_dir.lookup("rpps:10000000017"))
     p_dir.add(m_dir.lookup("rpps:10000005479"))
 
     async def main() -> None:
         async with medsecure.AsyncClient.from_home(tmp_path / "martin", passphrase=PASS) as c:
             result = await c.send(
                 medsecure.Document(content=b"%PDF-1.7 async", filename="cr.pdf"),
-                to="rpps:10000000019",
+                to="rpps:10000000017",
                 receipts=("delivered",),
             )
         with medsecure.client_from_home(tmp_path / "petit", passphrase=PASS) as p:

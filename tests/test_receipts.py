@@ -27,7 +27,7 @@ def authority() -> m.Identity:
 @pytest.fixture
 def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDirectory]:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     return alice, bob, MemoryDirectory([entry(authority, alice), entry(authority, bob)])
 
 
@@ -139,7 +139,7 @@ def test_forged_and_unknown_receipts_are_ignored(
     world: tuple[Party, Party, MemoryDirectory], authority: m.Identity, tmp_path: Path
 ) -> None:
     alice, bob, directory = world
-    carol = party(tmp_path, "carol", "810000000027")
+    carol = party(tmp_path, "carol", "810000000025")
     directory.add(entry(authority, carol))
     with client(alice, directory, authority) as ca:
         r = ca.send(m.Document(content=b"x"), to=bob.ref, receipts=("delivered",))
@@ -173,7 +173,7 @@ def test_forged_and_unknown_receipts_are_ignored(
         assert sorted(x["reason"] for x in ignored) == [
             "receipt for an unknown message",
             "receipt for other content than the envelope sent",
-            "receipt from 810000000027, who is not a recipient of the message",
+            "receipt from 810000000025, who is not a recipient of the message",
         ]
         log = (alice.home / "audit").glob("audit-*.jsonl")
         text = b"".join(p.read_bytes() for p in log)

@@ -141,7 +141,7 @@ def test_the_outbox_records_why_the_relay_endpoint_was_skipped(server, tmp_path)
     from medsecure.trust import AuthorityPolicy
 
     authority = m.Identity.generate()
-    alice = party(tmp_path, "alice", "810000000019")
+    alice = party(tmp_path, "alice", "810000000017")
     bob = party(tmp_path, "bob", "810000005479")
     wrong = server.url + "/wrong"
     endpoints = (_box(bob.identity, wrong), Endpoint(kind="drop", path=str(bob.box), priority=1))
@@ -212,17 +212,17 @@ def test_cli_with_a_wrong_relay_path(server, tmp_path):
     """The newcomer's report: ``init --relay http://127.0.0.1:PORT/wrong`` on both homes."""
     wrong = server.url + "/wrong"
     _init(tmp_path, "martin", "rpps:10000005479", wrong)
-    _init(tmp_path, "petit", "rpps:10000000019", wrong)
+    _init(tmp_path, "petit", "rpps:10000000017", wrong)
     _exchange_directories(tmp_path)
     (tmp_path / "cr.pdf").write_bytes(b"%PDF-1.7\n% compte rendu (fictitious)\n")
 
     # send falls back to the drop folder, and says why the relay was skipped
-    proc = run(["send", "cr.pdf", "--to", "rpps:10000000019", "--home", "martin"], tmp_path)
+    proc = run(["send", "cr.pdf", "--to", "rpps:10000000017", "--home", "martin"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "sent via drop" in proc.stdout
     assert f"relay {wrong}" in proc.stdout and "404 (not-found)" in proc.stdout
     proc = run(
-        ["send", "cr.pdf", "--to", "rpps:10000000019", "--home", "martin", "--json"], tmp_path
+        ["send", "cr.pdf", "--to", "rpps:10000000017", "--home", "martin", "--json"], tmp_path
     )
     (status,) = json.loads(proc.stdout)["recipients"]
     assert (status["endpoint"], status["status"], status["error"]) == ("drop", "sent", None)
@@ -247,7 +247,7 @@ def test_cli_with_a_wrong_relay_path(server, tmp_path):
 
 def test_cli_receive_over_https_from_a_plain_http_relay(server, tmp_path):
     url = server.url.replace("http://", "https://")
-    _init(tmp_path, "petit", "rpps:10000000019", url)
+    _init(tmp_path, "petit", "rpps:10000000017", url)
     proc = run(["receive", "--home", "petit"], tmp_path)
     line = _error_line(proc)
     assert proc.returncode == 1
@@ -260,7 +260,7 @@ def test_cli_receive_with_the_clock_off(server, tmp_path, monkeypatch, capsys):
     import medsecure.transports._relay as relay_module
     from medsecure.cli import main
 
-    _init(tmp_path, "petit", "rpps:10000000019", server.url)
+    _init(tmp_path, "petit", "rpps:10000000017", server.url)
 
     def ahead(*args, **kw):
         return sign_request(*args, created=int(time.time()) + 3600, **kw)

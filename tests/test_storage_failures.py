@@ -53,7 +53,7 @@ def authority() -> m.Identity:
 def test_disk_full_on_send(small_fs: Path, tmp_path: Path, authority: m.Identity) -> None:
     alice = party(tmp_path, "alice", "810000005479")
     alice.home = small_fs / "home"
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(4 << 20))
@@ -70,7 +70,7 @@ def test_disk_full_on_receive_loses_nothing(
     small_fs: Path, tmp_path: Path, authority: m.Identity
 ) -> None:
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     bob.home = small_fs / "home"
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     with client(alice, directory, authority) as ca:
@@ -96,7 +96,7 @@ def test_disk_full_on_receive_loses_nothing(
 def test_read_only_home(small_fs: Path, tmp_path: Path, authority: m.Identity) -> None:
     alice = party(tmp_path, "alice", "810000005479")
     alice.home = small_fs / "home"
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     with client(alice, directory, authority) as ca:
         ca.send(m.Document(content=b"before"), to=bob.ref)

@@ -346,7 +346,7 @@ def test_client_under_tofu_quarantines_an_impostor_and_still_reaches_the_real_se
     signing as Bob with a key of his own is quarantined and pins nothing; Bob's genuine message,
     sent afterwards, is received and Bob's key pinned."""
     alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000019")
+    bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory(
         [
             Practitioner(

@@ -81,12 +81,24 @@ def passphrase_hint() -> str:
     return ""
 
 
+def check_digit(ident: medsecure.identifiers.Identifier, flag: str) -> None:
+    """Refuse an RPPS number typed with ``flag`` whose check digit is wrong (the last of its 11
+    digits is a Luhn check digit: one mistyped digit or two swapped neighbours fail it). The
+    library only reports ``checksum_ok``: what a directory serves is not ours to refuse, but what
+    a user types here is most likely a typo, which would name nobody or somebody else."""
+    if ident.kind == "rpps" and ident.checksum_ok is False:
+        raise CliError(
+            f"{flag}: rpps:{ident.value} is not a valid RPPS number: its last digit is not the "
+            "Luhn check digit of the others (mistyped?)"
+        )
+
+
 def check_ref(ref: str, flag: str) -> None:
     """Refuse a malformed practitioner reference given with ``flag``, saying how to write it."""
     from medsecure.directory import normalize_ref
 
     try:
-        normalize_ref(ref)
+        _key, parsed = normalize_ref(ref)
     except ValueError as exc:
         hint = ""
         if ref.isdigit() and len(ref) == 11:
@@ -94,6 +106,8 @@ def check_ref(ref: str, flag: str) -> None:
         elif ref.isdigit() and len(ref) == 9:
             hint = f" (an ADELI number is written adeli:{ref})"
         raise CliError(f"{flag}: {exc}{hint}") from exc
+    if isinstance(parsed, medsecure.identifiers.Identifier):
+        check_digit(parsed, flag)
 
 
 def load_identity(path: str, flag: str) -> medsecure.Identity:

@@ -25,6 +25,7 @@ from ._app import (
     CliError,
     TemporaryFailure,
     about,
+    check_digit,
     check_ref,
     cli,
     load_public,
@@ -273,7 +274,9 @@ def init(
             "practitioners' keys) or --unsafe-tofu (trust the first key seen)"
         )
     with about("--me", "read the identifier"):
-        idnps = medsecure.identifiers.parse(me).idnps
+        ident = medsecure.identifiers.parse(me)
+    check_digit(ident, "--me")
+    idnps = ident.idnps
     root = _home(home)
     if (root / "config.json").exists():
         raise CliError(f"--home: {str(root)!r} is already a medsecure home")

@@ -190,6 +190,7 @@ def add(
     A --statement is attached to the key it is about (the old and the new key of a rotation),
     whether that key is given with --key now or is already in the entry; a statement about no
     key of the entry, or about another practitioner, is refused rather than dropped."""
+    check_ref(idnps, "--idnps")
     parsed = [_statement(s, "--statement") for s in statements]
     publics = [load_public(k, "--key") for k in keys]
     endpoints = [Endpoint(kind="drop", path=str(Path(d).resolve())) for d in drops]
@@ -272,7 +273,8 @@ def _merge(new: Practitioner, existing: Practitioner | None) -> Practitioner:
                 }
             )
         statements.setdefault(k.fingerprint, []).extend(k.statements)
-    merged = merge_practitioners([new.model_copy(update={"keys": ()}), existing])
+    # with their keys, so that each entry's endpoints remember the keys they came with
+    merged = merge_practitioners([new, existing])
     keys = tuple(
         k.model_copy(update={"statements": tuple(dict.fromkeys(statements[fp]))})
         for fp, k in by_fp.items()
@@ -351,6 +353,7 @@ def _write_statement(st: Statement, output: str | None) -> None:
 @click.option("-o", "--output", type=click.Path())
 def sign(authority: str, idnps: str, key_ref: str, days: int, output: str | None) -> None:
     """Sign a binding: KEY belongs to IDNPS for DAYS days from now."""
+    check_ref(idnps, "--idnps")
     pub = load_public(key_ref, "--key")
     issuer = load_identity(authority, "--authority")
     now = dt.datetime.now(dt.UTC)

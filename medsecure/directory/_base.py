@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from .._closing import Closing
 from .._errors import AmbiguousPractitioner, PractitionerNotFound
 from ..identifiers import Identifier, MSSanteAddress, parse, parse_address
-from ..models import Practitioner
+from ..models import Endpoint, Practitioner
 
 __all__ = ["Directory", "Ref", "merge_practitioners", "normalize_ref", "search_matches"]
 
@@ -75,8 +75,40 @@ def search_matches(
     return True
 
 
+def _endpoints_with_keys(p: Practitioner) -> Practitioner:
+    """``p`` with each endpoint that does not say yet which keys it came with tagged with ``p``'s."""
+    own = tuple(k.fingerprint for k in p.keys)
+    endpoints = tuple(
+        e if e.keys is not None else e.model_copy(update={"keys": own}) for e in p.endpoints
+    )
+    return p.model_copy(update={"endpoints": endpoints})
+
+
+def _union_endpoints(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
+    """One endpoint per place (its fields but ``keys``), in order, the keys it came with unioned."""
+    out: dict[str, Endpoint] = {}
+    for e in endpoints:
+        place = e.model_copy(update={"keys": None}).model_dump_json()
+        seen = out.get(place)
+        if seen is None:
+            out[place] = e
+        elif seen.keys is not None:
+            keys = None if e.keys is None else tuple(dict.fromkeys((*seen.keys, *e.keys)))
+            out[place] = seen.model_copy(update={"keys": keys})
+    return list(out.values())
+
+
 def merge_practitioners(entries: Sequence[Practitioner]) -> Practitioner:
-    """Merge entries for one IDNPS: the first non-empty scalar wins, lists are unioned in order."""
+    """Merge entries for one IDNPS: the first non-empty scalar wins, lists are unioned in order.
+
+    An endpoint is only as trustworthy as the key its entry came with: when the entries do not
+    all list the same keys, each endpoint records the keys of the entry it came from
+    (:attr:`Endpoint.keys`), and a send uses it only if the trust policy accepts one of them.
+    Otherwise an entry anyone wrote for a practitioner (an imported file, a second directory),
+    with a key the policy refuses, would still bring its drop folder or relay mailbox first.
+    """
+    if len({frozenset(k.fingerprint for k in e.keys) for e in entries}) > 1:
+        entries = [_endpoints_with_keys(e) for e in entries]
     first = entries[0]
     data = first.model_dump()
     for other in entries[1:]:
@@ -94,6 +126,7 @@ def merge_practitioners(entries: Sequence[Practitioner]) -> Practitioner:
             elif current in (None, "") and value not in (None, ""):
                 data[field_name] = value
     data["stale"] = any(e.stale for e in entries)
+    data["endpoints"] = _union_endpoints(e for p in entries for e in p.endpoints)
     return Practitioner.model_validate(data)
 
 

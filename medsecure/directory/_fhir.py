@@ -42,13 +42,18 @@ Two errors, by what the caller can do about them:
   ``next`` link to another origin, a content encoding that was not asked for.
 
 429 waits for ``Retry-After``; 5xx, timeouts and connection errors are retried with capped
-exponential backoff and jitter. No httpx exception escapes.
+exponential backoff and jitter. No httpx exception escapes, nor the ``UnicodeError`` that
+``idna`` and the socket layer raise for a host name they cannot encode: a base URL or API key
+that no request could carry is :class:`ConfigError` at construction (checked there, with the
+codec the socket layer will use, rather than discovered at the first lookup), and a ``next``
+link that is not a usable URL is :class:`DirectoryError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import email.utils
+import ipaddress
 import json
 import logging
 import random
@@ -61,7 +66,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import ValidationError
 
-from .._errors import DirectoryError, DirectoryUnavailable
+from .._errors import ConfigError, DirectoryError, DirectoryUnavailable
 from ..identifiers import IDNPS_SYSTEM, IDNST_SYSTEM, RPPS_SYSTEM, Identifier, MSSanteAddress
 from ..models import Code, Mailbox, OrganizationRef, Practitioner
 from ._base import Directory, Ref, normalize_ref, search_matches, unique
@@ -326,6 +331,66 @@ def _retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+def _host_ok(host: str) -> bool:
+    """Whether a request can reach ``host``: an IP literal, or a name that httpx (IDNA 2008,
+    punycode labels decoded) and then the socket layer (Python's ``idna`` codec: no empty label,
+    none over 63 characters) both accept. Otherwise the error would surface at the first
+    request, as a bare ``httpx.InvalidURL`` or ``UnicodeError``."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        url = httpx.URL(f"http://{host}/")
+        url.host  # noqa: B018 - decodes xn-- labels, as every request does
+        url.raw_host.decode("ascii").encode("idna")
+    except (httpx.InvalidURL, UnicodeError):
+        return False
+    return len(url.raw_host) <= 253
+
+
+def _base_url(base_url: str) -> tuple[str, str]:
+    """``base_url``'s scheme and netloc, or :class:`ConfigError` naming what is wrong. The
+    message never repeats the URL: it may carry credentials (``https://user:secret@host``)."""
+    what = "the FHIR base URL"
+    if not isinstance(base_url, str):
+        raise TypeError(f"{what} is a str")
+    try:
+        parts = urlsplit(base_url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise ConfigError(f"{what} is not a valid URL") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} must be http(s)://host/path")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ConfigError(f"{what} has an invalid port") from exc
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in base_url):
+        raise ConfigError(f"{what} is not a valid URL: it contains control characters")
+    if not _host_ok(parts.hostname):
+        shown = parts.hostname if len(parts.hostname) <= 64 else parts.hostname[:61] + "..."
+        raise ConfigError(
+            f"{what} has an invalid host name {shown!r} (a placeholder left in the URL?)"
+        )
+    try:
+        httpx.URL(base_url)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise ConfigError(f"{what} is not a valid URL") from exc
+    return parts.scheme, parts.netloc
+
+
+def _next_link(url: str, link: str) -> str:
+    """The absolute URL of a ``next`` link, or :class:`DirectoryError` if no request could
+    carry it (the server is not trusted to send one that can)."""
+    try:
+        nxt = urljoin(url, link)
+        httpx.URL(nxt)
+    except (ValueError, httpx.InvalidURL) as exc:  # UnicodeError is a ValueError
+        raise DirectoryError("the directory's next link is not a usable URL") from exc
+    return nxt
+
+
 @dataclasses.dataclass
 class _Budget:
     """What one call (``lookup``, ``lookup_many``, ``search``) may still spend."""
@@ -357,7 +422,9 @@ class FhirDirectory(Directory):
     * ``max_response_bytes`` per response body, counted as it streams (after decompression);
       past the last three, :class:`DirectoryError`.
 
-    ``sleep`` and ``clock`` are injectable for tests.
+    ``sleep`` and ``clock`` are injectable for tests. A ``base_url`` or ``api_key`` that no request
+    could carry (not http(s), a bad port or host name, control characters) is
+    :class:`~medsecure.ConfigError` here, not an httpx error at the first lookup.
     """
 
     def __init__(
@@ -377,9 +444,13 @@ class FhirDirectory(Directory):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        self._origin = _base_url(base_url)
+        if api_key is not None and not (
+            api_key.strip() and all(0x20 <= ord(c) < 0x7F for c in api_key)
+        ):  # never quoted: it is a secret
+            raise ConfigError(
+                "the ESANTE-API-KEY is blank or holds characters an HTTP header cannot carry"
+            )
         for name, value in (
             ("timeout", timeout),
             ("max_total_time", max_total_time),
@@ -391,7 +462,7 @@ class FhirDirectory(Directory):
             if not value > 0:
                 raise ValueError(f"{name} must be positive")
         self.base_url = base_url.rstrip("/") + "/"
-        self._origin = (parts.scheme, parts.netloc)
+        parts = urlsplit(base_url)
         if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
             log.warning(
                 "FhirDirectory over plain http to %s: the API key and answers travel unencrypted",
@@ -450,7 +521,10 @@ class FhirDirectory(Directory):
         )
 
     def _get(self, url: str, params: Params | None, budget: _Budget) -> dict[str, Any]:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise DirectoryError("the directory's next link is not a usable URL") from exc
         if (parts.scheme, parts.netloc) != self._origin:
             raise DirectoryError("refusing to follow a link to another host than the directory's")
         attempt = 0
@@ -470,6 +544,12 @@ class FhirDirectory(Directory):
                 problem = f"unreachable ({type(exc).__name__})"
             except httpx.HTTPError as exc:
                 raise DirectoryError(f"directory request failed: {type(exc).__name__}") from exc
+            except (httpx.InvalidURL, UnicodeError) as exc:
+                # checked before (base URL, API key, next links, search criteria): a last net,
+                # so that no request httpx or the socket layer cannot form escapes as theirs
+                raise DirectoryError(
+                    f"directory request could not be formed: {type(exc).__name__}"
+                ) from exc
             else:
                 if status == 200:
                     return self._bundle(body)
@@ -574,7 +654,7 @@ class FhirDirectory(Directory):
             for link in bundle.get("link", []):
                 link = _dict(link)
                 if link.get("relation") == "next" and _str(link.get("url")):
-                    nxt = urljoin(url, link["url"])
+                    nxt = _next_link(url, link["url"])
             if nxt is None or nxt in seen or (max_matches is not None and matches >= max_matches):
                 return out
             if pages >= self.max_pages:
@@ -688,6 +768,11 @@ class FhirDirectory(Directory):
     ) -> list[Practitioner]:
         if not any((name, given, profession, city)):
             raise ValueError("give at least one search criterion")
+        for label, value in (("name", name), ("given", given)):
+            try:
+                (value or "").encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, as undecodable bytes in argv become
+                raise ValueError(f"the search criterion {label} is not valid text") from None
         params: Params = {}
         if name:
             params["name"] = name

@@ -220,12 +220,18 @@ class TrustPolicy(abc.ABC):
                 return TrustDecision(
                     idnps, key, "new-authority-statement", st.issuer.fingerprint, newly_pinned=True
                 )
+        # Not "changed to": the pin stays, this key is refused (decisions() says whether a
+        # pinned key is still listed and kept).
         log.warning(
-            "key of %s changed to %s without rotation or new authority statement", idnps, fp
+            "refused key %s offered for %s: it is not the pinned key (%s) and no rotation signed "
+            "by the old key or newer authority statement vouches for it",
+            fp,
+            idnps,
+            ", ".join(sorted(pinned)),
         )
         raise KeyChanged(
-            f"the key of {idnps} changed ({fp} is not the pinned key) and no rotation "
-            "signed by the old key or newer authority statement vouches for it"
+            f"key {fp} offered for {idnps} is not the pinned key and no rotation signed by the "
+            "old key or newer authority statement vouches for it: refused"
         )
 
     def _is_authority(self, issuer: PublicIdentity) -> bool:
@@ -239,11 +245,20 @@ class TrustPolicy(abc.ABC):
         key is accepted."""
         accepted: list[TrustDecision] = []
         first_error: TrustError | None = None
+        refused: list[str] = []
         for entry in practitioner.keys:
             try:
                 accepted.append(self.check(practitioner, entry.public, now=now))
             except TrustError as exc:
                 first_error = first_error or exc
+                refused.append(entry.fingerprint)
+        if accepted and refused:
+            log.warning(
+                "%s: refused key(s) %s, kept %s; endpoints listed with a refused key are not used",
+                practitioner.idnps,
+                ", ".join(refused),
+                ", ".join(f"{d.key.fingerprint} ({d.reason})" for d in accepted),
+            )
         if not accepted:
             if first_error is not None:
                 raise first_error

@@ -74,25 +74,25 @@ _PREFIX = {
     "adeli-cabinet": "0",
 }
 _FORMATS = {
-    "rpps": (re.compile(r"\d{11}"), "11 digits"),
+    "rpps": (re.compile(r"[0-9]{11}"), "11 digits"),
     "adeli": (
-        re.compile(r"(\d{2}|2A|2B)\d{7}"),
+        re.compile(r"([0-9]{2}|2A|2B)[0-9]{7}"),
         "9 characters (digits; 2A/2B allowed for Corsica)",
     ),
     "finess": (
-        re.compile(r"(\d{2}|2A|2B)\d{7}"),
+        re.compile(r"([0-9]{2}|2A|2B)[0-9]{7}"),
         "9 characters (digits; 2A/2B allowed for Corsica)",
     ),
-    "siret": (re.compile(r"\d{14}"), "14 digits"),
-    "siren": (re.compile(r"\d{9}"), "9 digits"),
-    "rpps-rang": (re.compile(r"\d{12,16}"), "an RPPS number followed by a rank"),
+    "siret": (re.compile(r"[0-9]{14}"), "14 digits"),
+    "siren": (re.compile(r"[0-9]{9}"), "9 digits"),
+    "rpps-rang": (re.compile(r"[0-9]{12,16}"), "an RPPS number followed by a rank"),
     "adeli-cabinet": (re.compile(r"[0-9A-Z]{9,10}"), "9 or 10 characters"),
 }
 
 
 def luhn_ok(digits: str) -> bool:
     """True if ``digits`` (a string of digits) passes the Luhn check."""
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         raise ValueError("the Luhn check applies to digits only")
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -146,7 +146,9 @@ class Identifier:
     @property
     def checksum_ok(self) -> bool | None:
         """The Luhn check of the number, or None where it does not apply (Corsica, internal)."""
-        if self.kind in ("internal", "rpps-rang", "adeli-cabinet") or not self.value.isdigit():
+        if self.kind in ("internal", "rpps-rang", "adeli-cabinet") or not (
+            self.value.isascii() and self.value.isdigit()
+        ):
             return None
         return luhn_ok(self.value)
 
@@ -238,7 +240,7 @@ INS_TEST_NIR = "1.2.250.1.213.1.4.10"
 INS_DEMO_NIR = "1.2.250.1.213.1.4.11"
 _INS_OIDS = {INS_NIR: "NIR", INS_NIA: "NIA", INS_TEST_NIR: "test NIR", INS_DEMO_NIR: "demo NIR"}
 _LENIENT_OIDS = {INS_TEST_NIR, INS_DEMO_NIR}
-_INS_RE = re.compile(r"[1-478]\d{4}(\d{2}|2A|2B)\d{6}\d{2}")
+_INS_RE = re.compile(r"[1-478][0-9]{4}([0-9]{2}|2A|2B)[0-9]{6}[0-9]{2}")
 
 
 def ins_key(first13: str) -> int:
@@ -279,7 +281,9 @@ class INS:
     @field_validator("birth_place")
     @classmethod
     def _check_birth_place(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"(\d{2}|2A|2B)\d{3}|99\d{3}", value.upper()):
+        if value is not None and not re.fullmatch(
+            r"([0-9]{2}|2A|2B)[0-9]{3}|99[0-9]{3}", value.upper()
+        ):
             raise ValueError("malformed birth place: expected a 5-character INSEE code")
         return value.upper() if value else value
 

@@ -181,8 +181,8 @@ class Practitioner(_Model):
     """A health professional as a directory knows them."""
 
     idnps: Annotated[str, AfterValidator(_professional_idnps)]
-    rpps: str | None = Field(default=None, pattern=r"^\d{11}$")
-    adeli: str | None = Field(default=None, pattern=r"^(\d{2}|2A|2B)\d{7}$")
+    rpps: str | None = Field(default=None, pattern=r"^[0-9]{11}$")
+    adeli: str | None = Field(default=None, pattern=r"^([0-9]{2}|2A|2B)[0-9]{7}$")
     family_name: str | None = None
     given_name: str | None = None
     profession: Code | None = None

@@ -71,6 +71,23 @@ def test_malformed_identifiers(text: str, message: str) -> None:
         I.parse(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "rpps:" + "\u0661" * 11,  # Arabic-Indic digits: \\d and str.isdigit accept them
+        "rpps:1000000547\u0669",
+        "8" + "\u0661" * 11,
+        "adeli:" + "\uff11" * 9,  # fullwidth
+        "rpps:1000000547\u00b2",  # superscript two: isdigit() but no decimal digit
+    ],
+)
+def test_identifiers_are_ascii_digits_only(text: str) -> None:
+    """A lookalike of a valid number written with other scripts' digits is another identifier
+    to every comparison: it is refused, never parsed."""
+    with pytest.raises(ValueError):
+        I.parse(text)
+
+
 def test_structure_prefix_table_differs() -> None:
     with pytest.raises(ValueError, match="unknown structure identifier prefix '8'"):
         I.parse("810000005479", structure=True)

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import io
+import re
 import xml.etree.ElementTree as ET
 import zipfile
 
@@ -266,6 +267,16 @@ def test_a_wrong_size_is_detected() -> None:
     data = rezip(package(), {"IHE_XDM/SUBSET01/DOC00001.XML": b"short"})
     with pytest.raises(MailFormatError, match="size"):
         parse_xdm_zip(io.BytesIO(data))
+
+
+def test_a_size_in_superscript_digits_is_a_format_error() -> None:
+    """'²' is a digit to str.isdigit but no number to int(): a typed refusal, not ValueError."""
+    meta = zipfile.ZipFile(io.BytesIO(package())).read(META).decode()
+    size = re.search(r'name="size">\s*<rim:ValueList>\s*<rim:Value>([0-9]+)<', meta)
+    assert size is not None
+    hostile = meta.replace(size.group(0), size.group(0).replace(size.group(1), "\u00b2"))
+    with pytest.raises(MailFormatError, match="size"):
+        parse_xdm_zip(io.BytesIO(rezip(package(), {META: hostile.encode()})))
 
 
 def test_a_missing_document_is_detected() -> None:

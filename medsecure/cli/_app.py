@@ -101,9 +101,9 @@ def check_ref(ref: str, flag: str) -> None:
         _key, parsed = normalize_ref(ref)
     except ValueError as exc:
         hint = ""
-        if ref.isdigit() and len(ref) == 11:
+        if ref.isascii() and ref.isdigit() and len(ref) == 11:
             hint = f" (an RPPS number is written rpps:{ref})"
-        elif ref.isdigit() and len(ref) == 9:
+        elif ref.isascii() and ref.isdigit() and len(ref) == 9:
             hint = f" (an ADELI number is written adeli:{ref})"
         raise CliError(f"{flag}: {exc}{hint}") from exc
     if isinstance(parsed, medsecure.identifiers.Identifier):

@@ -76,7 +76,7 @@ def _host_port(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if value is None:
         return None
     host, sep, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
-    if not host or (sep and not (port.isdigit() and 0 < int(port) < 65536)):
+    if not host or (sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
         raise click.BadParameter("give HOST or HOST:PORT (PORT from 1 to 65535)")
     return value
 
@@ -190,7 +190,7 @@ def _relay_url(url: str) -> str:
 
 def _dns_server(value: str) -> dict[str, Any]:
     host, sep, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
-    if not host or (sep and not (port.isdigit() and 0 < int(port) < 65536)):
+    if not host or (sep and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)):
         raise CliError("--mail-dns: give ADDRESS or ADDRESS:PORT (PORT from 1 to 65535)")
     return {"nameserver": host, "port": int(port) if sep else 53}
 

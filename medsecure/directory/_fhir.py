@@ -597,7 +597,12 @@ class FhirDirectory(Directory):
             raise DirectoryError("the directory answered in a content encoding it was not offered")
         too_big = f"the directory's answer is larger than the {limit}-byte limit per response"
         declared = resp.headers.get("Content-Length", "").strip()
-        if encoding == "identity" and declared.isdigit() and int(declared) > limit:
+        if (
+            encoding == "identity"
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > limit
+        ):
             raise DirectoryError(too_big)
         body = bytearray()
         for chunk in resp.iter_bytes():

@@ -334,7 +334,7 @@ def _parse_ts(value: str | None) -> dt.datetime | None:
     value = value.strip()
     formats = {14: "%Y%m%d%H%M%S", 12: "%Y%m%d%H%M", 10: "%Y%m%d%H", 8: "%Y%m%d"}
     fmt = formats.get(len(value))
-    if fmt is None or not value.isdigit():
+    if fmt is None or not (value.isascii() and value.isdigit()):
         raise MailFormatError("malformed time in XDM metadata")
     try:
         return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.UTC)
@@ -850,7 +850,7 @@ def _entry(
     if not re.fullmatch(r"[0-9a-f]{40}", sha1):
         raise MailFormatError("a document in XDM metadata has no valid SHA-1 hash")
     size_text = (slots.get("size") or [""])[0].strip()
-    if not size_text.isdigit():
+    if not (size_text.isascii() and size_text.isdigit()):
         raise MailFormatError("a document in XDM metadata has no valid size")
     ext = _external(eo)
     patient = None

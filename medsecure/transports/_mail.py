@@ -569,7 +569,7 @@ class MailTransport(Transport):
             out: dict[str, Any] = {}
             if spec:
                 host, sep, port = spec.rpartition(":") if spec.count(":") == 1 else ("", "", "")
-                if sep and not port.isdigit():
+                if sep and not (port.isascii() and port.isdigit()):
                     raise ValueError("a server is HOST or HOST:PORT")
                 out = {"host": host, "port": int(port)} if sep else {"host": spec}
             out.update(security=security, username=username or address, password_env=password_env)

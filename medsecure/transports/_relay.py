@@ -547,7 +547,7 @@ class _Resume:
             return TransportUnavailable("the relay could not resume the download")
         if self.size is None:
             length = response.headers.get("content-length", "")
-            size = int(length) if length.isdigit() else self.expected
+            size = int(length) if length.isascii() and length.isdigit() else self.expected
             if self.expected is not None and size != self.expected:
                 return TransportUnavailable("the relay sent another size than it listed")
             self.size = size

@@ -581,7 +581,7 @@ def _announced(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None or "transfer-encoding" in request.headers:
         return None
-    if not value.isdigit() or len(value) > 19:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
         return None
     return int(value)
 
@@ -691,7 +691,7 @@ async def _upload_large(request: Request, st: _State) -> Response:
     length_header = request.headers.get("content-length")
     if length_header is None or "transfer-encoding" in request.headers:
         raise Problem("length-required")
-    if not length_header.isdigit() or len(length_header) > 19:
+    if not (length_header.isascii() and length_header.isdigit()) or len(length_header) > 19:
         raise Problem("bad-request", "malformed Content-Length")
     length = int(length_header)
     if length > cfg.max_envelope_bytes:

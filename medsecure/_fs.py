@@ -8,6 +8,7 @@ fsynced so the rename itself survives a power loss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import threading
@@ -17,6 +18,21 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = ["atomic_output", "atomic_write", "fsync_dir", "new_file", "removing_on_failure"]
+
+
+def os_reason(exc: OSError) -> str:
+    """What an OSError means, without the file name it carries (which may name a patient)."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file or folder"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a folder"
+    if isinstance(exc, NotADirectoryError):
+        return "a part of the path is not a folder"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

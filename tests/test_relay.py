@@ -680,7 +680,7 @@ def test_relay_serve_says_in_one_line_why_it_cannot_start(tmp_path):
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip() == (
-        "medsecure: error: cannot read the TLS certificate file: no such file"
+        "medsecure: error: cannot read the TLS certificate file: no such file or folder"
     )
     cert = tmp_path / "cert.pem"
     cert.write_text("x")
@@ -690,7 +690,7 @@ def test_relay_serve_says_in_one_line_why_it_cannot_start(tmp_path):
     )  # fmt: skip
     assert (
         done.stderr.strip()
-        == "medsecure: error: cannot read the TLS private key file: no such file"
+        == "medsecure: error: cannot read the TLS private key file: no such file or folder"
     )
 
     done = cli("relay", "serve", "--data", str(tmp_path / "d3"), "--port", "0")

@@ -8,7 +8,6 @@ temporary file is removed and every open client is closed before the process exi
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from types import FrameType
 import click
 
 import medsecure
+from medsecure._fs import os_reason
 
 PASSPHRASE_ENV = "MEDSECURE_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 PROGRESS_THRESHOLD = 4 << 20  # progress bars for files over 4 MiB, on a terminal only
@@ -37,17 +37,7 @@ class TemporaryFailure(CliError):
 
 def reason(exc: OSError) -> str:
     """What an OSError means, without the file name it carries (which may name a patient)."""
-    if isinstance(exc, FileNotFoundError):
-        return "no such file or folder"
-    if isinstance(exc, IsADirectoryError):
-        return "it is a folder"
-    if isinstance(exc, NotADirectoryError):
-        return "a part of the path is not a folder"
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if exc.errno == errno.ENOSPC:
-        return "no space left on the device"
-    return (exc.strerror or type(exc).__name__).lower()
+    return os_reason(exc)
 
 
 @contextlib.contextmanager

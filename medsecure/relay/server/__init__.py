@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..._errors import ConfigError
+from ..._fs import os_reason
 from ._app import create_app, sweep
 from ._config import RelayConfig, default_public_urls
 from ._observe import JsonFormatter, event
@@ -80,7 +81,7 @@ def serve(
                 with open(path, "rb") as fh:
                     fh.read(1)
             except OSError as exc:
-                raise ConfigError(f"cannot read the TLS {what} file: {_why(exc)}") from None
+                raise ConfigError(f"cannot read the TLS {what} file: {os_reason(exc)}") from None
     _check_listen(host, port)
     _logging(log_level)
     storage = open_storage(data=data, database=database, bodies=bodies)
@@ -113,16 +114,6 @@ def serve(
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _why(exc: OSError) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "no such file"
-    if isinstance(exc, PermissionError):
-        return "permission denied"
-    if isinstance(exc, IsADirectoryError):
-        return "it is a folder"
-    return (exc.strerror or type(exc).__name__).lower()
-
-
 def _check_listen(host: str, port: int) -> None:
     """Refuse, with one clear line, an address the relay could not listen on (uvicorn would
     log it and exit once the storage is open)."""
@@ -143,7 +134,7 @@ def _check_listen(host: str, port: int) -> None:
             elif exc.errno == errno.EACCES:
                 why = "permission denied (ports below 1024 need privileges)"
             else:
-                why = _why(exc)
+                why = os_reason(exc)
             raise ConfigError(f"cannot listen on {host} port {port}: {why}") from None
 
 

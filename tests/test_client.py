@@ -653,14 +653,9 @@ def _second_send(
     assert any("refused" in text and "pinned" in text for text in refused), refused
 
 
-def test_imported_entry_with_a_refused_key_brings_no_endpoint(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A sends to B (TOFU pins B's key); M's directory file lists M's key and drop folder for
-    B's identifier; A imports it with ``medsecure directory import`` and sends to B again: the
-    envelope goes to B's folder, never to M's, and the warning says M's key was refused."""
-    from test_cli_core import run
-
+def _bob_pinned(tmp_path: Path) -> tuple[Party, Party, Party, Path]:
+    """Alice, Bob and Mallory; Alice's directory file lists Alice and Bob, and Alice has sent
+    Bob one message (trust on first use pinned his key), which he received."""
     from medsecure.directory import FileDirectory
 
     alice = party(tmp_path, "alice", "810000005479")
@@ -676,6 +671,20 @@ def test_imported_entry_with_a_refused_key_brings_no_endpoint(
     with _tofu_client(bob, FileDirectory(path)) as cb:
         (first,) = cb.receive()
         first.ack()
+    return alice, bob, mallory, path
+
+
+def test_imported_entry_with_a_refused_key_brings_no_endpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sends to B (TOFU pins B's key); M's directory file lists M's key and drop folder for
+    B's identifier; A imports it with ``medsecure directory import`` and sends to B again: the
+    envelope goes to B's folder, never to M's, and the warning says M's key was refused."""
+    from test_cli_core import run
+
+    from medsecure.directory import FileDirectory
+
+    alice, bob, mallory, path = _bob_pinned(tmp_path)
     proc = run(
         [
             "directory",
@@ -696,19 +705,7 @@ def test_chained_entry_with_a_refused_key_brings_no_endpoint(
     """The same through ``ChainDirectory`` (no CLI): merging is where endpoints meet keys."""
     from medsecure.directory import ChainDirectory, FileDirectory
 
-    alice = party(tmp_path, "alice", "810000005479")
-    bob = party(tmp_path, "bob", "810000000017")
-    mallory = party(tmp_path, "mallory", "810000000025")
-    path = tmp_path / "directory.json"
-    with FileDirectory(path) as d:
-        d.add_many(
-            [entry(alice.identity, alice, signed=False), entry(alice.identity, bob, signed=False)]
-        )
-    with _tofu_client(alice, FileDirectory(path)) as ca:
-        assert ca.send(m.Document(content=b"first", filename="a.txt"), to=bob.ref).all_sent
-    with _tofu_client(bob, FileDirectory(path)) as cb:
-        (first,) = cb.receive()
-        first.ack()
+    alice, bob, mallory, path = _bob_pinned(tmp_path)
     chain = ChainDirectory(
         [FileDirectory(_mallory_file(tmp_path, bob, mallory)), FileDirectory(path)]
     )

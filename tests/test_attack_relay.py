@@ -16,6 +16,7 @@ import socket
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -279,14 +280,16 @@ def test_replays_held_in_a_slow_commit_spend_none_of_their_senders_tokens(  # ty
         assert [x["message_id"] for x in r.json()["messages"]] == [up.rsplit("/", 1)[1]]
 
 
-class _ThrottlingRelay:
-    """A hostile relay on loopback: it takes key bundles, and answers every GET ``503`` with a
-    ``Retry-After`` of one byte, ``\\xb2`` (which httpx reads as ``"²"``: a digit to
-    ``str.isdigit``, not a number to ``float``)."""
+class _HostileRelay:
+    """A hostile relay on loopback: it takes key bundles (any PUT: 204) and answers every GET
+    with :meth:`answer`, in the handler's thread."""
 
     def __init__(self) -> None:
         import http.server
         import threading
+
+        self.stop = threading.Event()
+        answer = self.answer
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -299,19 +302,31 @@ class _ThrottlingRelay:
                 self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
 
             def do_GET(self) -> None:
-                self.wfile.write(
-                    b"HTTP/1.1 503 Unavailable\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n"
-                )
+                answer(self)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def answer(self, handler: Any) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
+        self.stop.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(10)
+
+
+class _ThrottlingRelay(_HostileRelay):
+    """Every GET: ``503`` with a ``Retry-After`` of one byte, ``\\xb2`` (which httpx reads as
+    ``"²"``: a digit to ``str.isdigit``, not a number to ``float``)."""
+
+    def answer(self, handler: Any) -> None:
+        handler.wfile.write(
+            b"HTTP/1.1 503 Unavailable\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n"
+        )
 
 
 def test_a_hostile_relays_retry_after_does_not_stop_receiving_from_the_other_mailboxes(
@@ -355,47 +370,21 @@ def test_a_hostile_relays_retry_after_does_not_stop_receiving_from_the_other_mai
         hostile.close()
 
 
-class _DrippingRelay:
-    """A hostile relay on loopback: it takes key bundles, and answers every GET ``200`` with a
-    long JSON body sent one byte at a time, each well within any read timeout."""
+class _DrippingRelay(_HostileRelay):
+    """Every GET: ``200`` with a long JSON body sent one byte at a time, each well within any
+    read timeout."""
 
-    def __init__(self) -> None:
-        import http.server
-        import threading
+    def answer(self, handler: Any) -> None:
         import time
 
-        stop = self.stop = threading.Event()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_PUT(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                self.wfile.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-
-            def do_GET(self) -> None:
-                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
-                self.wfile.flush()
-                with contextlib.suppress(OSError):
-                    while not stop.is_set():
-                        self.wfile.write(b" ")
-                        self.wfile.flush()
-                        time.sleep(0.05)
-                self.close_connection = True
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+        handler.wfile.flush()
+        with contextlib.suppress(OSError):
+            while not self.stop.is_set():
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(0.05)
+        handler.close_connection = True
 
 
 @pytest.mark.parametrize("driver", ["sync", "async"])

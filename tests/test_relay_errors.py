@@ -1,5 +1,6 @@
 """What a misconfigured relay endpoint looks like to its user: a wrong URL path, ``https://`` to
-a plain-http relay, a clock outside the signature window. Against the real relay on loopback,
+a plain-http relay, a clock outside the signature window (of a request or of the key bundle), a
+relay URL carrying a password. Against the real relay on loopback,
 through both transports, the client and the command line.
 
 A refusal that retrying cannot change is :class:`DeliveryRejected`, said once (no retries) in
@@ -9,6 +10,7 @@ nothing is wrong with it); the command line exits 75 only for what is worth retr
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -23,7 +25,9 @@ from medsecure.models import Endpoint
 from medsecure.relay import sign_request
 from medsecure.transports import ClockSkew
 
+HOUR = datetime.timedelta(hours=1)
 FAST = ("--rate", "1000", "--burst", "100000")
+SECRET = "a-relay-password-never-shown"
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +117,32 @@ def test_a_clock_outside_the_window_says_check_the_clock(server, driver, monkeyp
     assert isinstance(caught.value, TransportUnavailable)
     assert "clock" in str(caught.value) and "signature-expired" in str(caught.value)
     assert slept == []
+
+
+def test_a_key_bundle_signed_with_the_clock_ahead_says_check_the_clock(server, driver, monkeypatch):
+    """The relay refuses a bundle published ahead of its clock with its own problem type (not
+    a bare bad-request): the client says to check the clock. Once the clock is right, the same
+    transport signs a new bundle and is served."""
+    import medsecure.transports._relay as relay_module
+    from medsecure.relay import sign_bundle
+
+    def ahead(*args, **kw):
+        return sign_bundle(*args, published=datetime.datetime.now(datetime.UTC) + HOUR, **kw)
+
+    monkeypatch.setattr(relay_module, "sign_bundle", ahead)
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    slept: list[float] = []
+    t = driver(alice, server.url, sleep=slept.append)
+    with pytest.raises(ClockSkew) as caught:
+        t.deliver(_box(bob, server.url), b"x" * 10, message_id())
+    text = str(caught.value)
+    assert "400 (bundle-time-invalid)" in text and "check this computer's clock" in text
+    with pytest.raises(ClockSkew, match="bundle-time-invalid"):
+        t.list()
+    assert slept == []
+    monkeypatch.undo()  # the clock is set right
+    assert t.list() == []
+    t.deliver(_box(bob, server.url), b"x" * 10, message_id())
 
 
 def test_a_missing_envelope_is_still_not_found(server):

@@ -17,7 +17,9 @@ again if the relay answers ``unknown-key``.
   later); a refusal that retrying cannot change is :class:`DeliveryRejected`, raised at once:
   among them a configuration to fix (a 404 or 405 on the relay's own routes means the URL's
   path is wrong; ``https://`` to a server that answers in plain HTTP). A signature time outside
-  the relay's window is :class:`ClockSkew` (nothing is wrong with the message: set the clock).
+  the relay's window is :class:`ClockSkew` (nothing is wrong with the message: set the clock),
+  and so is a key bundle refused for a publication time ahead of the relay's clock (the bundle
+  is signed anew at the next publication).
   Answers are classified by the problem's stable ``type``, then the status, never by its text.
 * ``fetch`` returns a reader that resumes an interrupted download with ``Range`` and
   ``If-Range`` (the relay's ETag is the body's digest, so a resumed body is the same body).
@@ -255,8 +257,10 @@ class _Core:
                 ),
                 raw,
             )
-        except BaseException:
+        except BaseException as exc:
             self.published.discard(where)
+            if isinstance(exc, ClockSkew):  # its time was refused: sign anew next time
+                self._bundle = None
             raise
 
     def upload(self, target: tuple[str, str], digest: StreamDigest) -> _Request:
@@ -377,6 +381,14 @@ class _Core:
                 "fail",
                 error=ClockSkew(
                     f"{what}: the request's time is outside the relay's window;"
+                    " check this computer's clock"
+                ),
+            )
+        if slug == "bundle-time-invalid":
+            return _Verdict(
+                "fail",
+                error=ClockSkew(
+                    f"{what}: the key bundle's publication time is ahead of the relay's clock;"
                     " check this computer's clock"
                 ),
             )

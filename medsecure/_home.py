@@ -256,6 +256,13 @@ def init_home(
         raise ConfigError(f"{str(root)!r} is already a medsecure home")
     idnps = parse(me).idnps  # before anything is created
     _trust_section(trust)  # what decides trust is the caller's explicit choice
+    if relay is not None:
+        from .transports._relay import check_relay_url
+
+        try:
+            check_relay_url(relay)
+        except ValueError as exc:
+            raise ConfigError(f"relay: {exc}") from None
     for section in transports:
         if not isinstance(section, dict) or section.get("kind") not in _BUILDERS:
             raise ConfigError(f"unknown transport section {section!r}")

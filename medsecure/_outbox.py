@@ -309,7 +309,10 @@ def skip_note(endpoint: Endpoint, error: str | None) -> str:
         parts = urllib.parse.urlsplit(endpoint.url)
         host = parts.hostname or ""
         host = f"[{host}]" if ":" in host else host
-        port = f":{parts.port}" if parts.port is not None else ""
+        try:
+            port = f":{parts.port}" if parts.port is not None else ""
+        except ValueError:  # out of range (a directory's word): the note leaves it out
+            port = ""
         where += f" {parts.scheme}://{host}{port}{parts.path.rstrip('/')}"
     return f"{where}: {error or 'refused'}"
 

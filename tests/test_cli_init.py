@@ -386,6 +386,8 @@ def test_init_mail_discover_asks_dns(pki: Pki, tmp_path: Path) -> None:
         (["--mailbox", "a-file/box"], "--mailbox"),
         (["--relay", "relay.example"], "--relay"),
         (["--relay", "https://relay.example:99999"], "--relay"),
+        (["--relay", f"https://dr-martin:{SECRET}@relay.example"], "--relay"),
+        (["--relay", f"https://relay.example/?token={SECRET}"], "--relay"),
     ],
 )
 def test_misuse_is_one_line_naming_the_option(

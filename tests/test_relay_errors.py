@@ -1,5 +1,6 @@
 """What a misconfigured relay endpoint looks like to its user: a wrong URL path, ``https://`` to
-a plain-http relay, a clock outside the signature window. Against the real relay on loopback,
+a plain-http relay, a clock outside the signature window (of a request or of the key bundle), a
+relay URL carrying a password. Against the real relay on loopback,
 through both transports, the client and the command line.
 
 A refusal that retrying cannot change is :class:`DeliveryRejected`, said once (no retries) in
@@ -9,6 +10,7 @@ nothing is wrong with it); the command line exits 75 only for what is worth retr
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -22,8 +24,11 @@ from medsecure import DeliveryRejected, TransportUnavailable
 from medsecure.models import Endpoint
 from medsecure.relay import sign_request
 from medsecure.transports import ClockSkew
+from medsecure.trust import AuthorityPolicy
 
+HOUR = datetime.timedelta(hours=1)
 FAST = ("--rate", "1000", "--burst", "100000")
+SECRET = "a-relay-password-never-shown"
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,32 @@ def test_a_clock_outside_the_window_says_check_the_clock(server, driver, monkeyp
     assert slept == []
 
 
+def test_a_key_bundle_signed_with_the_clock_ahead_says_check_the_clock(server, driver, monkeypatch):
+    """The relay refuses a bundle published ahead of its clock with its own problem type (not
+    a bare bad-request): the client says to check the clock. Once the clock is right, the same
+    transport signs a new bundle and is served."""
+    import medsecure.transports._relay as relay_module
+    from medsecure.relay import sign_bundle
+
+    def ahead(*args, **kw):
+        return sign_bundle(*args, published=datetime.datetime.now(datetime.UTC) + HOUR, **kw)
+
+    monkeypatch.setattr(relay_module, "sign_bundle", ahead)
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    slept: list[float] = []
+    t = driver(alice, server.url, sleep=slept.append)
+    with pytest.raises(ClockSkew) as caught:
+        t.deliver(_box(bob, server.url), b"x" * 10, message_id())
+    text = str(caught.value)
+    assert "400 (bundle-time-invalid)" in text and "check this computer's clock" in text
+    with pytest.raises(ClockSkew, match="bundle-time-invalid"):
+        t.list()
+    assert slept == []
+    monkeypatch.undo()  # the clock is set right
+    assert t.list() == []
+    t.deliver(_box(bob, server.url), b"x" * 10, message_id())
+
+
 def test_a_missing_envelope_is_still_not_found(server):
     """A 404 on a download means the envelope is gone (acknowledged elsewhere), not that the
     relay URL is wrong."""
@@ -126,6 +157,132 @@ def test_a_missing_envelope_is_still_not_found(server):
         with pytest.raises(DeliveryRejected) as caught:
             t.fetch(gone).read()
     assert "not-found" in str(caught.value) and "relay URL" not in str(caught.value)
+
+
+# -- a relay URL never carries a secret -------------------------------------------------------
+# The transport's name (relay:<url>) is kept in the inbox and shown in Client.unreachable, logs
+# and errors; a relay authenticates by signatures, so user information in its URL is only a
+# secret about to leak. A query string or a fragment has no place in a base URL either.
+
+
+def _with_password(url: str) -> str:
+    return url.replace("http://", f"http://dr-martin:{SECRET}@")
+
+
+def _bad_urls(url: str) -> list[str]:
+    return [
+        _with_password(url),
+        url.replace("http://", f"http://{SECRET}@"),  # a token as the user name
+        url.replace("http://", "http://@"),
+        url + "/?token=" + SECRET,
+        url + "/#" + SECRET,
+        url + "?",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_transports_refuse_a_relay_url_with_credentials_a_query_or_a_fragment(server, kind):
+    from medsecure.transports import AsyncRelayTransport, RelayTransport
+
+    cls = {"sync": RelayTransport, "async": AsyncRelayTransport}[kind]
+    alice = m.Identity.generate()
+    for url in _bad_urls(server.url):
+        with pytest.raises(ValueError) as caught:
+            cls(alice, url)
+        assert SECRET not in str(caught.value), url
+    with pytest.raises(ValueError, match="user name or password"):
+        cls(alice, _with_password(server.url))
+    with pytest.raises(ValueError, match="query string or fragment"):
+        cls(alice, server.url + "?a=b")
+
+
+def test_a_recipients_relay_endpoint_with_credentials_is_refused(server, driver):
+    """An endpoint from a directory names a URL with a password: refused without sending
+    anything there, and without repeating it."""
+    alice, bob = m.Identity.generate(), m.Identity.generate()
+    t = driver(alice, server.url, sleep=lambda _s: None)
+    with pytest.raises(DeliveryRejected) as caught:
+        t.deliver(_box(bob, _with_password(server.url)), b"x" * 10, message_id())
+    assert SECRET not in str(caught.value)
+
+
+def test_init_home_refuses_a_relay_url_with_credentials(server, tmp_path):
+    for url in _bad_urls(server.url):
+        with pytest.raises(m.ConfigError) as caught:
+            m.init_home(
+                tmp_path / "h",
+                passphrase="pw",
+                me="rpps:10000005479",
+                trust={"mode": "unsafe-tofu"},
+                relay=url,
+            )
+        assert SECRET not in str(caught.value)
+        assert not (tmp_path / "h").exists()  # nothing was created
+
+
+def test_a_hand_edited_home_with_credentials_in_the_relay_url_is_refused(server, tmp_path):
+    """Refused when the home is loaded (a ConfigError, one line from the command line), never
+    repeating the password."""
+    home = tmp_path / "h"
+    m.init_home(
+        home,
+        passphrase="pw",
+        me="rpps:10000005479",
+        trust={"mode": "unsafe-tofu"},
+        relay=server.url,
+    )
+    cfg = json.loads((home / "config.json").read_text())
+    assert cfg["transports"][0] == {"kind": "relay", "url": server.url}
+    cfg["transports"][0]["url"] = _with_password(server.url)
+    (home / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(m.ConfigError, match="user name or password") as caught:
+        m.client_from_home(home, passphrase="pw")
+    assert SECRET not in str(caught.value)
+    proc = run(["receive", "--home", "h"], tmp_path)
+    line = _error_line(proc)
+    assert "user name or password" in line
+    assert SECRET not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_init_refuses_a_relay_url_with_credentials(server, tmp_path):
+    for url in _bad_urls(server.url):
+        proc = run(
+            ["init", "--home", "h", "--me", "rpps:10000005479", "--unsafe-tofu", "--relay", url],
+            tmp_path,
+        )
+        line = _error_line(proc)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert line.startswith("medsecure: error: --relay: "), line
+        assert SECRET not in proc.stderr + proc.stdout
+        assert not (tmp_path / "h").exists()
+    proc = run(
+        [
+            "init",
+            "--home",
+            "h",
+            "--me",
+            "rpps:10000005479",
+            "--unsafe-tofu",
+            "--relay",
+            _with_password(server.url),
+        ],
+        tmp_path,
+    )
+    assert "user name or password" in proc.stderr
+
+
+def test_cli_directory_add_refuses_a_relay_url_with_credentials(server, tmp_path):
+    """A correspondent's relay endpoint goes into a directory file that is shared."""
+    add = ["directory", "add", "--directory", "d.json", "--idnps", "rpps:10000000017"]
+    mailbox = ["--relay-mailbox", m.Identity.generate().fingerprint]
+    for url in _bad_urls(server.url):
+        proc = run([*add, "--relay", url, *mailbox], tmp_path)
+        line = _error_line(proc)
+        assert line.startswith("medsecure: error: --relay: "), line
+        assert SECRET not in proc.stderr + proc.stdout
+        assert not (tmp_path / "d.json").exists()
+    assert run([*add, "--relay", server.url, *mailbox], tmp_path).returncode == 0
 
 
 # -- the client: the outbox records why an endpoint was skipped ------------------------------
@@ -171,6 +328,44 @@ def test_the_outbox_records_why_the_relay_endpoint_was_skipped(server, tmp_path)
         assert out.recipients[0].skipped == (why,)
         assert c.status(result.message_id)[0].skipped == (why,)
     assert any(FileTransport(bob.box).list())
+
+
+@pytest.mark.parametrize("bad", ["password", "port"])
+def test_a_relay_endpoint_with_a_password_or_no_port_is_skipped_quietly(server, tmp_path, bad):
+    """A directory entry's relay endpoint with user information, or a port out of range: the
+    send goes on to the drop folder, and the note on the skipped endpoint neither repeats the
+    password nor fails on the port."""
+    from clientkit import entry, party
+
+    from medsecure.directory import MemoryDirectory
+    from medsecure.transports import FileTransport, RelayTransport
+
+    authority = m.Identity.generate()
+    alice = party(tmp_path, "alice", "810000000017")
+    bob = party(tmp_path, "bob", "810000005479")
+    url = _with_password(server.url) if bad == "password" else "http://127.0.0.1:99999"
+    endpoints = (_box(bob.identity, url), Endpoint(kind="drop", path=str(bob.box), priority=1))
+    directory = MemoryDirectory(
+        [entry(authority, alice), entry(authority, bob, endpoints=endpoints)]
+    )
+    relay = RelayTransport(alice.identity, server.url, sleep=lambda _s: None)
+    with (
+        relay,
+        m.Client(
+            alice.identity,
+            directory,
+            [relay, FileTransport(alice.box)],
+            alice.home,
+            trust=AuthorityPolicy([authority.public]),
+            me=alice.idnps,
+        ) as c,
+    ):
+        result = c.send([m.Document(content=b"cr", media_type="text/plain")], to=[bob.ref])
+        (status,) = result.recipients
+        assert (status.status, status.endpoint) == ("sent", "drop")
+        (why,) = status.skipped
+        assert why.startswith("relay http://127.0.0.1") and "malformed URL" in why
+        assert SECRET not in why and "dr-martin" not in why
 
 
 # -- the command line ------------------------------------------------------------------------

@@ -239,6 +239,7 @@ def test_retries_reuse_the_message_id_and_honour_retry_after(run, alice):
         (507, "mailbox-quota-exceeded", TransportUnavailable),
         (401, "signature-expired", TransportUnavailable),
         (401, "signature-expired", ClockSkew),
+        (400, "bundle-time-invalid", ClockSkew),
         (401, "unauthenticated", DeliveryRejected),
         (401, "signature-invalid", DeliveryRejected),
         (404, "not-found", DeliveryRejected),

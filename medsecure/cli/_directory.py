@@ -24,6 +24,7 @@ from medsecure.trust import Statement, sign_binding, sign_revocation, sign_rotat
 
 from ._app import CliError, about, check_ref, cli, load_identity, load_public
 from ._files import write_file
+from ._network import relay_url
 
 API_KEY_ENV = "ESANTE_API_KEY"
 
@@ -194,6 +195,8 @@ def add(
     parsed = [_statement(s, "--statement") for s in statements]
     publics = [load_public(k, "--key") for k in keys]
     endpoints = [Endpoint(kind="drop", path=str(Path(d).resolve())) for d in drops]
+    if relay is not None:
+        relay_url(relay)
     if relay or relay_mailbox:
         endpoints.append(Endpoint(kind="relay", url=relay, mailbox=relay_mailbox))
     try:

@@ -10,7 +10,6 @@ validated once more by ``init_home`` exactly as the client will read them.
 from __future__ import annotations
 
 import os
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,14 +176,15 @@ class Network:
     warnings: list[str] = field(default_factory=list)
 
 
-def _relay_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise CliError("--relay: give the relay's URL: https://host[:port][/prefix]")
+def relay_url(url: str, flag: str = "--relay") -> str:
+    """A relay URL given on the command line, checked as the transports check it (no password,
+    no query string: see ``check_relay_url``); one line naming ``flag`` otherwise."""
+    from medsecure.transports._relay import check_relay_url  # httpx: only when used
+
     try:
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        check_relay_url(url)
     except ValueError as exc:
-        raise CliError("--relay: the URL's port is not a port number") from exc
+        raise CliError(f"{flag}: {exc}") from None
     return url
 
 
@@ -199,7 +199,7 @@ def network_from_options(options: dict[str, Any]) -> Network:
     """Check the network options of ``init`` and build what ``init_home`` takes."""
     net = Network()
     if options.get("relay") is not None:
-        net.relay = _relay_url(options["relay"])
+        net.relay = relay_url(options["relay"])
     address = options.get("mail_address")
     given = [name for name in MAIL_OPTIONS if options.get(name) not in (None, False)]
     if address is None:

@@ -159,7 +159,13 @@ _DOC: dict[str, Any] = {
                 },
                 "responses": {
                     "204": {"description": "Published"},
-                    **_problem("bad-request", "digest-mismatch", "forbidden", *_AUTH),
+                    **_problem(
+                        "bad-request",
+                        "digest-mismatch",
+                        "bundle-time-invalid",
+                        "forbidden",
+                        *_AUTH,
+                    ),
                 },
             },
             "get": {

@@ -33,6 +33,7 @@ class Problem:
 _TABLE = (
     Problem("bad-request", 400, "The request is malformed"),
     Problem("digest-mismatch", 400, "The body does not match its Content-Digest"),
+    Problem("bundle-time-invalid", 400, "The key bundle's publication time is ahead of the clock"),
     Problem("unauthenticated", 401, "The request is not signed"),
     Problem("signature-invalid", 401, "The request signature does not verify"),
     Problem("signature-expired", 401, "The signature's creation time is outside the window"),

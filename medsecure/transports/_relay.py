@@ -17,7 +17,9 @@ again if the relay answers ``unknown-key``.
   later); a refusal that retrying cannot change is :class:`DeliveryRejected`, raised at once:
   among them a configuration to fix (a 404 or 405 on the relay's own routes means the URL's
   path is wrong; ``https://`` to a server that answers in plain HTTP). A signature time outside
-  the relay's window is :class:`ClockSkew` (nothing is wrong with the message: set the clock).
+  the relay's window is :class:`ClockSkew` (nothing is wrong with the message: set the clock),
+  and so is a key bundle refused for a publication time ahead of the relay's clock (the bundle
+  is signed anew at the next publication).
   Answers are classified by the problem's stable ``type``, then the status, never by its text.
 * ``fetch`` returns a reader that resumes an interrupted download with ``Range`` and
   ``If-Range`` (the relay's ETag is the body's digest, so a resumed body is the same body).
@@ -164,6 +166,34 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def check_relay_url(url: str) -> str:
+    """``url`` as a relay's base URL, ``http(s)://host[:port][/prefix]`` without a trailing
+    slash; ``ValueError`` otherwise, in words that never repeat the URL.
+
+    A relay authenticates requests by their signatures, never by the URL: user information
+    (``user:password@``) could only be a secret, and the URL is shown and kept (the transport's
+    name ``relay:<url>``, the inbox, ``Client.unreachable``, logs, errors; httpx would also send
+    it as Basic authentication). A query string or a fragment cannot be part of a base URL that
+    paths are appended to."""
+    if not isinstance(url, str):
+        raise TypeError("a relay URL is a str")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("a relay URL is http(s)://host[:port][/prefix]")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "a relay URL carries no user name or password (…@): a relay authenticates requests"
+            " by their signatures"
+        )
+    if "?" in url or "#" in url:
+        raise ValueError("a relay URL has no query string or fragment (?…, #…)")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError("a relay URL's port is not a port number") from None
+    return url.rstrip("/")
+
+
 class _Core:
     """Everything of a relay transport but the I/O (shared by the sync and async drivers)."""
 
@@ -195,17 +225,13 @@ class _Core:
         self.published: set[str] = set()
 
     def base(self, url: str) -> str:
-        if not isinstance(url, str):
-            raise TypeError("a relay URL is a str")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("a relay URL is http(s)://host[:port][/prefix]")
-        if parts.scheme == "http" and not _loopback(parts.hostname) and url not in _WARNED:
-            _WARNED.add(url)
-            log.warning(
-                "relay %s is used over plain http: use https beyond loopback", parts.hostname
-            )
-        return url.rstrip("/")
+        base = check_relay_url(url)
+        parts = urllib.parse.urlsplit(base)
+        host = parts.hostname or ""
+        if parts.scheme == "http" and not _loopback(host) and base not in _WARNED:
+            _WARNED.add(base)
+            log.warning("relay %s is used over plain http: use https beyond loopback", host)
+        return base
 
     def bundle(self) -> KeyBundle:
         if self._bundle is None:
@@ -255,8 +281,10 @@ class _Core:
                 ),
                 raw,
             )
-        except BaseException:
+        except BaseException as exc:
             self.published.discard(where)
+            if isinstance(exc, ClockSkew):  # its time was refused: sign anew next time
+                self._bundle = None
             raise
 
     def upload(self, target: tuple[str, str], digest: StreamDigest) -> _Request:
@@ -377,6 +405,14 @@ class _Core:
                 "fail",
                 error=ClockSkew(
                     f"{what}: the request's time is outside the relay's window;"
+                    " check this computer's clock"
+                ),
+            )
+        if slug == "bundle-time-invalid":
+            return _Verdict(
+                "fail",
+                error=ClockSkew(
+                    f"{what}: the key bundle's publication time is ahead of the relay's clock;"
                     " check this computer's clock"
                 ),
             )
@@ -812,7 +848,9 @@ class RelayTransport(_Relay[httpx.Client, Callable[[float], None]], Transport):
     """Deliver to relay mailboxes (``Endpoint(kind="relay", url=…, mailbox=…)``) and receive
     from the caller's own mailbox on the relay at ``url``.
 
-    ``client`` may be given (connection reuse, proxies, TLS settings, tests); otherwise one
+    ``url`` is ``http(s)://host[:port][/prefix]``: one with user information (a password), a
+    query string or a fragment is a ``ValueError`` (a relay authenticates by signatures, and the
+    URL is shown in the transport's name). ``client`` may be given (connection reuse, proxies, TLS settings, tests); otherwise one
     ``httpx.Client`` is made and closed with the transport. ``identifiers`` (IDNPS) and
     ``statements`` go into the published key bundle so that others can find the key; they do not
     make it trusted. ``sleep`` is the wait between retries (default ``time.sleep``; tests pass a

@@ -410,9 +410,13 @@ async def put_key(request: Request) -> Response:
     now = time.time()
     published = int(bundle.published.timestamp())
     # "published" is the publisher's word: one ahead of the relay's clock (beyond the skew a
-    # signature may have) would outrank every later republication of the same identity
+    # signature may have) would outrank every later republication of the same identity. Its
+    # own type: the publisher's clock is wrong, not its software (one behind is a bundle
+    # signed earlier and published again: accepted)
     if published > now + st.config.signature_window:
-        raise Problem("bad-request", "the bundle's publication time is ahead of the relay's clock")
+        raise Problem(
+            "bundle-time-invalid", "the bundle's publication time is ahead of the relay's clock"
+        )
     # first seen in microseconds: claims published one after another keep their order
     seen = int(now * 1_000_000)
     await _thread(

@@ -124,6 +124,24 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
     assert json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout) == []
 
 
+def test_send_warns_of_a_media_type_mismatch_by_position(homes: Path, tmp_path: Path) -> None:
+    files = [tmp_path / "a.pdf", tmp_path / "IRM_DUPONT_Jean.pdf", tmp_path / "c.pdf"]
+    files[0].write_bytes(b"%PDF-1.7\n1")
+    files[1].write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + os.urandom(100))  # a JPEG
+    files[2].write_bytes(b"%PDF-1.7\n3")
+    proc = run(
+        ["send", *map(str, files), "--to", "rpps:10000000017", "--home", "alice", "--json"], homes
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "DUPONT" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "media type" in x]
+    assert line.startswith("medsecure: warning: document 2 of 3: ") and "sent as is" in line
+    mid = json.loads(proc.stdout)["message_id"]
+    proc = run(["receive", "--home", "bob", "-o", str(tmp_path / "in"), "--json"], homes)
+    (msg,) = [x for x in json.loads(proc.stdout)["messages"] if x["message_id"] == mid]
+    assert Path(msg["documents"][1]).read_bytes() == files[1].read_bytes()
+
+
 def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "x.txt"
     doc.write_text("hello")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _receipts as receipts_rules
 from ._closing import Closing
-from ._document import Document
+from ._document import Document, media_type_disagreement
 from ._errors import (
     DirectoryUnavailable,
     MedsecureError,
@@ -254,7 +254,7 @@ class Client(Closing):
         if fallback and self.mssante is None:
             raise ValueError("mssante_fallback needs Client(mssante=MssanteOptions(…))")
         with self._lock:
-            return self._submit(
+            result = self._submit(
                 manifest,
                 docs,
                 practitioners,
@@ -264,6 +264,18 @@ class Client(Closing):
                 patients=patients,
                 plain=given if fallback else None,
             )
+        for i, doc in enumerate(docs, 1):
+            note = media_type_disagreement(doc)
+            if note:  # by position: a file name may name the patient
+                log.warning(
+                    "document %d of %d: file name and content disagree on the media type (%s); "
+                    "sent as is, as %s",
+                    i,
+                    len(docs),
+                    note,
+                    doc.media_type,
+                )
+        return result
 
     def _submit(
         self,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import mimetypes
 import os
 import secrets
@@ -23,7 +22,6 @@ from .models import Code, Patient
 
 __all__ = ["Document", "sniff_media_type"]
 
-log = logging.getLogger("medsecure.document")
 
 OCTET_STREAM = "application/octet-stream"
 PDF, JPEG, PNG, DICOM = "application/pdf", "image/jpeg", "image/png", "application/dicom"
@@ -124,7 +122,22 @@ def _reconcile(sniffed: str, claimed: str | None) -> tuple[str, str | None]:
         return (claimed if sniffed in _GENERIC else sniffed), None
     if sniffed == OCTET_STREAM and claimed not in _SNIFFABLE:
         return claimed, None  # a format we do not sniff (docx, zip, …): trust the extension
-    return sniffed, f"the file name suggests {claimed} but the content is {sniffed}"
+    return sniffed, _disagreement(claimed, sniffed)
+
+
+def _disagreement(claimed: str | None, sniffed: str | None) -> str:
+    return f"the file name suggests {claimed} but the content is {sniffed}"
+
+
+def media_type_disagreement(doc: Document) -> str | None:
+    """What ``doc.warnings`` says if its file name and content disagreed on the media type
+    (the two media types, never the file name, which may name the patient), else None.
+
+    :class:`Client.send` logs it naming the document by its position in the message: only
+    there is the position known, and a document made but never sent need not be logged.
+    """
+    note = _disagreement(_extension_type(doc.filename), doc.media_type)
+    return note if note in doc.warnings else None
 
 
 def new_document_id() -> str:
@@ -139,7 +152,7 @@ class Document:
     ``content`` (bytes) or ``path`` (a file, streamed) holds the data. ``media_type`` is sniffed
     when not given; an explicit one that contradicts the content is a ValueError. A filename
     whose extension disagrees with the content keeps the sniffed type and is noted in
-    ``warnings``. ``document_type`` is a LOINC code (e.g. ``Code(code="11488-4", label="Consult
+    ``warnings`` (and logged by ``Client.send``, naming the document by its position). ``document_type`` is a LOINC code (e.g. ``Code(code="11488-4", label="Consult
     note", system="http://loinc.org")``); ``replaces`` names the id of a document this one
     supersedes.
     """
@@ -187,10 +200,7 @@ class Document:
         if media_type is None:
             media_type, warning = _reconcile(sniffed, _extension_type(self.filename))
             if warning:
-                warnings.append(warning)
-                log.warning(
-                    "document %s: file name and content disagree on the media type", self.id
-                )
+                warnings.append(warning)  # logged by Client.send, with the document's position
         elif sniffed in (PDF, JPEG, PNG, DICOM) and media_type != sniffed:
             raise ValueError(
                 f"media_type {media_type!r} contradicts the content, which is {sniffed}"

@@ -124,6 +124,24 @@ def test_send_receive_outbox_flush(homes: Path, tmp_path: Path) -> None:
     assert json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout) == []
 
 
+def test_send_warns_of_a_media_type_mismatch_by_position(homes: Path, tmp_path: Path) -> None:
+    files = [tmp_path / "a.pdf", tmp_path / "IRM_DUPONT_Jean.pdf", tmp_path / "c.pdf"]
+    files[0].write_bytes(b"%PDF-1.7\n1")
+    files[1].write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + os.urandom(100))  # a JPEG
+    files[2].write_bytes(b"%PDF-1.7\n3")
+    proc = run(
+        ["send", *map(str, files), "--to", "rpps:10000000017", "--home", "alice", "--json"], homes
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "DUPONT" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "media type" in x]
+    assert line.startswith("medsecure: warning: document 2 of 3: ") and "sent as is" in line
+    mid = json.loads(proc.stdout)["message_id"]
+    proc = run(["receive", "--home", "bob", "-o", str(tmp_path / "in"), "--json"], homes)
+    (msg,) = [x for x in json.loads(proc.stdout)["messages"] if x["message_id"] == mid]
+    assert Path(msg["documents"][1]).read_bytes() == files[1].read_bytes()
+
+
 def test_cli_client_errors(homes: Path, tmp_path: Path) -> None:
     doc = tmp_path / "x.txt"
     doc.write_text("hello")
@@ -369,3 +387,92 @@ def test_audit_verify_never_says_record_none(homes: Path, tmp_path: Path) -> Non
     (copy / "audit" / "HEAD").unlink()
     line = one_error_line(run(["audit", "verify", "--home", str(copy)], homes))
     assert "HEAD is missing" in line and "None" not in line
+
+
+def test_quarantine_release(homes: Path, tmp_path: Path) -> None:
+    """A stranger's envelope, dropped in Bob's folder, goes to quarantine; once the sender is in
+    the directory, ``medsecure quarantine release ID`` puts it back (audited) and the next
+    ``receive`` verifies it. ``medsecure quarantine`` alone still lists, as before."""
+    from test_hostile_inbox import craft, drop, fields
+
+    stranger = medsecure.Identity.generate()
+    bob = medsecure.PublicIdentity.from_key_file(homes / "bob" / "identity.key")
+    drop(homes / "bob" / "mailbox", craft(stranger, bob, fields("810000000033"), b""))
+    proc = run(["receive", "--home", "bob", "--json"], homes)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["quarantined"] == 1
+    # the listing, as scripts run it
+    (q,) = json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout)
+    assert "unknown to the directory" in q["reason"]
+    listed = run(["quarantine", "--home", "bob"], homes)
+    assert listed.returncode == 0 and listed.stdout.startswith(f"#{q['id']} ")
+    # an id that is not in quarantine, or not an id: one line, exit 1
+    for bad in ("999999", "#999999", "abc", "٣", "#"):
+        proc = run(["quarantine", "release", bad, "--home", "bob"], homes)
+        line = one_error_line(proc)
+        assert proc.returncode == 1 and "quarantine" in line, line
+    assert "no envelope #999999 in quarantine" in one_error_line(
+        run(["quarantine", "release", "999999", "--home", "bob"], homes)
+    )
+    assert json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout) == [q]
+    # the cause fixed: the sender is added to the directory
+    added = run(
+        [
+            "directory",
+            "add",
+            "--directory",
+            "alice/directory.json",
+            "--idnps",
+            "rpps:10000000033",
+            "--family",
+            "ETRANGER",
+            "--key",
+            str(stranger.public),
+        ],
+        homes,
+    )
+    assert added.returncode == 0, added.stderr
+    proc = run(["quarantine", "release", str(q["id"]), "--home", "bob", "--json"], homes)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"id": q["id"], "released": True}
+    assert json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout) == []
+    # released once: a second time is an unknown id
+    assert "no envelope" in one_error_line(
+        run(["quarantine", "release", str(q["id"]), "--home", "bob"], homes)
+    )
+    # release does not receive: the next receive verifies it
+    proc = run(["receive", "--home", "bob", "-o", str(tmp_path / "in"), "--json"], homes)
+    assert proc.returncode == 0, proc.stderr
+    senders = [x["sender"] for x in json.loads(proc.stdout)["messages"]]
+    assert senders.count("810000000033") == 1
+    # audited as by Client.release
+    records = [
+        json.loads(x) for x in run(["audit", "export", "--home", "bob"], homes).stdout.splitlines()
+    ]
+    (rel,) = [r for r in records if r["action"] == "release"]
+    assert rel["result"] == "released"
+
+
+def test_quarantine_release_text_and_group_options(homes: Path) -> None:
+    """The text output says what to do next; --home may be given before ``release`` too."""
+    from test_hostile_inbox import craft, drop, fields
+
+    stranger = (
+        medsecure.Identity.generate()
+    )  # not in the directory: stays in quarantine until released
+    bob = medsecure.PublicIdentity.from_key_file(homes / "bob" / "identity.key")
+    drop(homes / "bob" / "mailbox", craft(stranger, bob, fields("810000000041"), b""))
+    assert run(["receive", "--home", "bob"], homes).returncode == 0
+    (q,) = json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout)
+    proc = run(["quarantine", "--home", "bob", "release", f"#{q['id']}"], homes)
+    assert proc.returncode == 0, proc.stderr
+    assert f"#{q['id']} released" in proc.stdout and "medsecure receive --home bob" in proc.stdout
+    # verified again, and quarantined again (the sender is still unknown)
+    assert run(["receive", "--home", "bob"], homes).returncode == 0
+    (again,) = json.loads(run(["quarantine", "--home", "bob", "--json"], homes).stdout)
+    assert "unknown to the directory" in again["reason"]
+    line = one_error_line(
+        run(["quarantine", "--home", "bob", "release", str(again["id"]), "--home", "alice"], homes)
+    )
+    assert "--home" in line
+    assert run(["quarantine", "release", str(again["id"]), "--home", "bob"], homes).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import sqlite3
 import time
@@ -30,6 +31,31 @@ def world(tmp_path: Path, authority: m.Identity) -> tuple[Party, Party, MemoryDi
     bob = party(tmp_path, "bob", "810000000017")
     directory = MemoryDirectory([entry(authority, alice), entry(authority, bob)])
     return alice, bob, directory
+
+
+def test_a_media_type_mismatch_names_the_document_by_position(
+    world: tuple[Party, Party, MemoryDirectory],
+    authority: m.Identity,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file name whose extension disagrees with the content: the warning says which document
+    (its position, never its file name, which may name the patient) and that it was sent as it
+    is, typed by its content; the recipient gets it unchanged."""
+    alice, bob, directory = world
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF" + os.urandom(100)
+    docs = [
+        m.Document(content=b"%PDF-1.7\n1", filename="a.pdf"),
+        m.Document(content=jpeg, filename="IRM_DUPONT_Jean.pdf"),
+        m.Document(content=b"%PDF-1.7\n3", filename="c.pdf"),
+    ]
+    with client(alice, directory, authority) as ca, client(bob, directory, authority) as cb:
+        with caplog.at_level(logging.WARNING, logger="medsecure"):
+            assert ca.send(docs, to=bob.ref).all_sent
+        (line,) = [r.getMessage() for r in caplog.records if "media type" in r.getMessage()]
+        assert line.startswith("document 2 of 3: ") and "DUPONT" not in line, line
+        assert "application/pdf" in line and "image/jpeg" in line and "sent as is" in line
+        (msg,) = cb.receive()
+        assert msg.documents[1].media_type == "image/jpeg" and msg.documents[1].read() == jpeg
 
 
 def test_send_and_receive_documents(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,17 @@ def test_filename_agreement_and_disagreement() -> None:
     assert (
         Document(content=b"\x00\x01", filename="fake.pdf").media_type == "application/octet-stream"
     )
+
+
+def test_a_disagreeing_file_name_is_noted_not_logged_when_made(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mismatch is noted in ``warnings`` when the document is made; it is logged when the
+    document is sent, where its position in the message is known (test_client.py)."""
+    with caplog.at_level(logging.WARNING, logger="medsecure"):
+        liar = Document(content=SAMPLES["image/jpeg"], filename="IRM_DUPONT_Jean.pdf")
+    assert liar.warnings and "DUPONT" not in liar.warnings[0]
+    assert caplog.records == []
 
 
 def test_explicit_media_type() -> None:

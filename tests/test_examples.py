@@ -24,6 +24,17 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_send_folder_warns_once_per_key(tmp_path: Path) -> None:
+    """Three documents to one recipient: one 'accepting key' warning for the recipient's key (and
+    one for the sender's key when the recipient receives), not one per document."""
+    proc = _example("send_folder.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": 01") == 3  # three documents sent
+    accepting = [x for x in proc.stderr.splitlines() if "accepting key" in x]
+    keys = [x.split("accepting key ")[1].split()[0] for x in accepting]
+    assert len(keys) == 2 and len(set(keys)) == 2, proc.stderr
+
+
 def test_there_are_examples() -> None:
     assert any(p.stem == "demo" for p in EXAMPLES)
 

@@ -228,6 +228,27 @@ def test_unsafe_policies_warn(
         anything.check(prac(entry(bob, revoked)), bob.public, now=T0)
 
 
+def test_unsafe_acceptance_warns_once_per_key(
+    caplog: pytest.LogCaptureFixture, bob: Identity, carol: Identity
+) -> None:
+    """Sending three documents to one recipient checks the key three times: one warning, not
+    three. A different key (or another client's policy) still gets its own."""
+    for policy in (UnsafeTrustOnFirstUse(PinStore()), UnsafeAcceptAll()):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medsecure.trust"):
+            for _ in range(3):
+                policy.check(prac(entry(bob)), bob.public, now=T0)
+            policy.check(prac(entry(carol), idnps="810000000025"), carol.public, now=T0)
+            policy.check(prac(entry(carol), idnps="810000000025"), carol.public, now=T0)
+        accepting = [r.getMessage() for r in caplog.records if "accepting key" in r.getMessage()]
+        assert [bob.fingerprint in a for a in accepting] == [True, False], accepting
+        assert carol.fingerprint in accepting[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medsecure.trust"):
+        UnsafeAcceptAll().check(prac(entry(bob)), bob.public, now=T0)
+    assert bob.fingerprint in caplog.text  # a new policy (client) warns again
+
+
 def test_naive_datetimes_are_refused(authority: Identity, bob: Identity) -> None:
     with pytest.raises(ValueError, match="timezone"):
         AuthorityPolicy([authority.public]).check(

@@ -24,9 +24,10 @@ from __future__ import annotations
 import abc
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 from .._errors import KeyChanged, RevokedKey, TrustError, UntrustedKey
 from .._identity import PublicIdentity
@@ -328,14 +329,28 @@ class _Unsafe(TrustPolicy):
     #: What the warning adds after "accepting key … of …".
     _caveat: ClassVar[str] = ""
 
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        # Which (practitioner, key) acceptances were already logged by this policy, i.e. by the
+        # client it belongs to: every document, message and receipt checks the key again, and
+        # a warning per check (three documents, three identical lines) buries the one line
+        # that differs. Another key, or another practitioner, is still logged.
+        self._warned: set[tuple[str, str]] = set()
+        self._warned_lock = threading.Lock()
+
     def _vouch(self, claim: _Claim) -> TrustDecision:
-        log.warning(
-            "%s: accepting key %s of %s%s",
-            type(self).__name__,
-            claim.key.fingerprint,
-            claim.practitioner.idnps,
-            self._caveat,
-        )
+        seen = (claim.practitioner.idnps, claim.key.fingerprint)
+        with self._warned_lock:
+            first = seen not in self._warned
+            self._warned.add(seen)
+        if first:
+            log.warning(
+                "%s: accepting key %s of %s%s",
+                type(self).__name__,
+                claim.key.fingerprint,
+                claim.practitioner.idnps,
+                self._caveat,
+            )
         return TrustDecision(claim.practitioner.idnps, claim.key, self._reason)
 
 

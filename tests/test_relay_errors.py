@@ -10,10 +10,13 @@ nothing is wrong with it); the command line exits 75 only for what is worth retr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from relaykit import DRIVERS, RelayServer, message_id
@@ -288,24 +291,26 @@ def test_cli_directory_add_refuses_a_relay_url_with_credentials(server, tmp_path
 # -- the client: the outbox records why an endpoint was skipped ------------------------------
 
 
-def test_the_outbox_records_why_the_relay_endpoint_was_skipped(server, tmp_path):
-    """A refused relay endpoint is skipped for the next one (the drop folder), and the
-    recipient's status says why (never what the message held)."""
+@contextlib.contextmanager
+def _falling_back(tmp_path: Path, *, bob_relay: str, own_relay: str) -> Iterator[tuple[Any, Any]]:
+    """Alice's client (her relay at ``own_relay``, her drop folder) and Bob, whose directory
+    entry lists a relay endpoint at ``bob_relay`` first and his drop folder second."""
     from clientkit import entry, party
 
     from medsecure.directory import MemoryDirectory
     from medsecure.transports import FileTransport, RelayTransport
-    from medsecure.trust import AuthorityPolicy
 
     authority = m.Identity.generate()
     alice = party(tmp_path, "alice", "810000000017")
     bob = party(tmp_path, "bob", "810000005479")
-    wrong = server.url + "/wrong"
-    endpoints = (_box(bob.identity, wrong), Endpoint(kind="drop", path=str(bob.box), priority=1))
+    drop = Endpoint(kind="drop", path=str(bob.box), priority=1)
     directory = MemoryDirectory(
-        [entry(authority, alice), entry(authority, bob, endpoints=endpoints)]
+        [
+            entry(authority, alice),
+            entry(authority, bob, endpoints=(_box(bob.identity, bob_relay), drop)),
+        ]
     )
-    relay = RelayTransport(alice.identity, wrong, sleep=lambda _s: None)
+    relay = RelayTransport(alice.identity, own_relay, sleep=lambda _s: None)
     with (
         relay,
         m.Client(
@@ -317,6 +322,16 @@ def test_the_outbox_records_why_the_relay_endpoint_was_skipped(server, tmp_path)
             me=alice.idnps,
         ) as c,
     ):
+        yield c, bob
+
+
+def test_the_outbox_records_why_the_relay_endpoint_was_skipped(server, tmp_path):
+    """A refused relay endpoint is skipped for the next one (the drop folder), and the
+    recipient's status says why (never what the message held)."""
+    from medsecure.transports import FileTransport
+
+    wrong = server.url + "/wrong"
+    with _falling_back(tmp_path, bob_relay=wrong, own_relay=wrong) as (c, bob):
         doc = m.Document(content=b"compte rendu", media_type="text/plain")
         result = c.send([doc], to=[bob.ref])
         (status,) = result.recipients
@@ -335,31 +350,8 @@ def test_a_relay_endpoint_with_a_password_or_no_port_is_skipped_quietly(server, 
     """A directory entry's relay endpoint with user information, or a port out of range: the
     send goes on to the drop folder, and the note on the skipped endpoint neither repeats the
     password nor fails on the port."""
-    from clientkit import entry, party
-
-    from medsecure.directory import MemoryDirectory
-    from medsecure.transports import FileTransport, RelayTransport
-
-    authority = m.Identity.generate()
-    alice = party(tmp_path, "alice", "810000000017")
-    bob = party(tmp_path, "bob", "810000005479")
     url = _with_password(server.url) if bad == "password" else "http://127.0.0.1:99999"
-    endpoints = (_box(bob.identity, url), Endpoint(kind="drop", path=str(bob.box), priority=1))
-    directory = MemoryDirectory(
-        [entry(authority, alice), entry(authority, bob, endpoints=endpoints)]
-    )
-    relay = RelayTransport(alice.identity, server.url, sleep=lambda _s: None)
-    with (
-        relay,
-        m.Client(
-            alice.identity,
-            directory,
-            [relay, FileTransport(alice.box)],
-            alice.home,
-            trust=AuthorityPolicy([authority.public]),
-            me=alice.idnps,
-        ) as c,
-    ):
+    with _falling_back(tmp_path, bob_relay=url, own_relay=server.url) as (c, bob):
         result = c.send([m.Document(content=b"cr", media_type="text/plain")], to=[bob.ref])
         (status,) = result.recipients
         assert (status.status, status.endpoint) == ("sent", "drop")

@@ -47,3 +47,22 @@ def pg():
     cluster = Postgres()
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture(params=["async", "sync"])
+def driver(request: pytest.FixtureRequest):
+    """A maker of relay transport drivers (tests/relaykit.py), once per kind, each closed after
+    the test; ``driver.kind`` says which."""
+    from relaykit import DRIVERS
+
+    made = []
+
+    def make(identity, url, **kw):  # type: ignore[no-untyped-def]
+        d = DRIVERS[request.param](identity, url, **kw)
+        made.append(d)
+        return d
+
+    make.kind = request.param  # type: ignore[attr-defined]
+    yield make
+    for d in made:
+        d.close()

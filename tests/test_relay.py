@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pgkit import fresh_database
-from relaykit import DRIVERS, RelayServer, cli, message_id, signed_upload
+from relaykit import RelayServer, cli, message_id, signed_upload
 
 import medsecure as m
 from medsecure import DeliveryRejected, TransportUnavailable
@@ -43,21 +43,6 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         )
     with srv:
         yield srv
-
-
-@pytest.fixture(params=sorted(DRIVERS))
-def driver(request: pytest.FixtureRequest):
-    made = []
-
-    def make(identity, url, **kw):
-        d = DRIVERS[request.param](identity, url, **kw)
-        made.append(d)
-        return d
-
-    make.kind = request.param
-    yield make
-    for d in made:
-        d.close()
 
 
 def _box(identity: m.Identity, url: str) -> Endpoint:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import DRIVERS, RelayServer, message_id
+from relaykit import RelayServer, message_id
 from test_cli_core import run
 
 import medsecure as m
@@ -39,20 +39,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("relay-errors")
     with RelayServer(root / "server.log", data=root / "data", args=FAST) as srv:
         yield srv
-
-
-@pytest.fixture(params=sorted(DRIVERS))
-def driver(request: pytest.FixtureRequest):
-    made = []
-
-    def make(identity, url, **kw):
-        d = DRIVERS[request.param](identity, url, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 def _box(identity: m.Identity, url: str) -> Endpoint:

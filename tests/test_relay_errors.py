@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from relaykit import RelayServer, message_id
 from test_cli_core import run
+from test_cli_init import introduce
 
 import medsecure as m
 from medsecure import DeliveryRejected, TransportUnavailable
@@ -366,27 +367,12 @@ def _init(cwd: Path, home: str, me: str, relay: str) -> dict[str, str]:
     return info
 
 
-def _exchange_directories(cwd: Path) -> None:
-    for me, other in (("martin", "petit"), ("petit", "martin")):
-        proc = run(
-            [
-                "directory",
-                "import",
-                "--directory",
-                f"{me}/directory.json",
-                f"{other}/directory.json",
-            ],
-            cwd,
-        )
-        assert proc.returncode == 0, proc.stderr
-
-
 def test_cli_with_a_wrong_relay_path(server, tmp_path):
     """The newcomer's report: ``init --relay http://127.0.0.1:PORT/wrong`` on both homes."""
     wrong = server.url + "/wrong"
     _init(tmp_path, "martin", "rpps:10000005479", wrong)
     _init(tmp_path, "petit", "rpps:10000000017", wrong)
-    _exchange_directories(tmp_path)
+    introduce(tmp_path, "martin", "petit")
     (tmp_path / "cr.pdf").write_bytes(b"%PDF-1.7\n% compte rendu (fictitious)\n")
 
     # send falls back to the drop folder, and says why the relay was skipped
